@@ -1,0 +1,53 @@
+"""Installs medjax.
+
+`kernels/` is installed as the subpackage `medjax.kernels` and `gin/` as the data package
+`medjax.gin`, so nothing installs a top-level module named `kernels` or `gin`.
+"""
+
+import pathlib
+
+import setuptools
+
+HERE = pathlib.Path(__file__).parent
+
+setuptools.setup(
+    name="medjax",
+    version="0.1.0",
+    description="JAX/Flax library and trainer for RL post-training of medical LLM agents.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=[
+        *setuptools.find_packages(include=["medjax", "medjax.*"]),
+        "medjax.kernels",
+        "medjax.gin",
+    ],
+    package_dir={"medjax.kernels": "kernels", "medjax.gin": "gin"},
+    package_data={"medjax.gin": ["*.gin", "*/*.gin", "*/*/*.gin"]},
+    include_package_data=False,
+    # Lower bounds are the versions the test suite was run against (Python 3.11).
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "transformers>=5.24.0",
+        "tensorflow-datasets>=4.9.10",
+        "gin-config>=0.5.0",
+        "grain>=0.2.18",
+        "safetensors>=0.8.0",
+        "tokenizers>=0.23.3",
+        "numpy>=2.4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=9.0.3",
+            "chex>=0.1.92",
+            "hypothesis>=6.155",
+            "ruff>=0.17.6",
+            # The CPU build; a bare `torch` would pull a multi-GB CUDA build.
+            "torch==2.13.0",
+        ],
+    },
+)
