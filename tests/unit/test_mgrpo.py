@@ -1,6 +1,7 @@
 """medjax.losses.mgrpo: hierarchical advantages, trajectory alignment, rewards, objective."""
 
 import collections
+import functools
 import math
 
 import hypothesis
@@ -72,23 +73,31 @@ def test_alignment_by_hand():
     _check_alignment(rollout_index, 3, 5, result)
 
 
+MAX_ROLLOUTS, MAX_COUNT = 12, 9
+
+
+@functools.partial(jax.jit, static_argnames="target")
+def _align_padded(rollout_index, key, target):
+    return losses.align_sub_trajectories(rollout_index, target, key, num_rollouts=MAX_ROLLOUTS)
+
+
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(
-    counts=st.lists(st.integers(0, 9), min_size=1, max_size=12),
+    counts=st.lists(st.integers(0, MAX_COUNT), min_size=1, max_size=MAX_ROLLOUTS),
     target=st.integers(1, 8),
     seed=st.integers(0, 2**31 - 1),
     shuffle_seed=st.integers(0, 1000),
 )
 def test_alignment_invariants(counts, target, seed, shuffle_seed):
-    rollout_index = np.repeat(np.arange(len(counts)), counts)
-    np.random.default_rng(shuffle_seed).shuffle(rollout_index)  # Sub-agents finish in any order.
-    result = losses.align_sub_trajectories(
-        jnp.asarray(rollout_index, jnp.int32),
-        target,
-        jax.random.key(seed),
-        num_rollouts=len(counts),
+    counts = counts + [0] * (MAX_ROLLOUTS - len(counts))
+    rollout_index = np.repeat(np.arange(MAX_ROLLOUTS), counts)
+    # Sub-agents finish in any order, and a fixed-size buffer pads with -1.
+    rollout_index = np.concatenate(
+        [rollout_index, -np.ones(MAX_ROLLOUTS * MAX_COUNT - rollout_index.size)]
     )
-    _check_alignment(rollout_index, target, len(counts), result)
+    np.random.default_rng(shuffle_seed).shuffle(rollout_index)
+    result = _align_padded(jnp.asarray(rollout_index, jnp.int32), jax.random.key(seed), target)
+    _check_alignment(rollout_index, target, MAX_ROLLOUTS, result)
 
 
 def test_alignment_under_jit_matches_eager():
