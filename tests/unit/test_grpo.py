@@ -182,40 +182,32 @@ def test_importance_sampling_levels(level, log_ratio, adv, want):
     np.testing.assert_allclose(loss, want, rtol=1e-6)
 
 
-def test_kl_term_and_metric():
-    # On-policy, A = 0: the loss is beta * token mean of k3 with d = ref - logp = 0.5 and 0.
+@pytest.mark.parametrize(
+    ("beta", "estimator", "kl_per_token"),
+    [
+        # Token 1 has d = ref - logp = 0.5, token 2 has d = 0.
+        (0.1, "k3", [E(0.5) - 0.5 - 1, 0.0]),
+        (0.1, "k1", [-0.5, 0.0]),
+        (0.1, "k2", [0.125, 0.0]),
+        (0.0, "k3", [E(0.5) - 0.5 - 1, 0.0]),  # Reported, but not in the loss.
+    ],
+)
+def test_kl_term_and_metric(beta, estimator, kl_per_token):
+    # On-policy with A = 0: the loss is beta times the token mean of the KL estimate.
     logps = jnp.array([[-1.5, -1.0]])
-    ref = jnp.array([[-1.0, -1.0]])
-    k3 = E(0.5) - 0.5 - 1
     loss, m = losses.grpo_loss(
         logps,
         logps,
         jnp.zeros(1),
         jnp.ones((1, 2)),
-        ref_per_token_logps=ref,
-        beta=0.1,
+        ref_per_token_logps=jnp.array([[-1.0, -1.0]]),
+        beta=beta,
         loss_type="bnpo",
+        kl_estimator=estimator,
     )
-    np.testing.assert_allclose(loss, 0.1 * k3 / 2, rtol=1e-6)
-    np.testing.assert_allclose(m["kl_mean"], k3 / 2, rtol=1e-6)
-    loss_k1, m_k1 = losses.grpo_loss(
-        logps,
-        logps,
-        jnp.zeros(1),
-        jnp.ones((1, 2)),
-        ref_per_token_logps=ref,
-        beta=0.1,
-        loss_type="bnpo",
-        kl_estimator="k1",
-    )
-    np.testing.assert_allclose(loss_k1, 0.1 * -0.5 / 2, rtol=1e-6)
-    np.testing.assert_allclose(m_k1["kl_mean"], -0.5 / 2, rtol=1e-6)
-    # beta = 0 with a reference: KL is reported but not in the loss.
-    loss0, m0 = losses.grpo_loss(
-        logps, logps, jnp.zeros(1), jnp.ones((1, 2)), ref_per_token_logps=ref
-    )
-    assert float(loss0) == 0.0
-    np.testing.assert_allclose(m0["kl_mean"], k3 / 2, rtol=1e-6)
+    kl_mean = sum(kl_per_token) / 2
+    np.testing.assert_allclose(loss, beta * kl_mean, rtol=1e-6)
+    np.testing.assert_allclose(m["kl_mean"], kl_mean, rtol=1e-6)
 
 
 # --- grpo_loss: properties ---------------------------------------------------------------------
