@@ -193,16 +193,15 @@ def grpo_loss(
         adv = adv[:, None]
 
     tokens_per_seq = fmask.sum(-1)
+    seq_len = jnp.maximum(tokens_per_seq, 1.0)
     num_tokens = tokens_per_seq.sum()
-    log_ratio = logps - old
+    log_ratio = logps - old  # Exactly 0 at masked positions.
     if importance_sampling_level == "token":
         log_w = log_ratio
     elif importance_sampling_level == "sequence":
-        log_w = (log_ratio * fmask).sum(-1, keepdims=True) / jnp.maximum(tokens_per_seq, 1.0)[
-            :, None
-        ]
+        log_w = log_ratio.sum(-1, keepdims=True) / seq_len[:, None]
     else:
-        log_w = (log_ratio * fmask).sum(-1, keepdims=True)
+        log_w = log_ratio.sum(-1, keepdims=True)
     ratio = jnp.exp(log_w)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + eps_high)
@@ -220,7 +219,7 @@ def grpo_loss(
 
     num_rows = shape[0]
     if loss_type == "grpo":
-        numerator = (per_token.sum(-1) / jnp.maximum(tokens_per_seq, 1.0)).sum()
+        numerator = (per_token.sum(-1) / seq_len).sum()
         denominator = jnp.asarray(num_rows, dtype)
     elif loss_type == "dr_grpo":
         length = shape[1] if max_completion_length is None else max_completion_length
