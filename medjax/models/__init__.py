@@ -1,0 +1,31 @@
+"""Decoder LMs of the Llama 3, Qwen2/2.5 and Qwen3 families, with Hugging Face checkpoints.
+
+model = medjax.models.from_pretrained(path, dtype=jnp.float32)
+logits = model(input_ids)                      # [B, T, V] float32
+"""
+
+from medjax.models.checkpoint import (
+    CheckpointError,
+    from_pretrained,
+    load_config,
+    read_safetensors,
+    save_pretrained,
+    write_safetensors,
+)
+from medjax.models.config import ModelConfig, RopeScaling, from_hf_config, to_hf_config
+from medjax.models.transformer import DecoderLM, KVCache
+
+__all__ = [
+    "CheckpointError",
+    "DecoderLM",
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "from_hf_config",
+    "from_pretrained",
+    "load_config",
+    "read_safetensors",
+    "save_pretrained",
+    "to_hf_config",
+    "write_safetensors",
+]

@@ -1,0 +1,215 @@
+"""One configuration for the Llama 3, Qwen2/2.5 and Qwen3 decoder families.
+
+The three differ only in switches: QKV bias (Qwen2), RMSNorm on queries and keys (Qwen3),
+Llama-3 RoPE frequency scaling, and whether the LM head is tied to the embedding.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 RoPE frequency scaling (rope_type "llama3" in Hugging Face configs)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only LM.
+
+    Attributes:
+      family: "llama", "qwen2" or "qwen3" (names the Hugging Face architecture on export).
+      vocab_size, hidden_size, intermediate_size, num_layers: V, D, F and the depth.
+      num_heads, num_kv_heads, head_dim: H query heads, KV heads (GQA when fewer), K.
+      rope_theta: RoPE base.
+      rope_scaling: Llama-3 frequency scaling, or None.
+      rms_norm_eps: RMSNorm epsilon.
+      qkv_bias: biases on the q, k and v projections (Qwen2).
+      qk_norm: RMSNorm over head_dim on queries and keys before RoPE (Qwen3).
+      tie_word_embeddings: the LM head is the transposed embedding.
+      max_position_embeddings: longest context the checkpoint was made for.
+      dtype: activations' dtype; param_dtype: parameters' dtype. Logits are always float32.
+      bos_token_id, eos_token_id, pad_token_id: carried through to the exported config.
+    """
+
+    family: str = "qwen2"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}.")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"ModelConfig: hidden_size={self.hidden_size} is not a multiple of"
+                    f" num_heads={self.num_heads}; set head_dim."
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig: num_heads={self.num_heads} is not a multiple of"
+                f" num_kv_heads={self.num_kv_heads}."
+            )
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters, counting a tied embedding once."""
+        d, f, k = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_heads * k, self.num_kv_heads * k
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv) * self.qkv_bias + 2 * k * self.qk_norm
+        layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 layout).
+
+    Raises:
+      ValueError: for a model_type other than llama, qwen2 or qwen3, or for a config that
+        enables what medjax does not implement (sliding-window attention, other RoPE types).
+    """
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(f"config.json: model_type {family!r} is not one of {FAMILIES}.")
+    if hf.get("use_sliding_window"):
+        raise ValueError("config.json: use_sliding_window=true is not supported.")
+    # transformers 5 nests RoPE settings in rope_parameters; 4 had rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or rope
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "llama3":
+        rope_scaling = RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    elif rope_type == "default":
+        rope_scaling = None
+    else:
+        raise ValueError(
+            f"config.json: rope_type {rope_type!r} is not supported (default, llama3)."
+        )
+    qkv_bias = family == "qwen2" or bool(hf.get("attention_bias", False))
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias=true is not supported.")
+    fields = dict(
+        family=family,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        rope_theta=float(theta),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=qkv_bias,
+        qk_norm=family == "qwen3",
+        tie_word_embeddings=hf.get("tie_word_embeddings", family != "llama"),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """A config.json dict that transformers loads as the matching *ForCausalLM."""
+    rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    if config.rope_scaling is not None:
+        rope = {"rope_theta": config.rope_theta, "rope_type": "llama3"}
+        rope.update(dataclasses.asdict(config.rope_scaling))
+    hf = {
+        "architectures": [_HF_ARCHITECTURES[config.family]],
+        "model_type": config.family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": rope,
+        # transformers 4 readers look for these two at the top level.
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None if config.rope_scaling is None else dict(rope),
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "max_position_embeddings": config.max_position_embeddings,
+        "attention_bias": config.qkv_bias if config.family != "qwen2" else True,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "dtype": jnp.dtype(config.param_dtype).name,
+    }
+    if config.family == "qwen2":
+        hf.pop("attention_bias")
+    return hf
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jnp.ndarray:
+    """[K/2] float32 inverse frequencies theta^(-2i/K), Llama-3 scaled when configured."""
+    k = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)

@@ -1,0 +1,283 @@
+"""A Flax NNX decoder LM for the Llama 3, Qwen2/2.5 and Qwen3 families.
+
+One graph serves training, scoring and sampling: `DecoderLM.__call__` runs a full forward,
+and with a `KVCache` it runs a prefill or a decode step that appends to the cache. Module and
+parameter names mirror the Hugging Face checkpoints (`layers[i].self_attn.q_proj`, ...), so
+loading is a renaming plus a transpose. Parameters carry logical axis names in their
+`logical_axes` metadata; `medjax.partitioning` maps them to mesh axes.
+
+Dimension letters: B batch, T new tokens, S cache slots, D model dim, F MLP dim, H query
+heads, N KV heads, G = H / N query heads per KV head, K head dim, V vocab.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medjax.models.config import ModelConfig, rope_inverse_frequencies
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite: fully masked rows stay NaN-free.
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
+    if scale is None:  # Norm weights start at one.
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out], the transpose of a torch Linear weight."""
+
+    def __init__(self, d_in, d_out, axes, *, bias, dtype, param_dtype, rngs, std=0.02):
+        self.kernel = _param(rngs, (d_in, d_out), axes, param_dtype, std)
+        self.bias = (
+            nnx.Param(jnp.zeros((d_out,), param_dtype), logical_axes=axes[1:]) if bias else None
+        )
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, axes, *, eps, dtype, param_dtype, rngs):
+        self.weight = _param(rngs, (dim,), axes, param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in float32 and cast back before the weight, as the reference models do.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, preallocated for S slots.
+
+    Attributes:
+      k, v: [L, B, S, N, K] cached keys (after RoPE) and values.
+      positions: [B, S] int32 position of the token in each slot; -1 for an empty slot or a
+        padding token, which no query attends to.
+      index: int32 scalar, the next slot to write (shared by all rows).
+      lengths: [B] int32 number of real tokens each row holds: the next token's position.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    index: jax.Array
+    lengths: jax.Array
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates [B, T, heads, K] by [B, T] positions (half-split layout of HF Llama/Qwen)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        d, k = c.hidden_size, c.head_dim
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, c.num_heads * k, ("embed", "heads"), bias=c.qkv_bias, **kw)
+        self.k_proj = Linear(d, c.num_kv_heads * k, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
+        self.v_proj = Linear(d, c.num_kv_heads * k, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
+        self.o_proj = Linear(c.num_heads * k, d, ("heads", "embed"), bias=False, **kw)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(k, ("head_dim",), eps=c.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(k, ("head_dim",), eps=c.rms_norm_eps, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+        self.config = config
+
+    def __call__(self, x_BxTxD, positions_BxT, inv_freq, cache=None):
+        """Attends to x itself, or with `cache` = (k_BxSxNxK, v_BxSxNxK, slot_positions_BxS,
+        index) writes x's keys and values at slot `index` and attends to every slot.
+
+        Returns:
+          ([B, T, D] output, (k, v) cache of this layer after the write, or None).
+        """
+        c = self.config
+        b, t, _ = x_BxTxD.shape
+        q = self.q_proj(x_BxTxD).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x_BxTxD).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x_BxTxD).reshape(b, t, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions_BxT, inv_freq)
+        k = apply_rope(k, positions_BxT, inv_freq)
+        if cache is None:
+            k_all, v_all, key_pos, new_cache = k, v, positions_BxT, None
+        else:
+            k_cache, v_cache, key_pos, index = cache
+            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            new_cache = (k_all, v_all)
+        g = c.num_heads // c.num_kv_heads
+        q = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
+        scores = jnp.einsum("btngk,bsnk->bngts", q, k_all, preferred_element_type=jnp.float32)
+        scores = scores * (c.head_dim**-0.5)
+        visible = (key_pos[:, None, :] <= positions_BxT[:, :, None]) & (key_pos[:, None, :] >= 0)
+        scores = jnp.where(visible[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+        out = jnp.einsum("bngts,bsnk->btngk", probs, v_all)
+        return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        kw = dict(bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        kw = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(c.hidden_size, ("embed",), **kw)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, ("embed",), **kw)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, cache=None):
+        h, new_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_cache
+
+
+class DecoderLM(nnx.Module):
+    """Decoder-only LM: embedding, L pre-norm blocks (GQA attention + SwiGLU), final norm,
+    LM head (tied or not)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = config
+        self.embed_tokens = nnx.Param(
+            (0.02 * jax.random.normal(rngs.params(), (c.vocab_size, c.hidden_size))).astype(
+                c.param_dtype
+            ),
+            logical_axes=("vocab", "embed"),
+        )
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(
+            c.hidden_size,
+            ("embed",),
+            eps=c.rms_norm_eps,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            rngs=rngs,
+        )
+        if c.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _param(
+                rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype, 0.02
+            )
+
+    def lm_head_weight(self) -> jax.Array:
+        """[D, V] output projection (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """[B, T, D] final hidden states -> [B, T, V] float32 logits."""
+        w = self.lm_head_weight().astype(self.config.dtype)
+        return jnp.einsum("btd,dv->btv", hidden_BxTxD, w, preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache of `max_length` slots per row."""
+        c = self.config
+        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim)
+        dtype = c.dtype if dtype is None else dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            positions=jnp.full((batch_size, max_length), -1, jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+            lengths=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        """Forward pass.
+
+        Args:
+          input_ids: [B, T] int token ids.
+          attention_mask: [B, T] 1 for real tokens, 0 for padding (left or right); padding is
+            never attended to. Defaults to all ones.
+          positions: [B, T] int RoPE positions; defaults to the running count of real tokens
+            (continuing from the cache's `lengths` when a cache is given).
+          cache: a KVCache to append this chunk to (prefill or decode step); None for a
+            plain forward over the whole sequence.
+          return_hidden: return the final-normed [B, T, D] hidden states instead of logits,
+            for the fused log-prob kernel (see `logits` and `lm_head_weight`).
+
+        Returns:
+          [B, T, V] float32 logits (or [B, T, D] hidden states); with a cache, the pair
+          (output, updated cache).
+        """
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"DecoderLM: `input_ids` must be [B, T], got shape {input_ids.shape}.")
+        b, t = input_ids.shape
+        mask = (
+            jnp.ones((b, t), jnp.int32)
+            if attention_mask is None
+            else jnp.asarray(attention_mask).astype(jnp.int32)
+        )
+        start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
+        if positions is None:
+            positions = start[:, None] + jnp.cumsum(mask, axis=1) - 1
+        positions = jnp.where(mask > 0, positions, -1).astype(jnp.int32)
+        inv_freq = rope_inverse_frequencies(self.config)
+        x = self.embed_tokens[...].astype(self.config.dtype)[input_ids]
+        if cache is None:
+            for layer in self.layers:
+                x, _ = layer(x, positions, inv_freq)
+        else:
+            slot_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                x, (k, v) = layer(
+                    x, positions, inv_freq, (cache.k[i], cache.v[i], slot_pos, cache.index)
+                )
+                ks.append(k)
+                vs.append(v)
+            cache = KVCache(
+                k=jnp.stack(ks),
+                v=jnp.stack(vs),
+                positions=slot_pos,
+                index=cache.index + t,
+                lengths=cache.lengths + mask.sum(axis=1),
+            )
+        hidden = self.norm(x)
+        out = hidden if return_hidden else self.logits(hidden)
+        return out if cache is None else (out, cache)

@@ -1,0 +1,168 @@
+"""Device meshes, logical axis rules and sharding helpers.
+
+Model code names only logical axes (the fixed vocabulary below); a rules table maps each to
+mesh axes. One table serves data parallel, FSDP, tensor parallel and FSDP+TP: a mesh axis of
+size 1 shards nothing, so the mesh shape alone picks the strategy:
+
+    make_mesh(data=8)                 data parallel
+    make_mesh(data=1, fsdp=8)         FSDP (parameters and optimizer state sharded on embed)
+    make_mesh(data=1, tensor=8)       tensor parallel (heads, mlp and vocab split)
+    make_mesh(data=2, fsdp=2, tensor=2)  all three
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+LOGICAL_AXES = (
+    "batch",
+    "length",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "vocab",
+    "layers",
+)
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; -1 takes what the others leave.
+
+    Axis types are Auto (GSPMD): with Explicit axes, this Flax version's embedding lookup
+    cannot resolve its output sharding.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(
+            f"make_mesh: at most one axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}."
+        )
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"make_mesh: {len(devices)} devices do not divide into fsdp * tensor = {known}."
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        total = int(np.prod(sizes))
+        raise ValueError(f"make_mesh: data * fsdp * tensor = {total}, but {len(devices)} devices.")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> P:
+    """PartitionSpec for an array whose dimensions have these logical names."""
+    table = dict(rules)
+    spec = []
+    for name in axes:
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}.")
+        spec.append(None if name is None else table[name])
+    return P(*spec)
+
+
+def sharding_for(
+    shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> NamedSharding:
+    """NamedSharding of one array; a dimension its mesh axes do not divide is replicated."""
+    spec = logical_to_spec(axes, rules)
+    fitted = []
+    for dim, entry in zip(shape, spec, strict=True):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        if size > 1 and dim % size:
+            logging.info(
+                "replicating a dimension of %d: mesh axes %s (%d) do not divide it",
+                dim,
+                names,
+                size,
+            )
+            entry = None
+        fitted.append(entry)
+    return NamedSharding(mesh, P(*fitted))
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for an nnx.State whose Variables carry `logical_axes` metadata.
+
+    Variables without that metadata (e.g. RNG counters) are replicated.
+    """
+
+    def one(v):
+        axes = v.get_metadata().get("logical_axes")
+        shape = v.shape
+        return (
+            sharding_for(shape, axes, mesh, rules) if axes is not None else NamedSharding(mesh, P())
+        )
+
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:
+    """Places a module's variables on the mesh by their logical axes (in place; returns it)."""
+    state = nnx.state(module)
+    shardings = state_shardings(state, mesh, rules)
+    nnx.update(module, jax.device_put(state, shardings))
+    return module
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a [batch, ...] input: batch over its mesh axes, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Calls `jax.distributed.initialize` for a multi-host run; does nothing on one host.
+
+    Arguments come from the caller (flags) or else from the environment: JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID. On Cloud TPU pods jax finds them itself, so
+    MEDJAX_DISTRIBUTED=1 alone asks for the call.
+
+    Returns:
+      Whether jax.distributed was initialised.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    if coordinator_address is None and env.get("MEDJAX_DISTRIBUTED") != "1":
+        return False
+    if num_processes == 1:
+        return False
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    return True
