@@ -82,11 +82,16 @@ def write_safetensors(
         arrays.append(array)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # Align the data to 8 bytes, as the reference writer does.
-    with open(path, "wb") as f:
+    # Write beside and rename: a reader that memory-mapped the old file keeps its old inode
+    # instead of faulting on a truncated mapping.
+    path = pathlib.Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for array in arrays:
             f.write(array.tobytes())
+    os.replace(partial, path)
 
 
 def _hf_name(path: tuple) -> tuple[str, bool]:
@@ -194,7 +199,11 @@ def from_pretrained(
             sharding = partitioning.sharding_for(shape, axes, mesh, rules)
         variable.set_value(
             jax.make_array_from_callback(
-                shape, sharding, lambda idx, s=source: np.asarray(s[idx], dtype=param_dtype)
+                # A copy, never a view of the memory map: jax on CPU may alias host memory,
+                # and the file may be rewritten while the model lives.
+                shape,
+                sharding,
+                lambda idx, s=source: np.array(s[idx], dtype=param_dtype),
             )
         )
     unexpected = sorted(
