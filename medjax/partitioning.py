@@ -133,6 +133,20 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -
     return module
 
 
+def init_optimizer_state(tx, params, mesh: Mesh):
+    """`tx.init(params)` on the mesh: moments sharded like their parameters (GSPMD carries the
+    sharding through zeros_like), leaves that depend on no parameter (step counts) replicated.
+    """
+    state = jax.jit(tx.init)(params)
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        on_mesh = len(x.sharding.device_set) == mesh.devices.size
+        return x if on_mesh else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, state)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a [batch, ...] input: batch over its mesh axes, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
