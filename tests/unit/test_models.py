@@ -29,14 +29,20 @@ def model():
     return models.DecoderLM(CONFIG, rngs=nnx.Rngs(0))
 
 
+@nnx.jit
+def run(model, ids, mask=None, cache=None):
+    """The model under jit: eager op-by-op dispatch would make these tests slow."""
+    return model(ids, attention_mask=mask, cache=cache)
+
+
 def test_cached_decoding_equals_full_forward(model):
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 97, (3, 10)))
-    full = model(ids)
+    full = run(model, ids)
     cache = model.init_cache(3, 16)
-    logits, cache = model(ids[:, :4], cache=cache)  # Prefill.
+    logits, cache = run(model, ids[:, :4], cache=cache)  # Prefill.
     np.testing.assert_allclose(logits, full[:, :4], atol=1e-5)
     for t in range(4, 10):  # Then one token at a time.
-        step, cache = model(ids[:, t : t + 1], cache=cache)
+        step, cache = run(model, ids[:, t : t + 1], cache=cache)
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5, err_msg=f"token {t}")
     assert int(cache.index) == 10
     np.testing.assert_array_equal(cache.lengths, [10, 10, 10])
@@ -44,26 +50,26 @@ def test_cached_decoding_equals_full_forward(model):
 
 def test_left_padding_gives_the_unpadded_logits(model):
     ids = np.random.default_rng(2).integers(0, 97, (1, 6))
-    alone = model(jnp.asarray(ids))
+    alone = run(model, jnp.asarray(ids))
     padded = np.concatenate([np.zeros((1, 3), ids.dtype), ids], axis=1)
     mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
-    got = model(jnp.asarray(padded), attention_mask=jnp.asarray(mask))
+    got = run(model, jnp.asarray(padded), jnp.asarray(mask))
     np.testing.assert_allclose(got[:, 3:], alone, atol=1e-5)
     assert np.all(np.isfinite(np.asarray(got)))
     # Decoding after a padded prefill continues at the right position.
     nxt = np.array([[5]])
     cache = model.init_cache(1, 12)
-    _, cache = model(jnp.asarray(padded), attention_mask=jnp.asarray(mask), cache=cache)
-    step, _ = model(jnp.asarray(nxt), cache=cache)
-    want = model(jnp.asarray(np.concatenate([ids, nxt], axis=1)))[:, -1]
+    _, cache = run(model, jnp.asarray(padded), jnp.asarray(mask), cache=cache)
+    step, _ = run(model, jnp.asarray(nxt), cache=cache)
+    want = run(model, jnp.asarray(np.concatenate([ids, nxt], axis=1)))[:, -1]
     np.testing.assert_allclose(step[:, 0], want, atol=1e-5)
 
 
 def test_hidden_states_and_lm_head(model):
     ids = jnp.arange(8).reshape(2, 4)
-    hidden = model(ids, return_hidden=True)
+    hidden = nnx.jit(lambda m, x: m(x, return_hidden=True))(model, ids)
     assert hidden.shape == (2, 4, CONFIG.hidden_size)
-    np.testing.assert_allclose(hidden @ model.lm_head_weight(), model(ids), atol=1e-5)
+    np.testing.assert_allclose(hidden @ model.lm_head_weight(), run(model, ids), atol=1e-5)
 
 
 def test_jit_matches_eager(model):
