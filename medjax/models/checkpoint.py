@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from medjax import partitioning
 from medjax.models.config import ModelConfig, from_hf_config, to_hf_config
@@ -193,7 +192,7 @@ def from_pretrained(
             )
         source = source.T if transposed else source
         if mesh is None:
-            sharding = NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("d",)), P())
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
             axes = variable.get_metadata()["logical_axes"]
             sharding = partitioning.sharding_for(shape, axes, mesh, rules)
