@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medjax.kernels import prefix_attention
 from medjax.models.config import ModelConfig, rope_inverse_frequencies
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite: fully masked rows stay NaN-free.
@@ -104,9 +105,11 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.config = config
 
-    def __call__(self, x_BxTxD, positions_BxT, inv_freq, cache=None):
+    def __call__(self, x_BxTxD, positions_BxT, inv_freq, cache=None, segment_ids=None, impl="auto"):
         """Attends to x itself, or with `cache` = (k_BxSxNxK, v_BxSxNxK, slot_positions_BxS,
-        index) writes x's keys and values at slot `index` and attends to every slot.
+        index) writes x's keys and values at slot `index` and attends to every slot. With
+        `segment_ids` [B, T] (packed groups, no cache) the mask is the shared-prefix one of
+        `prefix_attention.grouped_attention`, computed by that kernel (`impl`).
 
         Returns:
           ([B, T, D] output, (k, v) cache of this layer after the write, or None).
@@ -120,6 +123,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions_BxT, inv_freq)
         k = apply_rope(k, positions_BxT, inv_freq)
+        if segment_ids is not None:
+            out = prefix_attention.grouped_attention(q, k, v, segment_ids, impl=impl)
+            return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), None
         if cache is None:
             k_all, v_all, key_pos, new_cache = k, v, positions_BxT, None
         else:
@@ -159,8 +165,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, ("embed",), **kw)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, cache=None):
-        h, new_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache)
+    def __call__(self, x, positions, inv_freq, cache=None, segment_ids=None, impl="auto"):
+        h, new_cache = self.self_attn(
+            self.input_layernorm(x), positions, inv_freq, cache, segment_ids, impl
+        )
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new_cache
 
@@ -225,6 +233,8 @@ class DecoderLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+        attention_impl: str = "auto",
         return_hidden: bool = False,
     ):
         """Forward pass.
@@ -237,6 +247,10 @@ class DecoderLM(nnx.Module):
             (continuing from the cache's `lengths` when a cache is given).
           cache: a KVCache to append this chunk to (prefill or decode step); None for a
             plain forward over the whole sequence.
+          segment_ids: [B, T] int for packed groups [prompt | c_1 | ... | c_G]: 0 prompt,
+            g completion g, -1 padding; completion g then sees the prompt and itself only
+            (pass `positions` that restart after the prompt). Not with a cache.
+          attention_impl: implementation of the grouped attention ("auto", "xla", "pallas").
           return_hidden: return the final-normed [B, T, D] hidden states instead of logits,
             for the fused log-prob kernel (see `logits` and `lm_head_weight`).
 
@@ -259,9 +273,13 @@ class DecoderLM(nnx.Module):
         positions = jnp.where(mask > 0, positions, -1).astype(jnp.int32)
         inv_freq = rope_inverse_frequencies(self.config)
         x = self.embed_tokens[...].astype(self.config.dtype)[input_ids]
+        if segment_ids is not None and cache is not None:
+            raise ValueError(
+                "DecoderLM: `segment_ids` (packed groups) cannot be used with a cache."
+            )
         if cache is None:
             for layer in self.layers:
-                x, _ = layer(x, positions, inv_freq)
+                x, _ = layer(x, positions, inv_freq, None, segment_ids, attention_impl)
         else:
             slot_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
             ks, vs = [], []
