@@ -12,8 +12,7 @@ online-softmax recurrence of Milakov & Gimelshein (2018) as used by Cut Cross-En
 
 Keeping s relative to the running max makes both outputs sums of same-signed terms:
 t <= m and l >= 1 give log p <= 0, and s <= 0 gives entropy >= 0, for any logit scale
-(verl issue #2656: an unfused-precision kernel returned log-probs of +123 and collapsed
-training).
+(verl issue #2656: a fused kernel returned log-probs of up to +123, and training collapsed).
 
 The gradient is a `jax.custom_vjp` that recomputes each logits tile from the saved per-row
 lse and entropy: with p = softmax(z),
@@ -21,9 +20,9 @@ lse and entropy: with p = softmax(z),
   dz = g_logp (onehot(y) - p) - g_ent p (log p + entropy),   since z - E_p[z] = log p + H,
 
 then d hidden = (dz / T) W^T and d W = hidden^T (dz / T), block by block. The backward is
-written out, never `jax.vjp` of the forward kernel (Levanter PR #3045), so it costs three
-matmul passes over W instead of two: 8 N D V flops for forward plus backward against the
-6 N D V of a materialising implementation, in exchange for O(N * block_v) memory.
+written out, never `jax.vjp` of the forward kernel (Levanter PR #3045). Recomputing the
+logits makes forward plus backward 8 N D V flops against the 6 N D V of a materialising
+implementation, in exchange for O(N * block_v) memory instead of O(N * V).
 
 Implementations (`impl=`):
   "reference"  plain jnp on materialised logits; the test oracle.
@@ -48,9 +47,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 IMPLS = ("auto", "reference", "xla", "pallas")
-# Default tiles. The xla chunk is tokamax's chunked-scan size; the Pallas tiles are
-# power-of-two starting points (TPU needs the last block dim divisible by 128), not tuned.
-DEFAULT_BLOCK_V = {"xla": 4096, "pallas": 512}
+# Default tiles. xla: chunks of 512 to 4096 columns ran within 5% of each other on the 2-core
+# CPU (N = 2048 and 8192, D = 896, V = 151,936); 1024 was never slower and needs the least
+# memory. Pallas: power-of-two starting points (TPU wants the last block dim divisible by
+# 128), not tuned on any accelerator.
+DEFAULT_BLOCK_V = {"xla": 1024, "pallas": 512}
 DEFAULT_BLOCK_N = 256
 
 # dot_general dimension numbers: a @ b^T and a^T @ b.
@@ -90,7 +91,7 @@ def fused_logprob(
       return_entropy: also return the entropy of each row's distribution.
       block_n: rows per tile (pallas only; the xla scan takes all N rows at once).
         Defaults to 256.
-      block_v: vocab columns per tile or chunk. Defaults to 4096 (xla) or 512 (pallas).
+      block_v: vocab columns per tile or chunk. Defaults to 1024 (xla) or 512 (pallas).
         Peak memory of the xla path is about 3 * N * block_v accumulator-dtype words.
       impl: "auto", "reference", "xla" or "pallas" (see the module docstring).
       interpret: run Pallas kernels in interpret mode; None means True on CPU.
@@ -345,15 +346,19 @@ def _xla_backward(hidden, lm_head, targets, rows, config):
     def step(carry, j):
         d_hidden, d_lm_head = carry
         w_DxV, col0, first_col = _xla_chunk(lm_head, j, block_v)
-        z, valid, hit = _tile(hidden, w_DxV, y_Nx1, col0, first_col, vocab, config.temperature, acc)
+        # All columns of the sliding last chunk are real vocab entries, and a column's
+        # gradient depends only on the row statistics, so d lm_head takes the whole chunk
+        # and overwrites the overlap with the same values: a plain in-place
+        # dynamic_update_slice of the [D, V] carry (reading the old slice back made XLA
+        # copy the carry every step, and stacking chunks costs another [D, V] buffer).
+        # d hidden sums over columns, so there the overlap is masked out.
+        z, valid, hit = _tile(hidden, w_DxV, y_Nx1, col0, col0, vocab, config.temperature, acc)
         dz_NxV = _tile_dz(z, valid, hit, lse, entropy, g_logp, g_ent, config).astype(mm_dtype)
-        d_hidden = d_hidden + lax.dot_general(dz_NxV, w_DxV, _NT, preferred_element_type=acc)
-        # Masked columns have dz = 0 exactly, so adding into the overlap of the sliding
-        # last chunk leaves the previous chunk's values unchanged. The [D, V] carry is
-        # updated in place: no [chunks, D, block_v] stack to transpose and trim.
+        fresh_1xV = col0 + lax.broadcasted_iota(jnp.int32, valid.shape, 1) >= first_col
+        w_fresh = jnp.where(fresh_1xV, w_DxV, jnp.zeros_like(w_DxV))
+        d_hidden = d_hidden + lax.dot_general(dz_NxV, w_fresh, _NT, preferred_element_type=acc)
         d_w = lax.dot_general(hidden, dz_NxV, _TN, preferred_element_type=acc)
-        old = lax.dynamic_slice_in_dim(d_lm_head, col0, block_v, axis=1)
-        d_lm_head = lax.dynamic_update_slice_in_dim(d_lm_head, old + d_w, col0, axis=1)
+        d_lm_head = lax.dynamic_update_slice_in_dim(d_lm_head, d_w, col0, axis=1)
         return (d_hidden, d_lm_head), None
 
     init = (jnp.zeros(hidden.shape, acc), jnp.zeros(lm_head.shape, acc))
@@ -436,10 +441,12 @@ def _forward_kernel(h_ref, w_ref, y_ref, m_ref, l_ref, s_ref, t_ref, *, vocab, c
 
 def _pallas_forward(hidden, lm_head, targets, config):
     (rows, dim), vocab = hidden.shape, lm_head.shape[1]
+    acc = _acc_dtype(hidden, lm_head)
+    if rows == 0:  # A grid over zero row blocks cannot be expressed.
+        return (jnp.zeros((0,), acc),) * 3
     block_n, block_v = _pallas_tiles(rows, vocab, config)
     hidden_p = _pad_rows(hidden, block_n)
     y_p = _pad_rows(targets[:, None].astype(jnp.int32), block_n)
-    acc = _acc_dtype(hidden, lm_head)
     row = pl.BlockSpec((block_n, 1), lambda i, j: (i, 0))
     stats = _call(
         functools.partial(_forward_kernel, vocab=vocab, config=config),
@@ -503,8 +510,10 @@ def _dw_kernel(h_ref, w_ref, y_ref, lse_ref, ent_ref, gl_ref, ge_ref, dw_ref, *,
 
 def _pallas_backward(hidden, lm_head, targets, rows, config):
     (num_rows, dim), vocab = hidden.shape, lm_head.shape[1]
-    block_n, block_v = _pallas_tiles(num_rows, vocab, config)
     acc = _acc_dtype(hidden, lm_head)
+    if num_rows == 0:
+        return jnp.zeros(hidden.shape, acc), jnp.zeros(lm_head.shape, acc)
+    block_n, block_v = _pallas_tiles(num_rows, vocab, config)
     hidden_p = _pad_rows(hidden, block_n)
     y_p = _pad_rows(targets[:, None].astype(jnp.int32), block_n)
     # Padded rows get zero cotangents, hence dz = 0 there.
