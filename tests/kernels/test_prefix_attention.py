@@ -158,7 +158,7 @@ def test_packed_row_equals_separate_sequences(prompt_lens, completion_lens):
         return outputs_fn(q, k, v, impl), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     want_outs, want_grads = outputs_and_grads(separate_outputs, q, k, v, None)
-    for impl in ("reference", "pallas"):
+    for impl in ("reference", "xla", "pallas"):
         outs, grads = outputs_and_grads(packed_outputs, q, k, v, impl)
         _assert_all_close(outs, want_outs, F32_TOL, names=[f"{impl} {i}" for i in range(len(outs))])
         _assert_all_close(grads, want_grads, F32_TOL, [f"{impl} d{x}" for x in "qkv"])
@@ -279,11 +279,14 @@ def test_jit_grad_of_pallas():
     _assert_all_close(got, want, F32_TOL, ("dq", "dk", "dv"))
 
 
-def test_auto_is_reference_on_cpu():
-    seg = _CASES[2][1]
-    q, k, v, _ = _inputs(6, 1, 20, 2, 1, 8)
+def test_xla_chunks_equal_the_reference_and_auto_is_xla():
+    # L = 18 with 8-query chunks: three chunks, the last one ragged.
+    seg = _CASES[0][1]
+    q, k, v, ct = _inputs(6, 2, 18, 4, 2, 8)
+    want = _out_and_grads(q, k, v, seg, ct, impl="reference")
+    _assert_all_close(_out_and_grads(q, k, v, seg, ct, impl="xla", block_q=8), want, F32_TOL)
     np.testing.assert_array_equal(
-        pa.grouped_attention(q, k, v, seg), pa.reference_grouped_attention(q, k, v, seg)
+        pa.grouped_attention(q, k, v, seg), pa.grouped_attention(q, k, v, seg, impl="xla")
     )
 
 
