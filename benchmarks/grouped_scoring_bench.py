@@ -7,11 +7,13 @@ row [prompt | c_1 | ... | c_G] with the shared-prefix mask, P + G * C tokens. Bo
 gradient of sum(per-token log-probs * weights) w.r.t. every parameter, through the fused
 log-prob head; the two run alternately rep by rep.
 
-The token ratio G (P + C) / (P + G C) is an upper bound: the LM head runs on the G * C scored
-tokens in both layouts, and on CPU the attention is the dense-mask XLA path over the whole
-packed row. So the run covers two shapes: the peers' 11.1M model, whose 32k-vocab head is a
-large share of the work, and a trunk-heavy model with a small vocabulary. Each records the
-matmul-FLOP ratio of the two paths beside the measured one.
+The token ratio G (P + C) / (P + G C) is not the whole story: the LM head runs on the G * C
+scored tokens in both layouts, and the attention differs: on CPU the grouped row uses the
+XLA path of prefix_attention, query chunks against the keys up to each chunk's end, while
+the independent rows use the model's dense [T, T] attention. So the run covers two shapes:
+the peers' 11.1M model, whose 32k-vocab head is a large share of the work, and a
+trunk-heavy model with a small vocabulary, and records each one's matmul-FLOP ratio of the
+two paths beside the measured one.
 """
 
 import argparse
@@ -60,6 +62,16 @@ def matmul_flops(c: models.ModelConfig, tokens: int, scored: int, attention_pair
     d, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     trunk = c.num_layers * (2 * d * q + 4 * d * kv + 6 * d * c.intermediate_size)
     return trunk * tokens + 2 * d * c.vocab_size * scored + c.num_layers * 4 * q * attention_pairs
+
+
+# Query chunk of the grouped XLA attention (prefix_attention's default block_q).
+CHUNK = 128
+
+
+def chunked_pairs(length: int, chunk: int) -> int:
+    """(query, key) pairs the causal-chunked XLA path computes: chunk i against keys
+    [0, end of chunk i). The independent rows use the model's dense attention, T^2 each."""
+    return sum(min(chunk, length - s) * min(s + chunk, length) for s in range(0, length, chunk))
 
 
 def measure(config: models.ModelConfig, p_len: int, c_len: int, g: int, reps: int) -> dict:
