@@ -208,7 +208,7 @@ def reference_grouped_attention(
     *,
     scale: float | None = None,
 ) -> jax.Array:
-    """Grouped attention with an explicit [B, L, L] mask; the oracle and the XLA path.
+    """Grouped attention with an explicit [B, L, L] mask; the oracle of the other paths.
 
     Args:
       q: [B, L, H, K] queries (RoPE already applied with the packed positions).

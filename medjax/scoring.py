@@ -28,8 +28,9 @@ def _check(name: str, x: jax.Array, shape: tuple, fn: str) -> None:
         raise ValueError(f"{fn}: `{name}` has shape {tuple(x.shape)}; expected {tuple(shape)}.")
 
 
-def _head(model, hidden, targets, temperature, return_entropy, impl):
-    """[..., D] hidden states and [...] targets -> [...] log-probs (and entropies)."""
+def _head(model, hidden, targets, mask, temperature, return_entropy, impl):
+    """[..., D] hidden states and [...] targets -> [...] log-probs (and entropies), 0 where
+    `mask` is 0."""
     lead = targets.shape
     out = logprob_lib.fused_logprob(
         hidden.reshape(-1, hidden.shape[-1]),
@@ -39,9 +40,10 @@ def _head(model, hidden, targets, temperature, return_entropy, impl):
         return_entropy=return_entropy,
         impl=impl,
     )
-    if return_entropy:
-        return out[0].reshape(lead), out[1].reshape(lead)
-    return out.reshape(lead)
+    keep = mask > 0
+    outs = out if return_entropy else (out,)
+    outs = tuple(jnp.where(keep, o.reshape(lead), 0.0) for o in outs)
+    return outs if return_entropy else outs[0]
 
 
 def score_completions(
@@ -81,18 +83,10 @@ def score_completions(
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
     hidden = model(ids, attention_mask=mask, return_hidden=True)
     # The hidden state at position t predicts token t + 1: the prompt's last one predicts c_0.
-    out = _head(
-        model,
-        hidden[:, tp - 1 : tp + c - 1],
-        completion_ids,
-        temperature,
-        return_entropy,
-        logprob_impl,
+    picked = hidden[:, tp - 1 : tp + c - 1]
+    return _head(
+        model, picked, completion_ids, completion_mask, temperature, return_entropy, logprob_impl
     )
-    keep = completion_mask > 0
-    if return_entropy:
-        return jnp.where(keep, out[0], 0.0), jnp.where(keep, out[1], 0.0)
-    return jnp.where(keep, out, 0.0)
 
 
 def score_groups(
@@ -150,8 +144,6 @@ def score_groups(
         return_hidden=True,
     )
     picked = packing.gather_packed(hidden, layout.predict_index)
-    out = _head(model, picked, completion_ids, temperature, return_entropy, logprob_impl)
-    keep = completion_mask > 0
-    if return_entropy:
-        return jnp.where(keep, out[0], 0.0), jnp.where(keep, out[1], 0.0)
-    return jnp.where(keep, out, 0.0)
+    return _head(
+        model, picked, completion_ids, completion_mask, temperature, return_entropy, logprob_impl
+    )
