@@ -1,0 +1,189 @@
+"""Batched generation with a preallocated KV cache, on the same graph the trainer uses.
+
+Each prompt is prefilled once and its cache broadcast to its G samples; then one jitted
+`lax.while_loop` decodes a token per step for every row until each row has stopped (EOS,
+a stop sequence, or its budget) or the step budget ends. The log-probs returned are those of
+the tempered, untruncated distribution, log softmax(z / T)[token]: what the trainer's
+scoring computes at the same temperature, i.e. the old log-probs of GRPO.
+
+Rows are prompt-major: rows p*G .. p*G+G-1 are prompt p's G samples.
+
+Dimension letters: P prompts, G samples per prompt, B = P * G rows, Tp prompt length,
+N new tokens, V vocab.
+"""
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medjax.models.transformer import DecoderLM, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token.
+
+    Attributes:
+      max_new_tokens: N, the step budget.
+      temperature: logits are divided by it (> 0); the returned log-probs use it too.
+      top_k: keep the k most likely tokens (0: off).
+      top_p: keep the smallest set of most likely tokens whose mass reaches top_p (1: off).
+      greedy: argmax instead of sampling (log-probs still at `temperature`).
+      eos_ids: token ids that end a row (the token itself is kept and scored).
+      stop_sequences: token-id sequences that end a row once generated (e.g. the ids of
+        "End Inquiry"); single special tokens such as `</tool_call>` can go in `eos_ids`.
+      pad_id: written after a row has stopped.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    pad_id: int = 0
+
+
+class SampleOutput(NamedTuple):
+    """Generated tokens.
+
+    Attributes:
+      tokens: [B, N] int32 sampled ids, `pad_id` after a row stopped.
+      logps: [B, N] float32 log p(token) at the sampling temperature; 0 where masked.
+      mask: [B, N] bool, True on generated tokens (the stopping token included).
+      lengths: [B] int32 number of generated tokens.
+    """
+
+    tokens: jax.Array
+    logps: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+
+
+def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets the logits of tokens outside the top-k / top-p set to -inf."""
+    if top_k:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits_BxV, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits_BxV, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Mass strictly before each token: a token is kept while that is below top_p, so
+        # the most likely token always survives.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = before < top_p
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[jnp.arange(order.shape[0])[:, None], order]
+            .set(keep_sorted)
+        )
+        logits_BxV = jnp.where(keep, logits_BxV, -jnp.inf)
+    return logits_BxV
+
+
+def _broadcast_cache(cache: KVCache, g: int) -> KVCache:
+    rep = lambda x, axis: jnp.repeat(x, g, axis=axis)  # noqa: E731
+    return KVCache(
+        k=rep(cache.k, 1), v=rep(cache.v, 1), positions=rep(cache.positions, 0),
+        index=cache.index, lengths=rep(cache.lengths, 0),
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples"))
+def _generate(
+    graphdef, state, prompt_ids, prompt_mask, key, params: SamplingParams, num_samples: int
+):
+    model = nnx.merge(graphdef, state)
+    p, tp = prompt_ids.shape
+    n = params.max_new_tokens
+    b = p * num_samples
+    cache = model.init_cache(p, tp + n)
+    logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    cache = _broadcast_cache(cache, num_samples)
+    last = jnp.repeat(logits[:, -1], num_samples, axis=0)  # Left-padded: the last column.
+    stops = [jnp.asarray(s, jnp.int32) for s in params.stop_sequences]
+
+    def step(carry):
+        i, key, last, cache, done, lengths, tokens, logps = carry
+        key, sub = jax.random.split(key)
+        tempered = last / params.temperature
+        logp_all = jax.nn.log_softmax(tempered, axis=-1)
+        if params.greedy:
+            token = jnp.argmax(tempered, axis=-1)
+        else:
+            filtered = filter_logits(tempered, top_k=params.top_k, top_p=params.top_p)
+            token = jax.random.categorical(sub, filtered, axis=-1)
+        token = token.astype(jnp.int32)
+        logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+        live = ~done
+        token = jnp.where(live, token, params.pad_id)
+        tokens = tokens.at[:, i].set(token)
+        logps = logps.at[:, i].set(jnp.where(live, logp, 0.0))
+        lengths = lengths + live
+        stopped = (
+            jnp.isin(token, jnp.asarray(params.eos_ids, jnp.int32)) if params.eos_ids else False
+        )
+        for seq in stops:
+            k = seq.shape[0]
+            # -1 before the first generated token: nothing there can match a stop sequence.
+            history = jnp.pad(tokens, ((0, 0), (k, 0)), constant_values=-1)
+            window = jax.lax.dynamic_slice_in_dim(history, i + 1, k, axis=1)
+            stopped = stopped | jnp.all(window == seq[None], axis=-1)
+        done = done | (live & stopped)
+        logits, cache = model(token[:, None], attention_mask=live[:, None], cache=cache)
+        return i + 1, key, logits[:, -1], cache, done, lengths, tokens, logps
+
+    def cond(carry):
+        i, _, _, _, done, *_ = carry
+        return (i < n) & ~jnp.all(done)
+
+    init = (
+        jnp.int32(0), key, last, cache, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+        jnp.full((b, n), params.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+    )  # fmt: skip
+    *_, lengths, tokens, logps = jax.lax.while_loop(cond, step, init)
+    return tokens, logps, lengths
+
+
+def sample(
+    model: DecoderLM,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    params: SamplingParams,
+    *,
+    num_samples: int = 1,
+) -> SampleOutput:
+    """Generates `num_samples` continuations of every prompt.
+
+    Args:
+      model: the policy.
+      prompt_ids: [P, Tp] int, left-padded (every prompt ends in the last column).
+      prompt_mask: [P, Tp] 1 on real prompt tokens.
+      key: a jax.random key; the same key gives the same samples.
+      params: SamplingParams (static: each distinct value compiles once).
+      num_samples: G.
+
+    Returns:
+      SampleOutput with [P * G, N] arrays, prompt-major rows.
+    """
+    if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"sample: `prompt_ids` {tuple(prompt_ids.shape)} and `prompt_mask`"
+            f" {tuple(prompt_mask.shape)} must both be [P, Tp]."
+        )
+    if params.temperature <= 0:
+        raise ValueError(f"sample: temperature must be > 0, got {params.temperature}.")
+    graphdef, state = nnx.split(model)
+    tokens, logps, lengths = _generate(
+        graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, params, num_samples
+    )
+    # A row holds its tokens up to and including the one that stopped it.
+    mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    return SampleOutput(tokens, logps, mask, lengths)

@@ -1,0 +1,113 @@
+"""medjax.sampling: greedy equals step-by-step argmax with the full forward, reproducible
+sampling, top-k/top-p support, stopping, and log-probs equal to scoring the output."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from medjax import models, sampling, scoring
+
+CONFIG = models.ModelConfig(
+    family="qwen2", vocab_size=67, hidden_size=32, intermediate_size=48, num_layers=2,
+    num_heads=4, num_kv_heads=2, qkv_bias=True,
+)  # fmt: skip
+GREEDY = sampling.SamplingParams(max_new_tokens=6, greedy=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.DecoderLM(CONFIG, rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    # Left-padded: prompt 0 has 5 tokens, prompt 1 has 3.
+    ids = jnp.array([[5, 9, 11, 2, 7], [0, 0, 4, 30, 8]])
+    mask = jnp.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    return ids, mask
+
+
+def test_greedy_equals_argmax_with_the_full_forward(model, prompts):
+    ids, mask = prompts
+    out = sampling.sample(model, ids, mask, jax.random.key(0), GREEDY)
+    forward = jax.jit(lambda m, x: m(x))
+    for row, length in ((0, 5), (1, 3)):
+        seq = list(np.asarray(ids[row, -length:]))
+        for _ in range(6):  # Re-encode everything each step: no cache, no padding involved.
+            seq.append(int(jnp.argmax(forward(model, jnp.asarray([seq]))[0, -1])))
+        np.testing.assert_array_equal(out.tokens[row], seq[length:])
+    assert np.all(np.asarray(out.mask)) and list(np.asarray(out.lengths)) == [6, 6]
+
+
+def test_logps_equal_scoring_at_the_same_temperature(model, prompts):
+    ids, mask = prompts
+    params = sampling.SamplingParams(max_new_tokens=5, temperature=0.7, top_k=20)
+    out = sampling.sample(model, ids, mask, jax.random.key(1), params, num_samples=3)
+    scored = scoring.score_completions(
+        model, jnp.repeat(ids, 3, 0), jnp.repeat(mask, 3, 0), out.tokens, out.mask, temperature=0.7
+    )
+    np.testing.assert_allclose(out.logps, scored, atol=1e-5)
+
+
+def test_same_key_same_samples_and_groups_differ(model, prompts):
+    ids, mask = prompts
+    params = sampling.SamplingParams(max_new_tokens=8, temperature=1.5)
+    a = sampling.sample(model, ids, mask, jax.random.key(7), params, num_samples=4)
+    b = sampling.sample(model, ids, mask, jax.random.key(7), params, num_samples=4)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert len({tuple(np.asarray(t)) for t in a.tokens[:4]}) > 1  # G samples of one prompt.
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.5)])
+def test_top_k_and_top_p_never_emit_excluded_tokens(model, prompts, top_k, top_p):
+    ids, mask = prompts
+    params = sampling.SamplingParams(max_new_tokens=1, top_k=top_k, top_p=top_p, temperature=2.0)
+    out = sampling.sample(model, ids[:1], mask[:1], jax.random.key(2), params, num_samples=512)
+    logits = np.asarray(model(ids[:1]))[0, -1] / 2.0
+    order = np.argsort(-logits)
+    if top_k:
+        allowed = set(order[:top_k].tolist())
+    else:
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        before = np.cumsum(probs[order]) - probs[order]
+        allowed = set(order[before < top_p].tolist())
+    drawn = set(np.asarray(out.tokens[:, 0]).tolist())
+    assert drawn <= allowed
+    assert len(drawn) > 1  # Really sampling, not collapsing to the argmax.
+
+
+def test_eos_and_stop_sequences_end_rows(model, prompts):
+    ids, mask = prompts
+    first = np.asarray(sampling.sample(model, ids, mask, jax.random.key(0), GREEDY).tokens)
+    # Stop row 0 at its third token by making that token an EOS id.
+    eos = int(first[0, 2])
+    params = sampling.SamplingParams(max_new_tokens=6, greedy=True, eos_ids=(eos,), pad_id=-1)
+    out = sampling.sample(model, ids, mask, jax.random.key(0), params)
+    row0 = list(first[0])
+    cut = row0.index(eos) + 1
+    assert int(out.lengths[0]) == cut
+    np.testing.assert_array_equal(out.tokens[0, :cut], row0[:cut])
+    assert np.all(np.asarray(out.tokens[0, cut:]) == -1)
+    assert float(jnp.abs(out.logps[0, cut:]).sum()) == 0.0
+    assert not np.any(np.asarray(out.mask[0, cut:]))
+    # A two-token stop sequence taken from row 1's greedy output.
+    seq = (int(first[1, 3]), int(first[1, 4]))
+    params = sampling.SamplingParams(max_new_tokens=6, greedy=True, stop_sequences=(seq,))
+    out = sampling.sample(model, ids, mask, jax.random.key(0), params)
+    row1 = list(first[1])
+    ends = [j + 2 for j in range(5) if (row1[j], row1[j + 1]) == seq]
+    assert int(out.lengths[1]) == ends[0]
+
+
+def test_bad_inputs():
+    model = models.DecoderLM(CONFIG, rngs=nnx.Rngs(0))
+    ones = jnp.ones((1, 2), jnp.int32)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sampling.sample(
+            model, ones, ones, jax.random.key(0), sampling.SamplingParams(temperature=0.0)
+        )
+    with pytest.raises(ValueError, match=r"`prompt_ids` \(2,\)"):
+        sampling.sample(model, ones[0], ones[0], jax.random.key(0), sampling.SamplingParams())
