@@ -151,6 +151,32 @@ def _generate(
     return tokens, logps, lengths
 
 
+def bucket_length(length: int, buckets: tuple[int, ...] | None = None) -> int:
+    """The smallest bucket >= length: the next power of two, or from a configured list."""
+    if buckets is None:
+        return 1 << max(length - 1, 0).bit_length()
+    fitting = [b for b in sorted(buckets) if b >= length]
+    if not fitting:
+        raise ValueError(f"bucket_length: {length} exceeds the largest bucket {max(buckets)}.")
+    return fitting[0]
+
+
+def pad_prompts(prompt_ids, prompt_mask, length: int, pad_id: int = 0):
+    """Left-pads [P, Tp] prompts to [P, length] (positions come from the mask, so padding
+    changes no number, only the compiled shape)."""
+    extra = length - prompt_ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"pad_prompts: prompts of length {prompt_ids.shape[1]} exceed {length}.")
+    pad = ((0, 0), (extra, 0))
+    return jnp.pad(prompt_ids, pad, constant_values=pad_id), jnp.pad(prompt_mask, pad)
+
+
+def compile_count() -> int:
+    """How many generation programs have been compiled in this process (one per distinct
+    prompt shape, G and SamplingParams): bucket prompt lengths to keep it bounded."""
+    return _generate._cache_size()
+
+
 def sample(
     model: DecoderLM,
     prompt_ids: jax.Array,
@@ -159,6 +185,7 @@ def sample(
     params: SamplingParams,
     *,
     num_samples: int = 1,
+    buckets: tuple[int, ...] | None = (),
 ) -> SampleOutput:
     """Generates `num_samples` continuations of every prompt.
 
@@ -169,6 +196,9 @@ def sample(
       key: a jax.random key; the same key gives the same samples.
       params: SamplingParams (static: each distinct value compiles once).
       num_samples: G.
+      buckets: prompt lengths are left-padded up to a bucket so that a long run compiles a
+        bounded number of programs: () keeps Tp as it is, None rounds up to a power of two,
+        a tuple lists the allowed lengths (see `compile_count`).
 
     Returns:
       SampleOutput with [P * G, N] arrays, prompt-major rows.
@@ -180,9 +210,13 @@ def sample(
         )
     if params.temperature <= 0:
         raise ValueError(f"sample: temperature must be > 0, got {params.temperature}.")
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
+    if buckets != ():
+        target = bucket_length(prompt_ids.shape[1], buckets)
+        prompt_ids, prompt_mask = pad_prompts(prompt_ids, prompt_mask, target, params.pad_id)
     graphdef, state = nnx.split(model)
     tokens, logps, lengths = _generate(
-        graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, params, num_samples
+        graphdef, state, prompt_ids, prompt_mask, key, params, num_samples
     )
     # A row holds its tokens up to and including the one that stopped it.
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]

@@ -111,3 +111,20 @@ def test_bad_inputs():
         )
     with pytest.raises(ValueError, match=r"`prompt_ids` \(2,\)"):
         sampling.sample(model, ones[0], ones[0], jax.random.key(0), sampling.SamplingParams())
+
+
+def test_buckets_bound_compilations_and_change_no_number(model, prompts):
+    ids, mask = prompts
+    assert [sampling.bucket_length(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert sampling.bucket_length(5, (4, 16, 64)) == 16
+    with pytest.raises(ValueError, match="exceeds the largest bucket 16"):
+        sampling.bucket_length(17, (4, 16))
+    params = sampling.SamplingParams(max_new_tokens=4, greedy=True)
+    want = sampling.sample(model, ids, mask, jax.random.key(0), params)
+    before = sampling.compile_count()
+    for width in (5, 6, 7, 8):  # Every width lands in the bucket of 8: one new program.
+        padded = sampling.pad_prompts(ids, mask, width)
+        got = sampling.sample(model, *padded, jax.random.key(0), params, buckets=None)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logps, want.logps, atol=1e-5)
+    assert sampling.compile_count() == before + 1
