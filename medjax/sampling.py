@@ -97,7 +97,7 @@ def _broadcast_cache(cache: KVCache, g: int) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples"))
 def _generate(
-    graphdef, state, prompt_ids, prompt_mask, key, params: SamplingParams, num_samples: int
+    graphdef, state, prompt_ids, prompt_mask, key, row_budget, params: SamplingParams, num_samples
 ):
     model = nnx.merge(graphdef, state)
     p, tp = prompt_ids.shape
@@ -135,7 +135,7 @@ def _generate(
             history = jnp.pad(tokens, ((0, 0), (k, 0)), constant_values=-1)
             window = jax.lax.dynamic_slice_in_dim(history, i + 1, k, axis=1)
             stopped = stopped | jnp.all(window == seq[None], axis=-1)
-        done = done | (live & stopped)
+        done = done | (live & stopped) | (lengths >= row_budget)
         logits, cache = model(token[:, None], attention_mask=live[:, None], cache=cache)
         return i + 1, key, logits[:, -1], cache, done, lengths, tokens, logps
 
@@ -186,6 +186,7 @@ def sample(
     *,
     num_samples: int = 1,
     buckets: tuple[int, ...] | None = (),
+    max_new_tokens: jax.Array | None = None,
 ) -> SampleOutput:
     """Generates `num_samples` continuations of every prompt.
 
@@ -199,6 +200,8 @@ def sample(
       buckets: prompt lengths are left-padded up to a bucket so that a long run compiles a
         bounded number of programs: () keeps Tp as it is, None rounds up to a power of two,
         a tuple lists the allowed lengths (see `compile_count`).
+      max_new_tokens: optional [P * G] int per-row budgets (each at most
+        `params.max_new_tokens`, which stays the static step count).
 
     Returns:
       SampleOutput with [P * G, N] arrays, prompt-major rows.
@@ -214,9 +217,19 @@ def sample(
     if buckets != ():
         target = bucket_length(prompt_ids.shape[1], buckets)
         prompt_ids, prompt_mask = pad_prompts(prompt_ids, prompt_mask, target, params.pad_id)
+    rows = prompt_ids.shape[0] * num_samples
+    if max_new_tokens is None:
+        row_budget = jnp.full((rows,), params.max_new_tokens, jnp.int32)
+    else:
+        row_budget = jnp.asarray(max_new_tokens, jnp.int32)
+        if row_budget.shape != (rows,):
+            raise ValueError(
+                f"sample: `max_new_tokens` has shape {tuple(row_budget.shape)}; expected"
+                f" [P * G] = ({rows},)."
+            )
     graphdef, state = nnx.split(model)
     tokens, logps, lengths = _generate(
-        graphdef, state, prompt_ids, prompt_mask, key, params, num_samples
+        graphdef, state, prompt_ids, prompt_mask, key, row_budget, params, num_samples
     )
     # A row holds its tokens up to and including the one that stopped it.
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]

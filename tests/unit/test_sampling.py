@@ -128,3 +128,19 @@ def test_buckets_bound_compilations_and_change_no_number(model, prompts):
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_allclose(got.logps, want.logps, atol=1e-5)
     assert sampling.compile_count() == before + 1
+
+
+def test_per_row_budgets(model, prompts):
+    ids, mask = prompts
+    want = sampling.sample(model, ids, mask, jax.random.key(0), GREEDY)
+    got = sampling.sample(
+        model, ids, mask, jax.random.key(0), GREEDY, max_new_tokens=jnp.array([2, 5])
+    )
+    np.testing.assert_array_equal(got.lengths, [2, 5])
+    np.testing.assert_array_equal(got.tokens[0, :2], want.tokens[0, :2])
+    np.testing.assert_array_equal(got.tokens[1, :5], want.tokens[1, :5])
+    assert np.all(np.asarray(got.tokens[0, 2:]) == GREEDY.pad_id)
+    with pytest.raises(
+        ValueError, match=r"`max_new_tokens` has shape \(3,\); expected \[P \* G\] = \(2,\)"
+    ):
+        sampling.sample(model, ids, mask, jax.random.key(0), GREEDY, max_new_tokens=jnp.ones(3))
