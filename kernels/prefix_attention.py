@@ -223,11 +223,13 @@ def reference_grouped_attention(
     """
     q, k, v, segment_ids = map(jnp.asarray, (q, k, v, segment_ids))
     _check_inputs("reference_grouped_attention", q, k, v, segment_ids)
-    return _masked_attention(q, k, v, grouped_mask(segment_ids), scale)
+    return masked_attention(q, k, v, grouped_mask(segment_ids), scale)
 
 
-def _masked_attention(q, k, v, mask, scale):
-    """q [B, Tq, H, K] over k, v [B, Tk, N, K] with a [B, Tq, Tk] bool mask."""
+def masked_attention(q, k, v, mask, scale=None):
+    """GQA attention of q [B, Tq, H, K] over k, v [B, Tk, N, K] under a [B, Tq, Tk] bool
+    mask; softmax in float32, rows with no visible key give 0. The model's plain and cached
+    attention use it too, so every path shares one piece of attention math."""
     b, tq, h, kd = q.shape
     n = k.shape[2]
     scale = kd**-0.5 if scale is None else scale
@@ -258,7 +260,7 @@ def _causal_chunked_attention(q, k, v, segment_ids, scale, chunk):
             idx[start:end, None],
             idx[None, :end],
         )
-        outs.append(_masked_attention(q[:, start:end], k[:, :end], v[:, :end], mask, scale))
+        outs.append(masked_attention(q[:, start:end], k[:, :end], v[:, :end], mask, scale))
     return jnp.concatenate(outs, axis=1)
 
 

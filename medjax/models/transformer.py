@@ -19,8 +19,6 @@ from flax import nnx
 from medjax.kernels import prefix_attention
 from medjax.models.config import ModelConfig, rope_inverse_frequencies
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite: fully masked rows stay NaN-free.
-
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
     if scale is None:  # Norm weights start at one.
@@ -133,14 +131,10 @@ class Attention(nnx.Module):
             k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             new_cache = (k_all, v_all)
-        g = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, t, c.num_kv_heads, g, c.head_dim)
-        scores = jnp.einsum("btngk,bsnk->bngts", q, k_all, preferred_element_type=jnp.float32)
-        scores = scores * (c.head_dim**-0.5)
         visible = (key_pos[:, None, :] <= positions_BxT[:, :, None]) & (key_pos[:, None, :] >= 0)
-        scores = jnp.where(visible[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-        out = jnp.einsum("bngts,bsnk->btngk", probs, v_all)
+        out = prefix_attention.masked_attention(
+            q, k_all.astype(q.dtype), v_all.astype(q.dtype), visible
+        )
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_cache
 
 
