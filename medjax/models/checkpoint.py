@@ -106,8 +106,11 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return "model." + ".".join(parts), transposed
 
 
-def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Tensor name -> file that holds it, from the index or from every *.safetensors."""
+def _checkpoint_files(
+    folder: pathlib.Path, opened: dict[pathlib.Path, dict[str, np.ndarray]]
+) -> dict[str, pathlib.Path]:
+    """Tensor name -> file that holds it, from the index or from every *.safetensors (whose
+    memory maps are kept in `opened`, so no file is mapped twice)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -124,8 +127,8 @@ def _checkpoint_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         raise CheckpointError(f"{folder}: no *.safetensors files.")
     names = {}
     for file in files:
-        for name in read_safetensors(file):
-            names[name] = file
+        opened[file] = read_safetensors(file)
+        names.update(dict.fromkeys(opened[file], file))
     return names
 
 
@@ -166,10 +169,10 @@ def from_pretrained(
     folder = pathlib.Path(path)
     param_dtype = dtype if param_dtype is None else param_dtype
     config = load_config(folder, dtype=dtype, param_dtype=param_dtype)
-    files = _checkpoint_files(folder)
+    opened: dict[pathlib.Path, dict[str, np.ndarray]] = {}
+    files = _checkpoint_files(folder, opened)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
     flat = nnx.to_flat_state(state)
-    opened: dict[pathlib.Path, dict[str, np.ndarray]] = {}
     expected = set()
     for path_tuple, variable in flat:
         name, transposed = _hf_name(path_tuple)
@@ -213,7 +216,9 @@ def from_pretrained(
         and not (n == "lm_head.weight" and config.tie_word_embeddings)
     )
     if unexpected:
-        shapes = [tuple(read_safetensors(files[n])[n].shape) for n in unexpected[:5]]
+        for file in {files[n] for n in unexpected[:5]} - opened.keys():
+            opened[file] = read_safetensors(file)
+        shapes = [tuple(opened[files[n]][n].shape) for n in unexpected[:5]]
         listed = ", ".join(f"{n!r} {s}" for n, s in zip(unexpected, shapes, strict=False))
         raise CheckpointError(
             f"{folder}: unexpected tensors not in a {config.family} model: {listed}."
