@@ -36,6 +36,9 @@ class SamplingParams:
       eos_ids: token ids that end a row (the token itself is kept and scored).
       stop_sequences: token-id sequences that end a row once generated (e.g. the ids of
         "End Inquiry"); single special tokens such as `</tool_call>` can go in `eos_ids`.
+      stop_strings: text that ends a reply, matched on the decoded text by the text backends
+        (`medjax.llm`), which cut the reply after the token that completes it; the sampler
+        itself only sees `stop_sequences` (the backends add the usual tokenisations).
       pad_id: written after a row has stopped.
     """
 
@@ -46,6 +49,7 @@ class SamplingParams:
     greedy: bool = False
     eos_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    stop_strings: tuple[str, ...] = ()
     pad_id: int = 0
 
 

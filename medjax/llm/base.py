@@ -3,11 +3,15 @@
 The doctor or researcher policy, the patient, judges, case/rubric/question writers and the
 sub-agent summariser all sit behind `TextBackend`, so any role can be a local medjax model,
 a remote OpenAI-compatible server, or a deterministic knowledge-grounded implementation.
+
+A backend that also owns a tokenizer and takes prompts as token ids is a `TokenBackend`:
+the agent loop then keeps every trajectory as the exact ids that were sampled (no
+re-tokenisation drift), which is what training needs.
 """
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from medjax.sampling import SamplingParams
 
@@ -19,13 +23,13 @@ class Generation:
     """One generated reply.
 
     Attributes:
-      text: the reply, decoded from `token_ids` (special tokens kept, the stopping EOS
-        token left out).
+      text: the reply, decoded from `token_ids` (special tokens kept, a stopping EOS token
+        left out, a matched stop string kept so that parsers see `</tool_call>`).
       token_ids: the sampled ids, the stopping token included; empty where a backend does
         not expose ids.
       logps: log-probs of `token_ids` at the sampling temperature (the old log-probs for
         training), or None where the backend does not expose them.
-      finish_reason: "stop" (EOS or a stop sequence) or "length" (the token budget).
+      finish_reason: "stop" (EOS, a stop sequence or a stop string) or "length" (the budget).
     """
 
     text: str
@@ -45,4 +49,26 @@ class TextBackend(Protocol):
     ) -> list[Generation]:
         """Replies to every conversation; `num_samples` per conversation, conversation-major
         (outputs c*G .. c*G+G-1 answer conversation c)."""
+        ...
+
+
+@runtime_checkable
+class TokenBackend(TextBackend, Protocol):
+    """A TextBackend that also continues token-id prompts with its own `tokenizer`."""
+
+    tokenizer: Any
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        num_samples: int = 1,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[Generation]:
+        """Continues every prompt (token ids, chat template already applied).
+
+        `max_new_tokens` optionally gives one budget per prompt (each at most
+        `params.max_new_tokens`). Outputs are prompt-major as in `generate`.
+        """
         ...

@@ -1,14 +1,17 @@
-"""A medjax model + tokenizer + sampler as a `TextBackend`.
+"""A medjax model + tokenizer + sampler as a `TokenBackend`.
 
-All conversations of one call are tokenised with the chat template, left-padded into one
-batch and sampled in a single jitted call, so a turn of the agent loop costs one sampler
-call however many episodes are live. Prompt lengths are bucketed to powers of two, so a
-long run compiles a bounded number of programs (`medjax.sampling.compile_count`).
+All prompts of one call are left-padded into one batch and sampled in a single jitted call,
+so a turn of the agent loop costs one sampler call however many episodes are live. Prompt
+lengths are bucketed to powers of two, so a long run compiles a bounded number of programs
+(`medjax.sampling.compile_count`).
 
-Conversation continuation re-prefills the whole history each turn (the cache is not kept
-between calls): simple and exact; appending to a kept cache is future work.
+Conversation continuation re-prefills the whole history each turn: the KV cache is not kept
+between calls. That is exact and keeps the sampler's memory bounded by one turn; the cost is
+one prefill of the history per turn, which for agent turns (tool responses of a few hundred
+tokens, replies of similar length) is a small share of a turn's decode steps.
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax import sampling
+from medjax.llm import stops
 from medjax.llm.base import Generation, Message
 from medjax.models.transformer import DecoderLM
 
@@ -51,28 +55,64 @@ class JaxPolicyBackend:
         *,
         num_samples: int = 1,
     ) -> list[Generation]:
-        if not conversations:
+        return self.generate_ids(self.encode(conversations), params, num_samples=num_samples)
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: sampling.SamplingParams,
+        *,
+        num_samples: int = 1,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[Generation]:
+        if not prompts:
             return []
-        prompts = self.encode(conversations)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("JaxPolicyBackend.generate_ids: a prompt is empty.")
         width = max(len(p) for p in prompts)
         ids = np.full((len(prompts), width), params.pad_id if params.pad_id >= 0 else 0, np.int32)
         mask = np.zeros((len(prompts), width), np.int32)
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = prompt
             mask[row, width - len(prompt) :] = 1
+        budgets = None
+        if max_new_tokens is not None:
+            if len(max_new_tokens) != len(prompts):
+                raise ValueError(
+                    f"JaxPolicyBackend.generate_ids: {len(max_new_tokens)} budgets for"
+                    f" {len(prompts)} prompts."
+                )
+            budgets = np.repeat(np.minimum(max_new_tokens, params.max_new_tokens), num_samples)
+        # Stop strings become token-id stop sequences for the sampler (a static argument:
+        # the strings themselves would only add compiled variants).
+        sampler_params = dataclasses.replace(
+            params,
+            stop_strings=(),
+            stop_sequences=params.stop_sequences
+            + stops.stop_sequences(self.tokenizer, params.stop_strings),
+        )
         self._key, key = jax.random.split(self._key)
         out = sampling.sample(
-            self.model, jnp.asarray(ids), jnp.asarray(mask), key, params,
+            self.model, jnp.asarray(ids), jnp.asarray(mask), key, sampler_params,
             num_samples=num_samples, buckets=None,
+            max_new_tokens=None if budgets is None else jnp.asarray(budgets),
         )  # fmt: skip
         self.calls += 1
         tokens, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logps, out.lengths))
+        budget_of = np.full(tokens.shape[0], params.max_new_tokens) if budgets is None else budgets
         results = []
         for row in range(tokens.shape[0]):
             n = int(lengths[row])
             token_ids = tokens[row, :n].tolist()
-            stopped = n < params.max_new_tokens or (n > 0 and token_ids[-1] in params.eos_ids)
-            shown = token_ids[:-1] if token_ids and token_ids[-1] in params.eos_ids else token_ids
+            cut = stops.stop_string_cut(self.tokenizer, token_ids, params.stop_strings)
+            if cut is not None:
+                token_ids, n = token_ids[:cut], cut
+            ended_on_eos = bool(token_ids) and token_ids[-1] in params.eos_ids
+            ended_on_sequence = any(
+                tuple(token_ids[-len(s) :]) == s for s in sampler_params.stop_sequences
+            )
+            stopped = cut is not None or ended_on_eos or ended_on_sequence or n < budget_of[row]
+            shown = token_ids[:-1] if ended_on_eos else token_ids
             results.append(
                 Generation(
                     text=self.tokenizer.decode(shown, skip_special_tokens=False),
