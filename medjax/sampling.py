@@ -91,6 +91,22 @@ def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) 
     return logits_BxV
 
 
+def draw(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+    """One token per row from softmax(logits) by inverting the CDF with one uniform per row.
+
+    The same distribution as `jax.random.categorical` (Gumbel-max), which draws V uniforms
+    per row: on a CPU those random bits cost more than the model's whole decode step for a
+    32k vocabulary. Tokens with probability 0 (filtered to -inf) are never drawn.
+    """
+    probs = jax.nn.softmax(logits_BxV, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf[:, -1:]
+    token = jnp.sum(cdf <= u, axis=-1)  # The first index whose CDF exceeds u.
+    # Rounding can put u at the total mass: fall back to the last token with mass.
+    last = logits_BxV.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
+    return jnp.minimum(token, last)
+
+
 def _broadcast_cache(cache: KVCache, g: int) -> KVCache:
     rep = lambda x, axis: jnp.repeat(x, g, axis=axis)  # noqa: E731
     return KVCache(
@@ -122,7 +138,7 @@ def _generate(
             token = jnp.argmax(tempered, axis=-1)
         else:
             filtered = filter_logits(tempered, top_k=params.top_k, top_p=params.top_p)
-            token = jax.random.categorical(sub, filtered, axis=-1)
+            token = draw(sub, filtered)
         token = token.astype(jnp.int32)
         logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
         live = ~done

@@ -92,7 +92,9 @@ class AgentSpec:
     backend: TextBackend
     system_prompt: str = ""
     tools: Sequence[tools_lib.Tool] = ()
-    sampling: SamplingParams = SamplingParams(max_new_tokens=512)
+    sampling: SamplingParams = dataclasses.field(
+        default_factory=lambda: SamplingParams(max_new_tokens=512)
+    )
     max_turns: int = 8
     max_context_tokens: int | None = None
     final_turn_tokens: int = 256
@@ -125,7 +127,7 @@ def _turn_params(agent: AgentSpec, tokenizer) -> SamplingParams:
     extra = tuple(s for s in TURN_STOPS + agent.end_phrases if s not in agent.sampling.stop_strings)
     eos = agent.sampling.eos_ids
     if tokenizer is not None and tokenizer.eos_token_id not in eos:
-        eos = eos + (tokenizer.eos_token_id,)
+        eos = (*eos, tokenizer.eos_token_id)
     return dataclasses.replace(
         agent.sampling, stop_strings=agent.sampling.stop_strings + extra, eos_ids=eos
     )

@@ -187,7 +187,7 @@ def run_tool(tool: Tool, arguments: Mapping[str, Any]) -> tuple[str, str | None]
     """Calls `tool`; returns (observation, error). A raising tool gives an error observation."""
     try:
         result = tool.fn(**arguments)
-    except Exception as e:  # noqa: BLE001 - any tool failure is an observation, not a crash.
+    except Exception as e:  # Any tool failure is an observation for the model, not a crash.
         message = f"{tool.name} failed: {type(e).__name__}: {e}"
         return message, message
     if isinstance(result, str):

@@ -62,7 +62,7 @@ class ScriptedBackend:
             if max_new_tokens is not None:
                 budget = min(budget, max_new_tokens[row])
             text = self.fn(self.tokenizer.decode(list(prompt), skip_special_tokens=False))
-            ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.eos_id]
+            ids = [*self.tokenizer.encode(text, add_special_tokens=False), self.eos_id]
             seqs = params.stop_sequences + stops.stop_sequences(self.tokenizer, params.stop_strings)
             ends = [len(ids)]
             for i in range(len(ids)):
@@ -84,5 +84,7 @@ class ScriptedBackend:
                 logps=[0.0] * n,
                 finish_reason=finish,
             )
-            out.extend(Generation(gen.text, list(ids), list(gen.logps), finish) for _ in range(num_samples))
+            out.extend(
+                Generation(gen.text, list(ids), list(gen.logps), finish) for _ in range(num_samples)
+            )
         return out

@@ -104,13 +104,16 @@ class Attention(nnx.Module):
         self.config = config
 
     def __call__(self, x_BxTxD, positions_BxT, inv_freq, cache=None, segment_ids=None, impl="auto"):
-        """Attends to x itself, or with `cache` = (k_BxSxNxK, v_BxSxNxK, slot_positions_BxS,
-        index) writes x's keys and values at slot `index` and attends to every slot. With
-        `segment_ids` [B, T] (packed groups, no cache) the mask is the shared-prefix one of
-        `prefix_attention.grouped_attention`, computed by that kernel (`impl`).
+        """Attends to x itself, or with `cache` = (k_LxBxSxNxK, v_LxBxSxNxK, layer,
+        slot_positions_BxS, index) writes x's keys and values at slot `index` of this layer's
+        rows of the stacked cache and attends to every slot. The write goes into the stacked
+        arrays themselves, so inside the sampler's loop XLA updates the cache in place instead
+        of copying every layer's cache each step. With `segment_ids` [B, T] (packed groups,
+        no cache) the mask is the shared-prefix one of `prefix_attention.grouped_attention`,
+        computed by that kernel (`impl`).
 
         Returns:
-          ([B, T, D] output, (k, v) cache of this layer after the write, or None).
+          ([B, T, D] output, the stacked (k, v) cache after the write, or None).
         """
         c = self.config
         b, t, _ = x_BxTxD.shape
@@ -127,10 +130,11 @@ class Attention(nnx.Module):
         if cache is None:
             k_all, v_all, key_pos, new_cache = k, v, positions_BxT, None
         else:
-            k_cache, v_cache, key_pos, index = cache
-            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            new_cache = (k_all, v_all)
+            k_cache, v_cache, layer, key_pos, index = cache
+            at = (layer, 0, index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+            k_all, v_all, new_cache = k_cache[layer], v_cache[layer], (k_cache, v_cache)
         visible = (key_pos[:, None, :] <= positions_BxT[:, :, None]) & (key_pos[:, None, :] >= 0)
         out = prefix_attention.masked_attention(
             q, k_all.astype(q.dtype), v_all.astype(q.dtype), visible
@@ -276,16 +280,12 @@ class DecoderLM(nnx.Module):
                 x, _ = layer(x, positions, inv_freq, None, segment_ids, attention_impl)
         else:
             slot_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
-            ks, vs = [], []
+            k, v = cache.k, cache.v
             for i, layer in enumerate(self.layers):
-                x, (k, v) = layer(
-                    x, positions, inv_freq, (cache.k[i], cache.v[i], slot_pos, cache.index)
-                )
-                ks.append(k)
-                vs.append(v)
+                x, (k, v) = layer(x, positions, inv_freq, (k, v, i, slot_pos, cache.index))
             cache = KVCache(
-                k=jnp.stack(ks),
-                v=jnp.stack(vs),
+                k=k,
+                v=v,
                 positions=slot_pos,
                 index=cache.index + t,
                 lengths=cache.lengths + mask.sum(axis=1),

@@ -109,7 +109,6 @@ def test_loss_mask_by_hand(tok):
         "doctor", llm.ScriptedBackend(script(reply1, reply2), tok),
         system_prompt="You are a careful doctor.", tools=[lookup_tool(calls)],
     )  # fmt: skip
-    agent = agents.AgentSpec(**{**agent.__dict__, "tools": [lookup_tool(calls)]})
     (traj,) = agents.run_episodes(agent, [agents.Query("q0", "What causes fever?")])
     assert calls == ["fever"]
     assert traj.answer == "influenza" and traj.finish_reason == "answer"
@@ -132,7 +131,7 @@ def test_loss_mask_by_hand(tok):
     assert traj.token_ids == ids
     assert traj.loss_mask == mask
     assert traj.logps == [0.0] * len(ids)
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == reply1 + reply2
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == reply1 + reply2
 
 
 def test_malformed_calls_are_observations_and_counted(tok):
@@ -265,7 +264,9 @@ def test_hierarchy_links_and_batching(tok):
             (m.query_id, k % 2, 0),
             (m.query_id, k % 2, 1),
         ]
-        assert all(s.agent == "searcher" and s.finish_reason == "answer" for s in m.sub_trajectories)
+        assert all(
+            s.agent == "searcher" and s.finish_reason == "answer" for s in m.sub_trajectories
+        )
         assert m.sub_trajectories[0].messages[1]["content"] == "alpha\n\nContext: fever"
     # Two delegate turns x two sub-agent turns, each batched over the 4 live episodes.
     assert sub_backend.calls == 4 and len(sub_backend.prompts) == 16
@@ -353,9 +354,7 @@ def test_trajectory_logps_equal_scoring_the_ids(policy_run):
     logp = jax.nn.log_softmax(logits[:, :-1] / 0.8, axis=-1)
     scored = jnp.take_along_axis(logp, jnp.asarray(batch["input_ids"])[:, 1:, None], -1)[..., 0]
     mask = batch["loss_mask"][:, 1:].astype(bool)
-    np.testing.assert_allclose(
-        np.asarray(scored)[mask], batch["old_logps"][:, 1:][mask], atol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(scored)[mask], batch["old_logps"][:, 1:][mask], atol=1e-5)
 
 
 def test_jsonl_round_trip(policy_run, tok, tmp_path):

@@ -1,12 +1,15 @@
 """medjax.llm.JaxPolicyBackend: one sampler call per turn, ids and log-probs that match the
 model, text decoded from exactly the sampled ids."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from medjax import llm, models, sampling, scoring
+from medjax.llm import stops
 from medjax.models import tokenizer as tokenizer_lib
 
 CORPUS = [
@@ -78,3 +81,46 @@ def test_prompt_is_the_chat_template(backend):
         "<|im_start|>user\nFever?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert backend.generate([], sampling.SamplingParams()) == []
+
+
+def _first_hit(tok, ids, stop):
+    """The hand way: decode growing prefixes until the stop string shows up."""
+    for n in range(1, len(ids) + 1):
+        if stop in tok.decode(ids[:n], skip_special_tokens=False):
+            return n
+    return None
+
+
+def test_stop_strings_stop_at_the_token_that_completes_them(backend):
+    tok = backend.tokenizer
+    free = sampling.SamplingParams(max_new_tokens=16, temperature=1.0)
+    # Backends with one seed draw the same tokens, so a stop can only cut the first draw.
+    first = llm.JaxPolicyBackend(backend.model, tok, seed=5).generate(CHATS[1:], free)[0]
+    pieces = [tok.decode([i], skip_special_tokens=False) for i in first.token_ids]
+    # A stop string across a token boundary: the last character of one token's text and
+    # the first of the next, from the 4th token on.
+    i = next(k for k in range(3, len(pieces) - 1) if pieces[k] and pieces[k + 1])
+    stop = pieces[i][-1] + pieces[i + 1][0]
+    expected = _first_hit(tok, first.token_ids, stop)
+    assert 1 < expected <= i + 2
+    params = dataclasses.replace(free, stop_strings=(stop,))
+    out = llm.JaxPolicyBackend(backend.model, tok, seed=5).generate(CHATS[1:], params)[0]
+    assert out.token_ids == first.token_ids[:expected] and out.finish_reason == "stop"
+    assert stop in out.text
+    np.testing.assert_allclose(out.logps, first.logps[:expected], atol=1e-6)
+
+
+def test_stop_sequences_of_a_stop_string():
+    tok = tokenizer_lib.train_bpe(CORPUS, vocab_size=320)
+    seqs = stops.stop_sequences(tok, ["End Inquiry", "</answer>"])
+    encode = lambda s: tuple(tok.encode(s, add_special_tokens=False))  # noqa: E731
+    assert encode("End Inquiry") in seqs and encode("</answer>") in seqs
+    # After a space the words tokenise differently; the lead itself is left out.
+    spaced = encode(" End Inquiry")
+    assert spaced != encode("End Inquiry")
+    lead = encode(" ")
+    assert (spaced[len(lead) :] if spaced[: len(lead)] == lead else spaced) in seqs
+    ids = list(encode("<answer>Migraine without aura</answer> End Inquiry"))
+    assert stops.stop_string_cut(tok, ids, ["</answer>"]) == ids.index(encode("</answer>")[0]) + 1
+    assert stops.stop_string_cut(tok, ids, ["Inquiry"]) == len(ids)
+    assert stops.stop_string_cut(tok, ids, ["absent"]) is None

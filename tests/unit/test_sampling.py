@@ -144,3 +144,19 @@ def test_per_row_budgets(model, prompts):
         ValueError, match=r"`max_new_tokens` has shape \(3,\); expected \[P \* G\] = \(2,\)"
     ):
         sampling.sample(model, ids, mask, jax.random.key(0), GREEDY, max_new_tokens=jnp.ones(3))
+
+
+def test_draw_follows_the_softmax_distribution():
+    probs = np.array([0.5, 0.25, 0.0, 0.15, 0.1])  # One token filtered out (-inf).
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+    n = 40_000
+    keys = jax.random.split(jax.random.key(11), 8)
+    tokens = jnp.concatenate(
+        [sampling.draw(k, jnp.broadcast_to(logits, (n // 8, 5))) for k in keys]
+    )
+    counts = np.bincount(np.asarray(tokens), minlength=5)
+    assert counts[2] == 0
+    expected = probs * n
+    live = probs > 0
+    chi2 = np.sum((counts[live] - expected[live]) ** 2 / expected[live])
+    assert chi2 < 16.3  # The 99.9% quantile of chi-square with 3 degrees of freedom.
