@@ -124,9 +124,11 @@ def _generate(
     n = params.max_new_tokens
     b = p * num_samples
     cache = model.init_cache(p, tp + n)
-    logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    # Only the last column's logits are needed (left-padded prompts all end there): the LM
+    # head on every prompt position would be a third of the prefill's work.
+    hidden, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache, return_hidden=True)
     cache = _broadcast_cache(cache, num_samples)
-    last = jnp.repeat(logits[:, -1], num_samples, axis=0)  # Left-padded: the last column.
+    last = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], num_samples, axis=0)
     stops = [jnp.asarray(s, jnp.int32) for s in params.stop_sequences]
 
     def step(carry):
