@@ -27,6 +27,7 @@ from typing import Any
 from medjax.agents import tools as tools_lib
 from medjax.agents.trajectory import Trajectory, Turn
 from medjax.llm.base import Message, TextBackend, TokenBackend
+from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
 
 EARLY_STOP_PROMPT = (
@@ -133,12 +134,6 @@ def _turn_params(agent: AgentSpec, tokenizer) -> SamplingParams:
     )
 
 
-def _render(tokenizer, messages: Sequence[Message]) -> str:
-    return tokenizer.apply_chat_template(
-        [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
-    )
-
-
 class _Runner:
     """The state of one `run_episodes` call: episodes of one agent, turn by turn."""
 
@@ -170,7 +165,7 @@ class _Runner:
                 )  # fmt: skip
                 ep = _Episode(traj)
                 if self.token_mode:
-                    ep.text = _render(self.tokenizer, head)
+                    ep.text = tokenizer_lib.apply_chat_template(self.tokenizer, head)
                     ids = self.tokenizer.encode(ep.text, add_special_tokens=False)
                     traj.token_ids, traj.loss_mask = ids, [0] * len(ids)
                     traj.logps = [0.0] * len(ids)
@@ -227,7 +222,7 @@ class _Runner:
         traj = ep.traj
         traj.messages.append({"role": "user", "content": content})
         if self.token_mode:
-            full = _render(self.tokenizer, traj.messages)
+            full = tokenizer_lib.apply_chat_template(self.tokenizer, traj.messages)
             if not full.startswith(ep.text):
                 raise TemplateDriftError(
                     f"agent {self.agent.name!r}, query {traj.query_id!r}: the chat template"
@@ -268,7 +263,9 @@ class _Runner:
         self._append_user(ep, content)
 
     def _user_ids(self, ep: _Episode, content: str) -> list[int]:
-        full = _render(self.tokenizer, [*ep.traj.messages, {"role": "user", "content": content}])
+        full = tokenizer_lib.apply_chat_template(
+            self.tokenizer, [*ep.traj.messages, {"role": "user", "content": content}]
+        )
         return self.tokenizer.encode(full[len(ep.text) :], add_special_tokens=False)
 
     def run(self) -> list[Trajectory]:

@@ -21,6 +21,7 @@ import numpy as np
 from medjax import sampling
 from medjax.llm import stops
 from medjax.llm.base import Generation, Message
+from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.transformer import DecoderLM
 
 
@@ -42,10 +43,8 @@ class JaxPolicyBackend:
     def encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         """Token ids of each conversation's prompt, generation prompt included."""
         return [
-            self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            for messages in conversations
+            tokenizer_lib.apply_chat_template(self.tokenizer, m, tokenize=True)
+            for m in conversations
         ]
 
     def generate(

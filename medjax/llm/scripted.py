@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from medjax.llm import stops
 from medjax.llm.base import Generation, Message
+from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
 
 
@@ -39,9 +40,7 @@ class ScriptedBackend:
         num_samples: int = 1,
     ) -> list[Generation]:
         prompts = [
-            self.tokenizer.apply_chat_template(
-                list(m), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+            tokenizer_lib.apply_chat_template(self.tokenizer, m, tokenize=True)
             for m in conversations
         ]
         return self.generate_ids(prompts, params, num_samples=num_samples)
@@ -55,6 +54,7 @@ class ScriptedBackend:
         max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
         self.calls += 1
+        seqs = params.stop_sequences + stops.stop_sequences(self.tokenizer, params.stop_strings)
         out = []
         for row, prompt in enumerate(prompts):
             self.prompts.append(list(prompt))
@@ -63,7 +63,6 @@ class ScriptedBackend:
                 budget = min(budget, max_new_tokens[row])
             text = self.fn(self.tokenizer.decode(list(prompt), skip_special_tokens=False))
             ids = [*self.tokenizer.encode(text, add_special_tokens=False), self.eos_id]
-            seqs = params.stop_sequences + stops.stop_sequences(self.tokenizer, params.stop_strings)
             ends = [len(ids)]
             for i in range(len(ids)):
                 if ids[i] in params.eos_ids or any(

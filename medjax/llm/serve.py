@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from medjax.llm.base import Generation, TextBackend
+from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
 
 logger = logging.getLogger("medjax.llm")
@@ -231,9 +232,7 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
         prompt_tokens = 0
         if self.tokenizer is not None:
             prompt_tokens = len(
-                self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
+                tokenizer_lib.apply_chat_template(self.tokenizer, messages, tokenize=True)
             )
         completion_tokens = sum(len(g.token_ids) for g in generations)
         return {
@@ -443,7 +442,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from medjax.llm.jax_backend import JaxPolicyBackend
     from medjax.models import checkpoint as checkpoint_lib
-    from medjax.models import tokenizer as tokenizer_lib
 
     model = checkpoint_lib.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype))
     tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer or args.checkpoint)

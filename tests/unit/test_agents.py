@@ -375,3 +375,29 @@ def test_jsonl_round_trip(policy_run, tok, tmp_path):
     path.write_text(path.read_text() + '{"query_id": "q", "bogus": 1}\n')
     with pytest.raises(ValueError, match=r"rollouts.jsonl:4: .*bogus"):
         agents.read_jsonl(path)
+
+
+def test_bad_specs_and_drifting_templates_raise_clearly(tok):
+    backend = llm.ScriptedBackend(script("<answer>a</answer>"), tok)
+    with pytest.raises(ValueError, match="'doctor': tool names repeat"):
+        agents.AgentSpec("doctor", backend, tools=[lookup_tool(), lookup_tool()])
+    with pytest.raises(ValueError, match="max_turns must be >= 1"):
+        agents.AgentSpec("doctor", backend, max_turns=0)
+    agent = agents.AgentSpec("doctor", backend)
+    with pytest.raises(ValueError, match="num_rollouts must be >= 1"):
+        agents.run_episodes(agent, [agents.Query("q0", "x")], num_rollouts=0)
+    with pytest.raises(ValueError, match="query ids repeat"):
+        agents.run_episodes(
+            agent, [agents.Query("q0", "x"), agents.Query("q0", "y")], num_rollouts=2
+        )
+    # A template that drops past reasoning (as Qwen3's does) cannot give exact token ids.
+    drifting = tokenizer_lib.train_bpe(CORPUS, vocab_size=400)
+    drifting.chat_template = tokenizer_lib.CHAT_TEMPLATE.replace(
+        "message['content']", "message['content'].split('</think>')[-1]"
+    )
+    replies = ("<think>hmm</think>" + call("lookup", term="fever"), "<answer>a</answer>")
+    agent = agents.AgentSpec(
+        "doctor", llm.ScriptedBackend(script(*replies), drifting), tools=[lookup_tool()]
+    )
+    with pytest.raises(agents.TemplateDriftError, match="'doctor', query 'q0'"):
+        agents.run_episodes(agent, [agents.Query("q0", "What causes fever?")])
