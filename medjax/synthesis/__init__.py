@@ -1,0 +1,1 @@
+"""Data synthesis: multi-hop QA from the knowledge graph (`qa`)."""

@@ -1,0 +1,301 @@
+"""Multi-hop medical questions from knowledge-graph chains (MedResearcher-R1's KG -> QA).
+
+Each question starts from a rare anchor entity, named, and walks a chain whose intermediate
+entities are never named: each is described by the relation that reaches it and by the clue
+set that singles it out (`medjax.knowledge.chains`). The answer is the last entity. Records
+keep the parameterised reasoning path (Entity_A, Entity_B, ... with their clues) and the
+entity mapping, as the released pipeline does, plus hop count and a difficulty.
+
+The writer is template-based and deterministic given its seed; several phrasings per
+relation keep questions from all looking alike. Filters: the chain must resolve uniquely
+against the graph, neither the answer (nor its aliases) nor any intermediate entity may
+appear in the question, the hop count must be in range, and questions are deduplicated.
+
+    python -m medjax.synthesis.qa --out DIR --num 1000 --seed 0
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import re
+import string
+import sys
+from collections.abc import Iterator
+
+from medjax.knowledge import chains as chains_lib
+from medjax.knowledge import graph as graph_lib
+
+CATALOGUES = {"OMIM": "OMIM", "ORPHA": "Orphanet", "DECIPHER": "DECIPHER"}
+KIND_WORDS = {"disease": "disorder", "gene": "gene", "phenotype": "clinical feature"}
+
+# How a hop introduces its entity: (relation, reverse) -> phrasings of "{ref}".
+HOP_TEMPLATES: dict[tuple[str, bool], tuple[str, ...]] = {
+    ("associated_with", False): (
+        "a disorder associated with {ref}",
+        "a condition linked to variants in {ref}",
+        "a disease in which {ref} is implicated",
+    ),
+    ("associated_with", True): (
+        "the gene associated with {ref}",
+        "the gene implicated in {ref}",
+        "the gene whose variants cause {ref}",
+    ),
+    ("has_phenotype", False): (
+        "a clinical feature of {ref}",
+        "a phenotype annotated to {ref}",
+        "a sign seen in {ref}",
+    ),
+    ("has_phenotype", True): (
+        "another disorder that also presents with {ref}",
+        "a different disease annotated with {ref}",
+        "another condition in which {ref} is reported",
+    ),
+}
+QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "disease": ("Which disorder is {desc}?", "Name {desc}.", "What is {desc}?"),
+    "gene": ("Which gene is {desc}?", "Name {desc}.", "What is {desc}?"),
+    "phenotype": ("Which clinical feature is {desc}?", "Name {desc}.", "What is {desc}?"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QARecord:
+    """One synthesised question (the JSONL schema of `medjax.synthesis.qa`)."""
+
+    id: str
+    question: str
+    answer: dict  # {"id", "name", "aliases", "kind"}
+    hops: int
+    reasoning_path: list[dict]  # [{"step", "from", "relation", "to", "clues"}], placeholders
+    entity_mapping: dict[str, dict]  # placeholder -> {"id", "name", "kind"}
+    difficulty: str  # "easy" (<= 2 hops), "medium" (3), "hard" (>= 4)
+    anchor: str
+    distractors: list[str]
+    seed: int
+
+
+def aliases(graph: graph_lib.KnowledgeGraph, entity: str) -> list[str]:
+    """Accepted spellings of an entity's name: the name, its `;`-separated parts (OMIM
+    titles), the HPO synonyms of a phenotype, a gene's NCBI id."""
+    name = graph.name(entity)
+    out = [name]
+    out += [part.strip() for part in name.split(";") if part.strip()]
+    k = graph_lib.kind(entity)
+    if k == "phenotype":
+        out += list(graph.data.terms[entity].synonyms)
+    out.append(entity)
+    return list(dict.fromkeys(out))
+
+
+def _clue_text(graph, clue) -> str:
+    what, value = clue
+    if what == "inheritance":
+        return f"with {graph.name(value).lower()}"
+    if what == "phenotype":
+        return f"whose features include {graph.name(value).lower()}"
+    if what == "is_a":
+        return f"a kind of {graph.name(value).lower()}"
+    if what == "band":
+        return f"{value} in it"
+    if what == "disease_count":
+        return f"linked to {value} disorder{'s' if value != 1 else ''} in total"
+    raise ValueError(f"unknown clue kind {what!r}.")
+
+
+def _placeholder(i: int) -> str:
+    return f"Entity_{string.ascii_uppercase[i]}"
+
+
+def write_question(graph, chain: chains_lib.Chain, rng: random.Random) -> tuple[str, list]:
+    """The question text and the parameterised reasoning path of a chain."""
+    anchor_kind = graph_lib.kind(chain.anchor)
+    sentences = [f"Start from the {KIND_WORDS[anchor_kind]} {graph.name(chain.anchor)}."]
+    catalogue = next(
+        (graph_lib.namespace(e) for e in chain.entities if graph_lib.kind(e) == "disease"), None
+    )
+    if catalogue is not None:
+        sentences.append(f"Every disorder below is an {CATALOGUES[catalogue]} entry.")
+    path, ref = [], f"this {KIND_WORDS[anchor_kind]}"
+    previous = "Anchor"
+    for i, hop in enumerate(chain.hops):
+        phrase = rng.choice(HOP_TEMPLATES[(hop.relation, hop.reverse)]).format(ref=ref)
+        clues = [_clue_text(graph, c) for c in hop.clues]
+        desc = phrase + ("" if not clues else ", " + ", ".join(clues))
+        name = _placeholder(i)
+        path.append(
+            {
+                "step": i + 1,
+                "from": previous,
+                "relation": hop.relation,
+                "reverse": hop.reverse,
+                "to": name,
+                "clues": [list(c) for c in hop.clues],
+            }
+        )
+        if i == len(chain.hops) - 1:
+            k = graph_lib.kind(hop.target)
+            sentences.append(rng.choice(QUESTION_TEMPLATES[k]).format(desc=desc))
+        else:
+            sentences.append(f"Call {name} {desc}.")
+        ref, previous = name, name
+    return " ".join(sentences), path
+
+
+def leaks(graph, question: str, chain: chains_lib.Chain) -> list[str]:
+    """Names of the answer (with aliases) or of intermediate entities found in the question."""
+    text = question.lower()
+    found = []
+    for entity in chain.entities[1:]:
+        names = aliases(graph, entity) if entity == chain.answer else [graph.name(entity)]
+        for n in names:
+            n = n.lower().strip()
+            if len(n) >= 3 and re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text):
+                found.append(n)
+    return found
+
+
+def difficulty(hops: int) -> str:
+    return "easy" if hops <= 2 else "medium" if hops == 3 else "hard"
+
+
+def synthesise(
+    graph: graph_lib.KnowledgeGraph,
+    num: int,
+    *,
+    seed: int = 0,
+    min_hops: int = 2,
+    max_hops: int = 6,
+    seeds: str = "genes",
+    sampler: chains_lib.ChainSampler | None = None,
+    max_tries: int | None = None,
+) -> Iterator[QARecord]:
+    """Yields up to `num` filtered questions, deterministically for a seed.
+
+    Args:
+      seeds: where anchors come from: "genes" (rare genes), "diseases" (rare diseases),
+        "phenotypes" (rare phenotypes) or "mixed".
+      min_hops, max_hops: the hop range; each chain's length is drawn uniformly in it and
+        the longest chain found is cut to that length, so every length appears.
+    """
+    if not 1 <= min_hops <= max_hops:
+        raise ValueError(f"synthesise: need 1 <= min_hops <= max_hops, got {min_hops}, {max_hops}.")
+    rng = random.Random(seed)
+    sampler = sampler or chains_lib.ChainSampler(graph)
+    pools = {
+        "genes": sorted(graph.rare_genes()),
+        "diseases": sorted(graph.rare_diseases()),
+        "phenotypes": sorted(sampler_phenotypes(graph, sampler)),
+    }
+    if seeds == "mixed":
+        anchors = pools["genes"] + pools["diseases"] + pools["phenotypes"]
+    elif seeds in pools:
+        anchors = pools[seeds]
+    else:
+        raise ValueError(
+            f"synthesise: seeds must be genes/diseases/phenotypes/mixed, got {seeds!r}."
+        )
+    rng.shuffle(anchors)
+    seen_questions, made = set(), 0
+    for tries, anchor in enumerate(anchors):
+        if made >= num or (max_tries is not None and tries >= max_tries):
+            return
+        want = rng.randint(min_hops, max_hops)
+        chain = sampler.longest_chain(anchor, rng, max_hops=want)
+        if len(chain.hops) < want:
+            continue
+        if not sampler.is_unique(chain):  # Never expected: identify() built the clues.
+            continue
+        chain = sampler.pad(chain, rng)
+        question, path = write_question(graph, chain, rng)
+        if question in seen_questions or leaks(graph, question, chain):
+            continue
+        seen_questions.add(question)
+        answer = chain.answer
+        mapping = {
+            _placeholder(i): {"id": e, "name": graph.name(e), "kind": graph_lib.kind(e)}
+            for i, e in enumerate(chain.entities[1:])
+        }
+        mapping["Anchor"] = {
+            "id": anchor,
+            "name": graph.name(anchor),
+            "kind": graph_lib.kind(anchor),
+        }
+        yield QARecord(
+            id=f"kgqa-{seed}-{made:06d}",
+            question=question,
+            answer={
+                "id": answer,
+                "name": graph.name(answer),
+                "aliases": aliases(graph, answer),
+                "kind": graph_lib.kind(answer),
+            },
+            hops=len(chain.hops),
+            reasoning_path=path,
+            entity_mapping=mapping,
+            difficulty=difficulty(len(chain.hops)),
+            anchor=anchor,
+            distractors=list(chain.distractors),
+            seed=seed,
+        )
+        made += 1
+
+
+def sampler_phenotypes(graph, sampler) -> list[str]:
+    return [p for p in graph.rare_phenotypes() if sampler.usable_phenotype(p)]
+
+
+def record_chain(record: dict) -> chains_lib.Chain:
+    """The chain a record was written from (from its reasoning path and entity mapping)."""
+    mapping = record["entity_mapping"]
+    hops = tuple(
+        chains_lib.Hop(
+            step["relation"],
+            step["reverse"],
+            mapping[step["to"]]["id"],
+            tuple((c[0], c[1]) for c in step["clues"]),
+        )
+        for step in record["reasoning_path"]
+    )
+    return chains_lib.Chain(record["anchor"], hops)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (questions.jsonl)")
+    parser.add_argument("--num", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-hops", type=int, default=2)
+    parser.add_argument("--max-hops", type=int, default=6)
+    parser.add_argument(
+        "--seeds", default="genes", choices=("genes", "diseases", "phenotypes", "mixed")
+    )
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    from medjax.knowledge import hpo
+
+    graph = graph_lib.KnowledgeGraph(hpo.load())
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "questions.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f, tqdm(total=args.num, file=sys.stderr) as bar:
+        for record in synthesise(
+            graph,
+            args.num,
+            seed=args.seed,
+            min_hops=args.min_hops,
+            max_hops=args.max_hops,
+            seeds=args.seeds,
+        ):
+            f.write(json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n")
+            bar.update(1)
+    os.replace(tmp, path)
+    print(f"medjax.synthesis.qa: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
