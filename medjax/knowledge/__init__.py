@@ -1,0 +1,1 @@
+"""Offline medical knowledge: ontologies, knowledge graphs and retrieval."""
