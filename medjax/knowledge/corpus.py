@@ -3,8 +3,9 @@ the `kg_lookup` tool.
 
 HPO ships no disease descriptions, so each disease's document is written from its
 annotations (medical_notes.md 3.6): inheritance, features grouped by frequency band,
-pertinent negatives and genes, each with its id. Phenotype documents hold the term's name, definition,
-synonyms and parent classes, and the diseases it is reported in (when it is not a hub);
+pertinent negatives and genes, each with its id. Phenotype documents hold the term's name,
+definition, synonyms and parent classes, and the diseases it is reported in (up to
+`MAX_LISTED_DISEASES`, above the chains' hub threshold);
 gene documents list the gene's disorders. A chain's hops can thus be followed with `search`
 and `read` alone, which is what MedResearcher-style questions need.
 """

@@ -82,7 +82,10 @@ def plan(graph: KnowledgeGraph, record: Mapping[str, Any]) -> Iterator[str]:
             )
             found = _mentions_id(observation, target["id"])
         if not found:
-            yield f"<think>I could not follow the chain past {current_name}.</think><answer>unknown</answer>"
+            yield (
+                f"<think>I could not follow the chain past {current_name}.</think>"
+                "<answer>unknown</answer>"
+            )
             return
         current, current_name = target["id"], target["name"]
     yield f"<think>The chain ends at {current_name}.</think><answer>{current_name}</answer>"
