@@ -1,0 +1,1 @@
+"""Environments: episodes, tools and rewards for each task (`research`)."""
