@@ -262,6 +262,50 @@ def record_chain(record: dict) -> chains_lib.Chain:
     return chains_lib.Chain(record["anchor"], hops)
 
 
+REWRITE_PROMPT = (
+    "Rewrite the question below so that it reads naturally. Keep every fact, every clue and"
+    " every placeholder name (Entity_A, Entity_B, ...) exactly; add nothing, name nothing"
+    " new. Reply with the rewritten question only."
+)
+
+
+def rewrite(graph, records: list[dict], backend, params=None) -> list[dict]:
+    """Paraphrases questions with an LLM (any `TextBackend`), batched in one call.
+
+    A rewrite is kept only when it still names the anchor, keeps every placeholder and
+    passes the leak filter; otherwise the template question stays. Each record gets
+    `rewritten: bool`.
+    """
+    from medjax.sampling import SamplingParams
+
+    params = params or SamplingParams(max_new_tokens=512, temperature=0.9, top_p=0.85)
+    chats = [
+        [{"role": "system", "content": REWRITE_PROMPT}, {"role": "user", "content": r["question"]}]
+        for r in records
+    ]
+    out = []
+    for record, generation in zip(records, backend.generate(chats, params), strict=True):
+        text = generation.text.strip()
+        chain = record_chain(record)
+        placeholders = set(re.findall(r"Entity_[A-Z]", record["question"]))
+        keep = (
+            bool(text)
+            and graph.name(record["anchor"]) in text
+            and placeholders <= set(re.findall(r"Entity_[A-Z]", text))
+            and not leaks(graph, text, chain)
+        )
+        out.append({**record, "question": text if keep else record["question"], "rewritten": keep})
+    return out
+
+
+def curriculum(records: list[dict]) -> dict[str, list[dict]]:
+    """M-GRPO's two stages: "easy" (2 hops, format learning) and "hard" (4-6 hops, RL)."""
+    return {
+        "easy": [r for r in records if r["hops"] <= 2],
+        "hard": [r for r in records if 4 <= r["hops"] <= 6],
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (questions.jsonl)")

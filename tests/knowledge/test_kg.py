@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -352,3 +353,36 @@ def test_cli_writes_jsonl(tmp_path):
         assert {"id", "name", "aliases"} <= set(r["answer"]) and r["hops"] == len(
             r["reasoning_path"]
         )
+
+
+class _Rewriter:
+    """A stand-in LLM: returns fixed rewrites in order."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, conversations, params, *, num_samples=1):
+        from medjax import llm
+
+        assert len(conversations) == len(self.texts)
+        return [llm.Generation(t) for t in self.texts]
+
+
+def test_llm_rewrite_keeps_only_safe_paraphrases(real_graph, questions):
+    records = [dataclasses.asdict(q) for q in questions[:4]]
+    anchor = real_graph.name(records[0]["anchor"])
+    placeholders = " ".join(sorted(set(re.findall(r"Entity_[A-Z]", records[0]["question"]))))
+    good = f"Beginning with {anchor}, follow {placeholders}: which one ends the chain?"
+    leaky = records[1]["question"] + " Hint: " + records[1]["answer"]["name"]
+    no_anchor = records[2]["question"].replace(real_graph.name(records[2]["anchor"]), "it")
+    out = qa.rewrite(real_graph, records, _Rewriter([good, leaky, no_anchor, ""]))
+    assert [r["rewritten"] for r in out] == [True, False, False, False]
+    assert out[0]["question"] == good
+    assert [r["question"] for r in out[1:]] == [r["question"] for r in records[1:]]
+
+
+def test_curriculum_split(questions):
+    records = [dataclasses.asdict(q) for q in questions]
+    stages = qa.curriculum(records)
+    assert stages["easy"] and all(r["hops"] == 2 for r in stages["easy"])
+    assert stages["hard"] and all(4 <= r["hops"] <= 6 for r in stages["hard"])
