@@ -54,6 +54,14 @@ HOP_TEMPLATES: dict[tuple[str, bool], tuple[str, ...]] = {
         "another condition in which {ref} is reported",
     ),
 }
+# From the anchor itself nothing came before it: no "another".
+FIRST_HOP_TEMPLATES: dict[tuple[str, bool], tuple[str, ...]] = {
+    ("has_phenotype", True): (
+        "a disorder that presents with {ref}",
+        "a disease annotated with {ref}",
+        "a condition in which {ref} is reported",
+    ),
+}
 QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "disease": ("Which disorder is {desc}?", "Name {desc}.", "What is {desc}?"),
     "gene": ("Which gene is {desc}?", "Name {desc}.", "What is {desc}?"),
@@ -121,7 +129,10 @@ def write_question(graph, chain: chains_lib.Chain, rng: random.Random) -> tuple[
     path, ref = [], f"this {KIND_WORDS[anchor_kind]}"
     previous = "Anchor"
     for i, hop in enumerate(chain.hops):
-        phrase = rng.choice(HOP_TEMPLATES[(hop.relation, hop.reverse)]).format(ref=ref)
+        templates = HOP_TEMPLATES[(hop.relation, hop.reverse)]
+        if i == 0:
+            templates = FIRST_HOP_TEMPLATES.get((hop.relation, hop.reverse), templates)
+        phrase = rng.choice(templates).format(ref=ref)
         clues = [_clue_text(graph, c) for c in hop.clues]
         desc = phrase + ("" if not clues else ", " + ", ".join(clues))
         name = _placeholder(i)
