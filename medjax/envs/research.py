@@ -192,13 +192,13 @@ def hop_queries(
 ) -> list[tuple[str, str]]:
     """(query, gold doc id) per hop: what a researcher who knows the previous entity would
     search: its name and the hop's clues."""
-    from medjax.synthesis.qa import _clue_text
+    from medjax.synthesis.qa import clue_text
 
     mapping = record["entity_mapping"]
     out, previous = [], mapping["Anchor"]
     for step in record["reasoning_path"]:
         target = mapping[step["to"]]
-        words = [previous["name"], *(_clue_text(graph, c) for c in step["clues"])]
+        words = [previous["name"], *(clue_text(graph, c) for c in step["clues"])]
         out.append((" ".join(words), target["id"]))
         previous = target
     return out

@@ -23,7 +23,7 @@ from typing import Any
 from medjax.knowledge.graph import KnowledgeGraph
 from medjax.llm.base import Generation, Message
 from medjax.sampling import SamplingParams
-from medjax.synthesis.qa import _clue_text
+from medjax.synthesis.qa import clue_text
 
 
 def _call(name: str, **arguments: Any) -> str:
@@ -59,7 +59,7 @@ def plan(graph: KnowledgeGraph, record: Mapping[str, Any]) -> Iterator[str]:
     current, current_name = anchor["id"], anchor["name"]
     for step in record["reasoning_path"]:
         target = mapping[step["to"]]
-        clues = "; ".join(_clue_text(graph, c) for c in step["clues"])
+        clues = "; ".join(clue_text(graph, c) for c in step["clues"])
         goal = f"{step['relation'].replace('_', ' ')}" + (f" ({clues})" if clues else "")
         observation = yield (
             f"<think>Read {current_name} to follow the link: {goal}.</think>"
@@ -75,7 +75,7 @@ def plan(graph: KnowledgeGraph, record: Mapping[str, Any]) -> Iterator[str]:
             found = _mentions_id(observation, target["id"])
         else:
             # Too many to list: search for the feature together with the clues.
-            query = " ".join([current_name, *(_clue_text(graph, c) for c in step["clues"])])
+            query = " ".join([current_name, *(clue_text(graph, c) for c in step["clues"])])
             observation = yield (
                 f"<think>{current_name} is reported in many disorders; narrow it down.</think>"
                 + _call("search", query=[query], k=10)

@@ -98,7 +98,9 @@ def aliases(graph: graph_lib.KnowledgeGraph, entity: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _clue_text(graph, clue) -> str:
+def clue_text(graph, clue) -> str:
+    """How a question states a clue, e.g. ("inheritance", HP:0000007) -> "with autosomal
+    recessive inheritance"; the expert and the recall queries use the same words."""
     what, value = clue
     if what == "inheritance":
         return f"with {graph.name(value).lower()}"
@@ -133,7 +135,7 @@ def write_question(graph, chain: chains_lib.Chain, rng: random.Random) -> tuple[
         if i == 0:
             templates = FIRST_HOP_TEMPLATES.get((hop.relation, hop.reverse), templates)
         phrase = rng.choice(templates).format(ref=ref)
-        clues = [_clue_text(graph, c) for c in hop.clues]
+        clues = [clue_text(graph, c) for c in hop.clues]
         desc = phrase + ("" if not clues else ", " + ", ".join(clues))
         name = _placeholder(i)
         path.append(
