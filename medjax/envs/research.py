@@ -35,6 +35,8 @@ from medjax.knowledge import graph as graph_lib
 from medjax.knowledge import hpo, retrieval
 from medjax.llm.base import TextBackend
 from medjax.sampling import SamplingParams
+from medjax.synthesis.expert import ExpertResearcher
+from medjax.synthesis.qa import clue_text
 
 SYSTEM_PROMPT = (
     "You are a medical research assistant. Answer the question by searching and reading the"
@@ -44,6 +46,8 @@ SUB_AGENT_PROMPT = (
     "You are a research sub-agent. Use the tools to find out what the task asks and answer"
     " briefly inside <answer></answer>."
 )
+# Bump when `medjax.knowledge.corpus` writes different documents.
+CORPUS_VERSION = 1
 JUDGE_PROMPT = (
     "Judge whether the response answers the question correctly, given the correct answer."
     " Reply with exactly one word: Correct or Incorrect."
@@ -91,10 +95,6 @@ def build_environment(
     key = f"{graph.data.source_hash[:20]}-corpus{CORPUS_VERSION}"
     index = retrieval.BM25Index.cached(docs, f"{root}/bm25-{key}", key=key)
     return ResearchEnvironment(graph, index)
-
-
-# Bump when `medjax.knowledge.corpus` writes different documents.
-CORPUS_VERSION = 1
 
 
 def normalise(text: str) -> str:
@@ -177,8 +177,6 @@ def expert_trajectories(
 ) -> list[agents.Trajectory]:
     """Runs the scripted expert on every record and keeps the correct, well-formed episodes
     (the paper's rejection filter), in record order."""
-    from medjax.synthesis.expert import ExpertResearcher
-
     agent = researcher_agent(env, ExpertResearcher(env.graph, records), max_turns=max_turns)
     trajectories = agents.run_episodes(agent, queries(records))
     return [
@@ -192,8 +190,6 @@ def hop_queries(
 ) -> list[tuple[str, str]]:
     """(query, gold doc id) per hop: what a researcher who knows the previous entity would
     search: its name and the hop's clues."""
-    from medjax.synthesis.qa import clue_text
-
     mapping = record["entity_mapping"]
     out, previous = [], mapping["Anchor"]
     for step in record["reasoning_path"]:
