@@ -29,7 +29,7 @@ import numpy as np
 
 SOURCE_FILES = ("hp.obo", "phenotype.hpoa", "genes_to_phenotype.txt")
 # Bump when the derived form changes, so that old caches are not read.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 FREQUENCY_TERMS: dict[str, float] = {
     "HP:0040280": 1.0,  # Obligate (100%)
@@ -60,6 +60,7 @@ class Term:
     alt_ids: tuple[str, ...] = ()
     comment: str = ""
     obsolete: bool = False
+    lay_synonyms: tuple[str, ...] = ()  # Synonyms typed `layperson` (patients' words).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +219,11 @@ def parse_obo(path: pathlib.Path) -> tuple[str, dict[str, Term]]:
             alt_ids=tuple(values.get("alt_id", [])),
             comment=values.get("comment", [""])[0],
             obsolete=values.get("is_obsolete", ["false"])[0] == "true",
+            lay_synonyms=tuple(
+                _unquote(s)
+                for s in values.get("synonym", [])
+                if " layperson " in s.split('"')[-1] + " "
+            ),
         )
         terms[term.id] = term
     return version, terms
@@ -381,6 +387,7 @@ def _read(path: pathlib.Path) -> HpoData:
             synonyms=tuple(term.synonyms),
             parents=tuple(term.parents),
             alt_ids=tuple(term.alt_ids),
+            lay_synonyms=tuple(term.lay_synonyms),
         )
     return HpoData(
         version=strings["version"],
