@@ -290,4 +290,12 @@ def rewrite_facts(case: PatientCase, backend, params=None) -> PatientCase:
 def synthesise_cases(
     graph: KnowledgeGraph, diseases: Sequence[str], *, seed: int = 0
 ) -> list[PatientCase]:
-    return [synthesise_case(graph, d, seed=seed) for d in diseases]
+    """One case per disease, leaving out diseases whose annotations admit no consistent
+    record (e.g. an obligate finding whose ancestor is annotated NOT)."""
+    out = []
+    for d in diseases:
+        try:
+            out.append(synthesise_case(graph, d, seed=seed))
+        except ValueError:
+            continue
+    return out

@@ -1,0 +1,60 @@
+"""The patient agent on real HPO cases: the deterministic patient answers from its facts, the
+checker catches a noisy backend's inserted findings (>= 95% recall, <= 5% false alarms), and
+the guidance loop removes them; the three configurations of the paper are measured."""
+
+import random
+
+import pytest
+
+from medjax.envs import patient
+from medjax.knowledge import graph, hpo
+from medjax.synthesis import cases
+
+NOISE_RATE = 0.3
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    g = graph.KnowledgeGraph(hpo.load(cache=tmp_path_factory.mktemp("cache")))
+    matcher = patient.ConceptMatcher(g)
+    rng = random.Random(0)
+    diseases = [d for d in g.diseases() if d.startswith("OMIM:")]
+    rng.shuffle(diseases)
+    made = [cases.synthesise_case(g, d) for d in diseases[:60]]
+    phenotypes = [p for p in g.phenotypes() if g.is_under(p, "HP:0000118")]
+    return g, matcher, made, phenotypes
+
+
+def test_deterministic_patient_by_hand(world):
+    g, matcher, _, _ = world
+    case = cases.synthesise_case(g, "OMIM:609621")  # Short QT syndrome 2.
+    assert "HP:0001662" in case.present  # Bradycardia ("slow heartbeats").
+    kp = patient.KnowledgePatient(g, matcher)
+    assert kp.reply(case, "Is your heart rate slow, a bradycardia?") == "I have slow heartbeats."
+    assert kp.reply(case, "Any seizures?") == "No, I don't have epilepsy."
+    assert kp.reply(case, "Is anyone in your family affected?") == case.family_history
+    assert kp.reply(case, "How is the weather?") == patient.NOT_SURE
+
+
+def test_checker_and_guidance_report(world):
+    g, _, made, _ = world
+    report = patient.guidance_report(g, made, num_questions=240, noise_rate=NOISE_RATE)
+    # The issue's bar for the checker on a backend that inserts unsupported findings.
+    assert report["checker"]["recall"] >= 0.95
+    assert report["checker"]["false_alarm_rate"] <= 0.05
+    rates = {k: v["hallucination_rate"] for k, v in report["configurations"].items()}
+    # Noise at 0.3 (0.15 under the strict prompt): within binomial bounds of 240 draws.
+    assert 0.2 <= rates["prompt only"] <= 0.4
+    assert 0.08 <= rates["+ strict adherence"] <= 0.22
+    assert rates["+ guidance"] == 0.0
+    guided = report["configurations"]["+ guidance"]
+    assert guided["corrections"] == guided["inserted"] > 0 and guided["fallbacks"] == 0
+
+
+def test_contradictions_are_caught(world):
+    g, matcher, made, _ = world
+    checker = patient.FactChecker(g, matcher)
+    case = made[0]
+    fact = next(f for f in case.facts if f.present and f.concept.startswith("HP:"))
+    denial = f"I never had {g.name(fact.concept).lower()}."
+    assert checker.check(case, denial).contradicted == (fact.concept,)
