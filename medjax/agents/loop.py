@@ -84,7 +84,9 @@ class AgentSpec:
       final_turn_tokens: the new-token budget of the forced final turn (also reserved).
       early_stop_prompt: appended to the last observation when the budget is spent.
       end_phrases: text that ends the episode ("End Inquiry" for the dialogue doctor).
-      responder: for dialogue agents: given the histories of the episodes whose reply
+      answer_after_end: after an end phrase, ask for the final answer with the early-stop
+        prompt (the dialogue doctor's diagnosis) instead of ending at once.
+      responder: for dialogue agents: given the trajectories of the episodes whose reply
         neither calls a tool nor answers, returns the user's reply to each (the patient).
         Without one such a reply is a format error.
     """
@@ -101,7 +103,8 @@ class AgentSpec:
     final_turn_tokens: int = 256
     early_stop_prompt: str = EARLY_STOP_PROMPT
     end_phrases: tuple[str, ...] = ()
-    responder: Callable[[list[list[Message]]], list[str]] | None = None
+    answer_after_end: bool = False
+    responder: Callable[[list[Trajectory]], list[str]] | None = None
 
     def __post_init__(self):
         if self.max_turns < 1:
@@ -118,6 +121,7 @@ class _Episode:
     forced: bool = False  # The next turn answers the early-stop prompt.
     done: bool = False
     observation: str | None = None  # The user turn to append after this turn.
+    end_requested: bool = False  # An end phrase was said: the final answer comes next.
 
 
 def _system_prompt(agent: AgentSpec) -> str:
@@ -244,6 +248,15 @@ class _Runner:
         spent; ends the episode where not even a final turn would fit."""
         turn = ep.traj.turns[-1]
         content, ep.observation = ep.observation, None
+        if ep.end_requested:  # The episode ended itself: only the answer is left.
+            content = self.agent.early_stop_prompt
+            if self._room(ep) is not None and self._room(ep) - len(self._user_ids(ep, content)) < 1:
+                self._finish(ep, "context")
+                return
+            ep.forced = True
+            turn.observation = content
+            self._append_user(ep, content)
+            return
         forced = f"{content}\n\n{self.agent.early_stop_prompt}"
         spent = len(ep.traj.turns) >= self.agent.max_turns
         room = self._room(ep)
@@ -297,7 +310,10 @@ class _Runner:
                         ep.traj.format_errors += 1
                     self._finish(ep, "no_answer")
                 elif any(p in gen.text for p in self.agent.end_phrases):
-                    self._finish(ep, "end_phrase")
+                    if self.agent.answer_after_end:
+                        ep.end_requested = True
+                    else:
+                        self._finish(ep, "end_phrase")
                 elif parsed.error is not None:
                     self._error(ep, parsed.error)
                 elif parsed.tool is not None:
@@ -319,7 +335,7 @@ class _Runner:
             for name, calls in delegated.items():
                 self._delegate(self.tools[name], calls)
             if responding:
-                replies = self.agent.responder([e.traj.messages for e in responding])
+                replies = self.agent.responder([e.traj for e in responding])
                 if len(replies) != len(responding):
                     raise RuntimeError(
                         f"agent {self.agent.name!r}: the responder returned {len(replies)}"

@@ -206,9 +206,9 @@ def test_dialogue_responder_and_end_phrase(tok):
     replies = ("Do you have a cough?", "<think>enough</think>End Inquiry")
     patient_saw = []
 
-    def patient(histories):
-        patient_saw.extend(h[-1]["content"] for h in histories)
-        return ["Yes, since Monday." for _ in histories]
+    def patient(trajectories):
+        patient_saw.extend(t.messages[-1]["content"] for t in trajectories)
+        return ["Yes, since Monday." for _ in trajectories]
 
     agent = agents.AgentSpec(
         "doctor", llm.ScriptedBackend(script(*replies), tok), responder=patient,
@@ -401,3 +401,19 @@ def test_bad_specs_and_drifting_templates_raise_clearly(tok):
     )
     with pytest.raises(agents.TemplateDriftError, match="'doctor', query 'q0'"):
         agents.run_episodes(agent, [agents.Query("q0", "What causes fever?")])
+
+
+def test_end_phrase_then_the_answer(tok):
+    def doctor(prompt):
+        if agents.EARLY_STOP_PROMPT in prompt:
+            return "<answer>influenza</answer>"
+        return "End Inquiry" if "Monday" in prompt else "Do you have a cough?"
+
+    agent = agents.AgentSpec(
+        "doctor", llm.ScriptedBackend(doctor, tok), responder=lambda ts: ["Yes, since Monday."] * len(ts),
+        end_phrases=("End Inquiry",), answer_after_end=True,
+    )  # fmt: skip
+    (traj,) = agents.run_episodes(agent, [agents.Query("c1", "I have a fever.")])
+    assert traj.finish_reason == "answer" and traj.answer == "influenza"
+    assert [t.forced_final for t in traj.turns] == [False, False, True]
+    assert traj.turns[1].observation == agents.EARLY_STOP_PROMPT and traj.format_errors == 0
