@@ -410,7 +410,8 @@ def test_end_phrase_then_the_answer(tok):
         return "End Inquiry" if "Monday" in prompt else "Do you have a cough?"
 
     agent = agents.AgentSpec(
-        "doctor", llm.ScriptedBackend(doctor, tok), responder=lambda ts: ["Yes, since Monday."] * len(ts),
+        "doctor", llm.ScriptedBackend(doctor, tok),
+        responder=lambda ts: ["Yes, since Monday."] * len(ts),
         end_phrases=("End Inquiry",), answer_after_end=True,
     )  # fmt: skip
     (traj,) = agents.run_episodes(agent, [agents.Query("c1", "I have a fever.")])
