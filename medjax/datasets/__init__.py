@@ -16,11 +16,12 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from medjax.datasets import med_kg_qa
+from medjax.datasets import med_dialog_rubrics, med_kg_qa
 
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "med_kg_qa": med_kg_qa.MedKgQa,
     "med_kg_qa_trajectories": med_kg_qa.MedKgQaTrajectories,
+    "med_dialog_rubrics": med_dialog_rubrics.MedDialogRubrics,
 }
 
 
@@ -80,4 +81,4 @@ def load(
     return b.as_data_source(split=split)
 
 
-__all__ = ["BUILDERS", "builder", "load", "med_kg_qa"]
+__all__ = ["BUILDERS", "builder", "load", "med_dialog_rubrics", "med_kg_qa"]

@@ -1,0 +1,1 @@
+"""Evaluation: the MedDialogRubrics dialogue benchmark (`dialogue`)."""

@@ -1,0 +1,350 @@
+"""The MedDialogRubrics benchmark: a doctor interviews the patient agent, then diagnoses.
+
+Each case is a synthetic patient (`synthesis.cases`) with a must-ask rubric
+(`synthesis.rubrics`, weights 3/2/1). The doctor, any `TextBackend` (a medjax checkpoint, an
+OpenAI-compatible endpoint, a scripted baseline), sees the chief complaint, asks up to
+`max_turns` questions, may stop with "End Inquiry", and then gives a diagnosis in
+`<answer>...</answer>`; all cases run batched through the agent loop, the patient as its
+responder.
+
+Scores (deterministic concept matching by default):
+- rubric coverage: sum of the weights of met items over the total (HealthBench-style); an
+  item is met when a doctor turn mentions one of its concepts (HPO names and synonyms, also
+  through ancestors or descendants) or, for the generic history items, its keywords;
+- precision: share of the doctor's questions that meet at least one item; recall: share of
+  items met; F1;
+- diagnosis accuracy: exact match of the normalised answer with the disease's name or
+  aliases (`envs.research.exact_match`), or a judge backend;
+- turns used, and weighted coverage after each turn (the paper's temporal curve).
+
+Scripted baselines bracket the scale: `RandomDoctor` (questions about random findings),
+`ChecklistDoctor` (a generic history checklist) and `OracleDoctor` (asks the rubric items by
+priority and names the disease: the upper bound).
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from medjax import agents
+from medjax.envs.patient import ConceptMatcher, KnowledgePatient
+from medjax.envs.research import exact_match
+from medjax.knowledge.graph import KnowledgeGraph
+from medjax.llm.base import Generation
+from medjax.sampling import SamplingParams
+from medjax.synthesis import cases as cases_lib
+from medjax.synthesis import qa, rubrics
+
+END = "End Inquiry"
+SYSTEM_PROMPT = (
+    "You are a doctor taking a patient's history. Ask one question per turn. When you have"
+    f" enough information, say '{END}'; you will then be asked for your diagnosis."
+)
+DIAGNOSIS_PROMPT = "Give your most likely diagnosis now, inside <answer></answer>."
+GENERIC_KEYWORDS = {
+    "generic:onset": ("when did", "start", "began", "begin", "how long", "since when", "onset"),
+    "generic:family_history": ("family", "relatives", "parents", "siblings"),
+    "generic:consanguinity": ("related to each other", "cousins", "consanguin", "blood relat"),
+    "generic:development": ("develop", "milestone", "growth", "grow"),
+}
+CHECKLIST = (
+    "When did your problems start?",
+    "Does anyone in your family have similar problems?",
+    "Are your parents related to each other, for example cousins?",
+    "How has your development and growth been?",
+    "Do you have a fever?",
+    "Do you have any pain?",
+    "Do you have seizures?",
+    "Do you feel tired or weak?",
+    "Have you lost weight?",
+    "Do you have any breathing problems?",
+)
+
+
+@dataclasses.dataclass
+class BenchmarkCase:
+    case: cases_lib.PatientCase
+    rubric: list[rubrics.RubricItem]
+    aliases: list[str]
+
+
+def build_cases(graph: KnowledgeGraph, num_cases: int, *, seed: int = 0) -> list[BenchmarkCase]:
+    """Synthesises `num_cases` cases of distinct OMIM diseases, with their rubrics."""
+    diseases = sorted(d for d in graph.diseases() if d.startswith("OMIM:"))
+    random.Random(seed).shuffle(diseases)
+    out = []
+    for disease in diseases:
+        if len(out) == num_cases:
+            break
+        made = cases_lib.synthesise_cases(graph, [disease], seed=seed)
+        if not made:
+            continue
+        rubric = rubrics.reject_sample(graph, disease, seed=seed).items
+        out.append(BenchmarkCase(made[0], list(rubric), qa.aliases(graph, disease)))
+    return out
+
+
+def _first_user(trajectory: agents.Trajectory) -> str:
+    return next(m["content"] for m in trajectory.messages if m["role"] == "user")
+
+
+class RubricJudge:
+    """Deterministic judge: which rubric items a doctor's question meets."""
+
+    def __init__(self, graph: KnowledgeGraph, matcher: ConceptMatcher):
+        self.graph, self.matcher = graph, matcher
+
+    def met(self, question: str, rubric: Sequence[rubrics.RubricItem]) -> set[str]:
+        mentioned = {t for t, _ in self.matcher.find(question)}
+        related = set(mentioned)
+        for t in mentioned:
+            related |= self.graph.ancestors(t)
+        lowered = question.lower()
+        hits = set()
+        for item in rubric:
+            if item.id in GENERIC_KEYWORDS:
+                if any(k in lowered for k in GENERIC_KEYWORDS[item.id]):
+                    hits.add(item.id)
+                continue
+            for concept in item.concepts:
+                if concept in related or any(
+                    concept in self.graph.ancestors(m) or m in self.graph.ancestors(concept)
+                    for m in mentioned
+                ):
+                    hits.add(item.id)
+                    break
+            else:
+                if any(s and s in lowered for s in item.synonyms):
+                    hits.add(item.id)
+        return hits
+
+
+def score_case(
+    judge: RubricJudge, bench: BenchmarkCase, trajectory: agents.Trajectory, max_turns: int
+) -> dict[str, Any]:
+    questions = [t.reply for t in trajectory.turns if not t.forced_final and END not in t.reply]
+    weights = {i.id: i.priority for i in bench.rubric}
+    total = sum(weights.values()) or 1
+    met: set[str] = set()
+    curve, useful = [], 0
+    for q in questions:
+        hits = judge.met(q, bench.rubric)
+        useful += bool(hits)
+        met |= hits
+        curve.append(sum(weights[i] for i in met) / total)
+    curve += [curve[-1] if curve else 0.0] * (max_turns - len(curve))
+    precision = useful / len(questions) if questions else 0.0
+    recall = len(met) / len(weights) if weights else 0.0
+    return {
+        "case_id": bench.case.case_id,
+        "disease": bench.case.disease,
+        "coverage": curve[-1] if curve else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "diagnosis_correct": exact_match(trajectory.answer, bench.aliases),
+        "answer": trajectory.answer,
+        "turns": len(questions),
+        "coverage_by_turn": curve[:max_turns],
+        "met": sorted(met),
+    }
+
+
+def run(
+    doctor,
+    benchmark: Sequence[BenchmarkCase],
+    graph: KnowledgeGraph,
+    *,
+    max_turns: int = 12,
+    patient=None,
+) -> tuple[list[agents.Trajectory], list[dict[str, Any]]]:
+    """Interviews every case (batched) and scores it. `patient`: a `KnowledgePatient`
+    (default) or anything with `reply(case, question)`."""  # fmt: skip
+    matcher = ConceptMatcher(graph)
+    patient = patient or KnowledgePatient(graph, matcher)
+    by_complaint = {}
+    for b in benchmark:
+        by_complaint[_prompt(b)] = b
+
+    def respond(trajectories):
+        return [
+            patient.reply(by_complaint[_first_user(t)].case, t.messages[-1]["content"])
+            for t in trajectories
+        ]
+
+    agent = agents.AgentSpec(
+        "doctor", doctor, system_prompt=SYSTEM_PROMPT, responder=respond,
+        end_phrases=(END,), answer_after_end=True, max_turns=max_turns,
+        early_stop_prompt=DIAGNOSIS_PROMPT,
+        sampling=SamplingParams(max_new_tokens=128, temperature=0.7),
+    )  # fmt: skip
+    queries = [
+        agents.Query(b.case.case_id, _prompt(b), {"disease": b.case.disease}) for b in benchmark
+    ]
+    trajectories = agents.run_episodes(agent, queries)
+    judge = RubricJudge(graph, matcher)
+    scores = [
+        score_case(judge, b, t, max_turns) for b, t in zip(benchmark, trajectories, strict=True)
+    ]
+    return trajectories, scores
+
+
+def _prompt(bench: BenchmarkCase) -> str:
+    c = bench.case
+    return f"Patient {c.case_id}, {c.age:g} years old, {c.sex}: {c.chief_complaint}"
+
+
+def summarise(scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    n = max(len(scores), 1)
+    mean = lambda k: sum(float(s[k]) for s in scores) / n  # noqa: E731
+    turns = len(scores[0]["coverage_by_turn"]) if scores else 0
+    return {
+        "cases": len(scores),
+        "coverage": mean("coverage"),
+        "precision": mean("precision"),
+        "recall": mean("recall"),
+        "f1": mean("f1"),
+        "diagnosis_accuracy": mean("diagnosis_correct"),
+        "turns": mean("turns"),
+        "coverage_by_turn": [
+            sum(s["coverage_by_turn"][t] for s in scores) / n for t in range(turns)
+        ],
+    }
+
+
+# -- scripted doctors ---------------------------------------------------------------------
+
+
+class _ScriptedDoctor:
+    """A doctor that writes its turn from the case (found by the first user message)."""
+
+    def __init__(self, benchmark: Sequence[BenchmarkCase], graph: KnowledgeGraph, seed: int = 0):
+        self.cases = {_prompt(b): b for b in benchmark}
+        self.graph, self.seed = graph, seed
+
+    def generate(self, conversations, params, *, num_samples=1):
+        out = []
+        for chat in conversations:
+            bench = self.cases[next(m["content"] for m in chat if m["role"] == "user")]
+            asked = sum(m["role"] == "assistant" for m in chat)
+            if chat[-1]["content"].endswith(DIAGNOSIS_PROMPT):
+                text = f"<answer>{self.diagnose(bench)}</answer>"
+            else:
+                text = self.question(bench, asked) or END
+            out.extend(Generation(text) for _ in range(num_samples))
+        return out
+
+    def diagnose(self, bench: BenchmarkCase) -> str:
+        return "unknown"
+
+
+class RandomDoctor(_ScriptedDoctor):
+    """Asks about random phenotypes (seeded per case), 8 questions, then guesses."""
+
+    def question(self, bench, asked):
+        if asked >= 8:
+            return None
+        if not hasattr(self, "_phenotypes"):
+            self._phenotypes = sorted(self.graph.phenotypes())
+        rng = random.Random(f"{self.seed}/{bench.case.case_id}/{asked}")
+        return f"Do you have {self.graph.name(rng.choice(self._phenotypes)).lower()}?"
+
+
+class ChecklistDoctor(_ScriptedDoctor):
+    """Goes through a generic history checklist."""
+
+    def question(self, bench, asked):
+        return CHECKLIST[asked] if asked < len(CHECKLIST) else None
+
+
+class OracleDoctor(_ScriptedDoctor):
+    """Asks the rubric items by priority and names the disease: the upper bound."""
+
+    def question(self, bench, asked):
+        items = sorted(bench.rubric, key=lambda i: (-i.priority, i.id))
+        if asked >= len(items):
+            return None
+        item = items[asked]
+        if item.id in GENERIC_KEYWORDS:
+            return {
+                "generic:onset": "When did your problems start?",
+                "generic:family_history": "Does anyone in your family have similar problems?",
+                "generic:consanguinity": "Are your parents related to each other, cousins maybe?",
+                "generic:development": "How has your development and growth been?",
+            }[item.id]
+        concept = item.concepts[0] if item.concepts else None
+        name = self.graph.name(concept).lower() if concept else item.text
+        return f"Do you have {name}?"
+
+    def diagnose(self, bench):
+        return bench.case.disease["name"]
+
+
+BASELINES = {"random": RandomDoctor, "checklist": ChecklistDoctor, "oracle": OracleDoctor}
+
+
+# -- reports ------------------------------------------------------------------------------
+
+
+def write_report(
+    out_dir: str | os.PathLike, results: Mapping[str, tuple[list, list[dict[str, Any]]]]
+) -> dict[str, Any]:
+    """Per-doctor JSONL transcripts with scores, summary.json, report.md and PNG plots."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name, (trajectories, scores) in results.items():
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for t, s in zip(trajectories, scores, strict=True):
+                record = {"scores": s, "transcript": t.messages, "turns": len(t.turns)}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        summary[name] = summarise(scores)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lines = [
+        "# MedDialogRubrics report",
+        "",
+        "| doctor | cases | coverage | precision | recall | F1 | diagnosis | turns |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['cases']} | {s['coverage']:.3f} | {s['precision']:.3f} |"
+            f" {s['recall']:.3f} | {s['f1']:.3f} | {s['diagnosis_accuracy']:.3f} |"
+            f" {s['turns']:.1f} |"
+        )
+    lines += ["", "![coverage by turn](coverage_by_turn.png)", "", "![scores](scores.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    _plots(out, summary)
+    return summary
+
+
+def _plots(out: pathlib.Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in summary.items():
+        curve = s["coverage_by_turn"]
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("weighted rubric coverage")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "coverage_by_turn.png", dpi=100)
+    plt.close(fig)
+    dims = ("coverage", "precision", "recall", "f1", "diagnosis_accuracy")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(summary), 1)
+    for k, (name, s) in enumerate(summary.items()):
+        ax.bar([d + k * width for d in range(len(dims))], [s[d] for d in dims], width, label=name)
+    ax.set_xticks([d + 0.4 - width / 2 for d in range(len(dims))], dims)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""Runs an evaluation and writes its report.
+
+    python run_eval.py --task dialogue --cases 20 --doctors random,checklist,oracle --out DIR
+    python run_eval.py --task dialogue --doctors openai:http://127.0.0.1:8000/v1:my-model
+    python run_eval.py --task dialogue --doctors checkpoint:/ckpt/qwen2.5-0.5b-instruct
+
+A doctor is a scripted baseline (random, checklist, oracle), an OpenAI-compatible endpoint
+(`openai:BASE_URL:MODEL`, API key from $OPENAI_API_KEY), or a local medjax checkpoint
+(`checkpoint:DIR`, a Hugging Face folder with its tokenizer).
+"""
+
+import argparse
+import json
+import sys
+
+
+def make_doctor(spec: str, benchmark, graph):
+    from medjax.eval import dialogue
+
+    if spec in dialogue.BASELINES:
+        return spec, dialogue.BASELINES[spec](benchmark, graph)
+    kind, _, rest = spec.partition(":")
+    if kind == "openai":
+        from medjax.llm import OpenAICompatibleBackend
+
+        base_url, _, model = rest.rpartition(":")
+        if not base_url or not model:
+            raise SystemExit(f"run_eval: --doctors {spec!r}: expected openai:BASE_URL:MODEL.")
+        return f"openai-{model}", OpenAICompatibleBackend(base_url, model)
+    if kind == "checkpoint":
+        from medjax.llm import JaxPolicyBackend
+        from medjax.models import checkpoint, tokenizer
+
+        return "checkpoint", JaxPolicyBackend(
+            checkpoint.from_pretrained(rest), tokenizer.load_tokenizer(rest)
+        )
+    raise SystemExit(
+        f"run_eval: unknown doctor {spec!r}; use {', '.join(dialogue.BASELINES)},"
+        " openai:BASE_URL:MODEL or checkpoint:DIR."
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="dialogue", choices=("dialogue",))
+    parser.add_argument("--cases", type=int, default=20, help="number of synthetic cases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-turns", type=int, default=12)
+    parser.add_argument("--doctors", default="random,checklist,oracle")
+    parser.add_argument("--out", default="eval_out")
+    args = parser.parse_args(argv)
+
+    from medjax.eval import dialogue
+    from medjax.knowledge import graph as graph_lib
+    from medjax.knowledge import hpo
+
+    graph = graph_lib.KnowledgeGraph(hpo.load())
+    benchmark = dialogue.build_cases(graph, args.cases, seed=args.seed)
+    results = {}
+    for spec in args.doctors.split(","):
+        name, doctor = make_doctor(spec.strip(), benchmark, graph)
+        results[name] = dialogue.run(doctor, benchmark, graph, max_turns=args.max_turns)
+    summary = dialogue.write_report(args.out, results)
+    json.dump(summary, sys.stdout, indent=1)
+    print(f"\nrun_eval: report in {args.out}/report.md")
+
+
+if __name__ == "__main__":
+    main()

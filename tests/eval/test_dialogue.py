@@ -1,0 +1,77 @@
+"""The MedDialogRubrics benchmark: the rubric judge and the scores by hand, and run_eval.py
+end to end with the three scripted baselines, which must order as expected."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medjax import agents
+from medjax.envs.patient import ConceptMatcher
+from medjax.eval import dialogue
+from medjax.knowledge import graph, hpo
+from medjax.synthesis import cases, rubrics
+
+
+@pytest.fixture(scope="module")
+def g(tmp_path_factory):
+    return graph.KnowledgeGraph(hpo.load(cache=tmp_path_factory.mktemp("cache")))
+
+
+def _item(item_id, concepts, priority):
+    return rubrics.RubricItem(
+        item_id, f"Asks about {item_id}", "phenotype", concepts, (), "present", 1.0, priority
+    )
+
+
+def test_judge_and_scores_by_hand(g):
+    judge = dialogue.RubricJudge(g, ConceptMatcher(g))
+    rubric = [
+        _item("HP:0001250", ("HP:0001250",), 3),  # Seizure.
+        _item("HP:0001263", ("HP:0001263",), 2),  # Global developmental delay.
+        rubrics.RubricItem("generic:family_history", "", "generic", (), (), "unknown", 0.0, 1),
+    ]
+    assert judge.met("Have you had seizures?", rubric) == {"HP:0001250"}
+    assert judge.met("Any focal-onset seizures?", rubric) == {"HP:0001250"}  # A descendant.
+    assert judge.met("Is anyone in your family ill?", rubric) == {"generic:family_history"}
+    assert judge.met("How is the weather?", rubric) == set()
+    case = cases.PatientCase("c", {"id": "OMIM:1", "name": "X"}, 3.0, "male", None, [], [], "")
+    bench = dialogue.BenchmarkCase(case, rubric, ["X syndrome", "X"])
+    turns = [
+        agents.Turn("How is the weather?"), agents.Turn("Have you had seizures?"),
+        agents.Turn("Is anyone in your family ill?"), agents.Turn(dialogue.END),
+        agents.Turn("<answer>x syndrome</answer>", forced_final=True),
+    ]  # fmt: skip
+    traj = agents.Trajectory("c", 0, "doctor", turns=turns, answer="x syndrome")
+    s = dialogue.score_case(judge, bench, traj, max_turns=5)
+    # Weights 3 + 2 + 1 = 6: seizure (3) then family history (1) met.
+    assert s["coverage_by_turn"] == [0.0, 0.5, 4 / 6, 4 / 6, 4 / 6]
+    assert s["coverage"] == pytest.approx(4 / 6)
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 3)
+    assert s["f1"] == pytest.approx(2 / 3) and s["diagnosis_correct"] and s["turns"] == 3
+
+
+def test_run_eval_end_to_end(tmp_path):
+    env = {**os.environ, "MEDJAX_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "report"
+    subprocess.run(
+        [sys.executable, "run_eval.py", "--task", "dialogue", "--cases", "6", "--out", str(out)],
+        check=True, env=env, capture_output=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"random", "checklist", "oracle"}
+    for metric in ("coverage", "recall", "f1"):
+        assert summary["oracle"][metric] > summary["checklist"][metric] > summary["random"][metric]
+    assert summary["oracle"]["coverage"] == 1.0 and summary["oracle"]["diagnosis_accuracy"] == 1.0
+    assert summary["random"]["diagnosis_accuracy"] == 0.0
+    curve = summary["oracle"]["coverage_by_turn"]
+    assert len(curve) == 12 and curve == sorted(curve)
+    lines = (out / "oracle.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["transcript"][0]["role"] == "system"
+    report = (out / "report.md").read_text()
+    assert "| oracle | 6 | 1.000 |" in report
+    for png in ("coverage_by_turn.png", "scores.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
