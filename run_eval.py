@@ -4,9 +4,14 @@
     python run_eval.py --task dialogue --doctors openai:http://127.0.0.1:8000/v1:my-model
     python run_eval.py --task dialogue --doctors checkpoint:/ckpt/qwen2.5-0.5b-instruct
 
-A doctor is a scripted baseline (random, checklist, oracle), an OpenAI-compatible endpoint
-(`openai:BASE_URL:MODEL`, API key from $OPENAI_API_KEY), or a local medjax checkpoint
-(`checkpoint:DIR`, a Hugging Face folder with its tokenizer).
+    python run_eval.py --task dialogue --xlsx MedDialogRubrics.xlsx --doctors openai:URL:M \
+        --patient openai:URL:M --judges openai:URL:A,openai:URL:B,openai:URL:C --voting majority
+
+A doctor, patient or judge is an OpenAI-compatible endpoint (`openai:BASE_URL:MODEL`, API
+key from $OPENAI_API_KEY) or a local medjax checkpoint (`checkpoint:DIR`, a Hugging Face
+folder with its tokenizer); doctors can also be the scripted baselines (random, checklist,
+oracle) on synthetic cases. With `--xlsx` (the released MedDialogRubrics file) the patient
+answers from each row's record and an LLM judge panel scores the must-ask points.
 """
 
 import argparse
@@ -18,7 +23,13 @@ def make_doctor(spec: str, benchmark, graph):
     from medjax.eval import dialogue
 
     if spec in dialogue.BASELINES:
+        if graph is None:
+            raise SystemExit(f"run_eval: the scripted doctor {spec!r} needs synthetic cases.")
         return spec, dialogue.BASELINES[spec](benchmark, graph)
+    return make_backend(spec)
+
+
+def make_backend(spec: str):
     kind, _, rest = spec.partition(":")
     if kind == "openai":
         from medjax.llm import OpenAICompatibleBackend
@@ -35,7 +46,7 @@ def make_doctor(spec: str, benchmark, graph):
             checkpoint.from_pretrained(rest), tokenizer.load_tokenizer(rest)
         )
     raise SystemExit(
-        f"run_eval: unknown doctor {spec!r}; use {', '.join(dialogue.BASELINES)},"
+        f"run_eval: unknown backend {spec!r}; use random/checklist/oracle (doctors),"
         " openai:BASE_URL:MODEL or checkpoint:DIR."
     )
 
@@ -48,18 +59,40 @@ def main(argv=None) -> None:
     parser.add_argument("--max-turns", type=int, default=12)
     parser.add_argument("--doctors", default="random,checklist,oracle")
     parser.add_argument("--out", default="eval_out")
+    parser.add_argument("--xlsx", help="the released MedDialogRubrics .xlsx")
+    parser.add_argument("--patient", help="LLM patient for --xlsx (openai:... or checkpoint:...)")
+    parser.add_argument("--judges", help="comma-separated LLM judges (a panel)")
+    parser.add_argument(
+        "--voting", default="majority", choices=("majority", "unanimous", "liberal")
+    )
     args = parser.parse_args(argv)
 
     from medjax.eval import dialogue
-    from medjax.knowledge import graph as graph_lib
-    from medjax.knowledge import hpo
 
-    graph = graph_lib.KnowledgeGraph(hpo.load())
-    benchmark = dialogue.build_cases(graph, args.cases, seed=args.seed)
+    patient = judge = graph = None
+    if args.judges:
+        judge = dialogue.JudgePanel(
+            [make_backend(s.strip())[1] for s in args.judges.split(",")], args.voting
+        )
+    if args.xlsx:
+        from medjax.datasets import meddialog_xlsx
+
+        if not args.patient or judge is None:
+            raise SystemExit("run_eval: --xlsx needs --patient and --judges (LLM backends).")
+        benchmark = dialogue.cases_from_xlsx(meddialog_xlsx.load_xlsx(args.xlsx))
+        patient = dialogue.RecordPatient(make_backend(args.patient)[1])
+    else:
+        from medjax.knowledge import graph as graph_lib
+        from medjax.knowledge import hpo
+
+        graph = graph_lib.KnowledgeGraph(hpo.load())
+        benchmark = dialogue.build_cases(graph, args.cases, seed=args.seed)
     results = {}
     for spec in args.doctors.split(","):
         name, doctor = make_doctor(spec.strip(), benchmark, graph)
-        results[name] = dialogue.run(doctor, benchmark, graph, max_turns=args.max_turns)
+        results[name] = dialogue.run(
+            doctor, benchmark, graph, max_turns=args.max_turns, patient=patient, judge=judge
+        )
     summary = dialogue.write_report(args.out, results)
     json.dump(summary, sys.stdout, indent=1)
     print(f"\nrun_eval: report in {args.out}/report.md")

@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import random
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,9 +68,13 @@ CHECKLIST = (
 
 @dataclasses.dataclass
 class BenchmarkCase:
+    """One interview: the patient case, its rubric, accepted diagnoses, and for cases from
+    the released file (`cases_from_xlsx`) the free-text medical record the patient uses."""
+
     case: cases_lib.PatientCase
     rubric: list[rubrics.RubricItem]
     aliases: list[str]
+    record: str = ""
 
 
 def build_cases(graph: KnowledgeGraph, num_cases: int, *, seed: int = 0) -> list[BenchmarkCase]:
@@ -86,10 +91,6 @@ def build_cases(graph: KnowledgeGraph, num_cases: int, *, seed: int = 0) -> list
         rubric = rubrics.reject_sample(graph, disease, seed=seed).items
         out.append(BenchmarkCase(made[0], list(rubric), qa.aliases(graph, disease)))
     return out
-
-
-def _first_user(trajectory: agents.Trajectory) -> str:
-    return next(m["content"] for m in trajectory.messages if m["role"] == "user")
 
 
 class RubricJudge:
@@ -157,22 +158,31 @@ def score_case(
 def run(
     doctor,
     benchmark: Sequence[BenchmarkCase],
-    graph: KnowledgeGraph,
+    graph: KnowledgeGraph | None,
     *,
     max_turns: int = 12,
     patient=None,
+    judge=None,
 ) -> tuple[list[agents.Trajectory], list[dict[str, Any]]]:
-    """Interviews every case (batched) and scores it. `patient`: a `KnowledgePatient`
-    (default) or anything with `reply(case, question)`."""  # fmt: skip
-    matcher = ConceptMatcher(graph)
+    """Interviews every case (batched) and scores it.
+
+    Args:
+      patient: anything with `reply(case, question)`; default the `KnowledgePatient`.
+      judge: anything with `met(question, rubric) -> item ids`; default `RubricJudge`
+        (concept matching; needs `graph`), or a `JudgePanel` of LLM judges.
+    """
+    matcher = ConceptMatcher(graph) if graph is not None else None
+    if (patient is None or judge is None) and graph is None:
+        raise ValueError("dialogue.run: the default patient and judge need the graph.")
     patient = patient or KnowledgePatient(graph, matcher)
-    by_complaint = {}
-    for b in benchmark:
-        by_complaint[_prompt(b)] = b
+    judge = judge or RubricJudge(graph, matcher)
+    by_id = {b.case.case_id: b for b in benchmark}
 
     def respond(trajectories):
         return [
-            patient.reply(by_complaint[_first_user(t)].case, t.messages[-1]["content"])
+            patient.reply(by_id[t.query_id], t.messages[-1]["content"])
+            if isinstance(patient, RecordPatient)
+            else patient.reply(by_id[t.query_id].case, t.messages[-1]["content"])
             for t in trajectories
         ]
 
@@ -186,15 +196,99 @@ def run(
         agents.Query(b.case.case_id, _prompt(b), {"disease": b.case.disease}) for b in benchmark
     ]
     trajectories = agents.run_episodes(agent, queries)
-    judge = RubricJudge(graph, matcher)
     scores = [
         score_case(judge, b, t, max_turns) for b, t in zip(benchmark, trajectories, strict=True)
     ]
     return trajectories, scores
 
 
+# -- LLM judges and the released file -------------------------------------------------------
+
+JUDGE_PROMPT = (
+    "You check a doctor's history taking. For each numbered must-ask item, answer whether"
+    " the doctor's question asks about it. Reply with one line per item: '<number>: yes' or"
+    " '<number>: no'."
+)
+VOTING = ("majority", "unanimous", "liberal")
+
+
+class JudgePanel:
+    """LLM judges voting on which rubric items a question meets.
+
+    Args:
+      backends: one TextBackend per judge; each call sends every item at once.
+      voting: "majority" (more than half say yes), "unanimous" or "liberal" (any says yes).
+    """
+
+    def __init__(self, backends: Sequence, voting: str = "majority"):
+        if voting not in VOTING:
+            raise ValueError(f"JudgePanel: voting must be one of {VOTING}, got {voting!r}.")
+        if not backends:
+            raise ValueError("JudgePanel: give at least one judge backend.")
+        self.backends, self.voting = list(backends), voting
+
+    def met(self, question: str, rubric: Sequence[rubrics.RubricItem]) -> set[str]:
+        listing = "\n".join(f"{i + 1}. {item.text}" for i, item in enumerate(rubric))
+        chat = [
+            {"role": "system", "content": JUDGE_PROMPT},
+            {"role": "user", "content": f"Items:\n{listing}\n\nDoctor's question: {question}"},
+        ]
+        params = SamplingParams(max_new_tokens=16 * len(rubric) + 16, greedy=True)
+        votes = [0] * len(rubric)
+        for backend in self.backends:
+            text = backend.generate([chat], params)[0].text
+            for match in re.finditer(r"(\d+)\s*[:.)-]\s*(yes|no)", text.lower()):
+                k = int(match.group(1)) - 1
+                if 0 <= k < len(rubric) and match.group(2) == "yes":
+                    votes[k] += 1
+        n = len(self.backends)
+        need = {"majority": n // 2 + 1, "unanimous": n, "liberal": 1}[self.voting]
+        return {item.id for item, v in zip(rubric, votes, strict=True) if v >= need}
+
+
+RECORD_PATIENT_PROMPT = (
+    "You are the patient described by this medical record. Answer the doctor's question in"
+    " plain words, only from the record; if it does not say, answer that you are not sure."
+    "\nRecord:\n{record}"
+)
+
+
+class RecordPatient:
+    """An LLM patient for cases from the released file: answers from the free-text record."""
+
+    def __init__(self, backend, params: SamplingParams | None = None):
+        self.backend = backend
+        self.params = params or SamplingParams(max_new_tokens=256, temperature=0.7)
+
+    def reply(self, bench: BenchmarkCase, question: str) -> str:
+        chat = [
+            {"role": "system", "content": RECORD_PATIENT_PROMPT.format(record=bench.record)},
+            {"role": "user", "content": question},
+        ]
+        return self.backend.generate([chat], self.params)[0].text.strip()
+
+
+def cases_from_xlsx(records: Sequence[Mapping[str, Any]]) -> list[BenchmarkCase]:
+    """Benchmark cases from `datasets.meddialog_xlsx.load_xlsx` rows: the must-ask points
+    become equal-weight rubric items (judged by a `JudgePanel`), the diagnosis the answer."""
+    out = []
+    for r in records:
+        case = cases_lib.PatientCase(
+            f"xlsx-{r['row']}", {"id": None, "name": r["diagnosis"]}, 0.0, "", None, [], [],
+            "", chief_complaint=r["chief_complaint"],
+        )  # fmt: skip
+        rubric = [
+            rubrics.RubricItem(f"item{i}", text, "xlsx", (), (), "unknown", 0.0, 1)
+            for i, text in enumerate(r["must_ask"])
+        ]
+        out.append(BenchmarkCase(case, rubric, [r["diagnosis"]], r["record"]))
+    return out
+
+
 def _prompt(bench: BenchmarkCase) -> str:
     c = bench.case
+    if bench.record:  # The released file gives no demographics apart from the record.
+        return f"Patient {c.case_id}: {c.chief_complaint}"
     return f"Patient {c.case_id}, {c.age:g} years old, {c.sex}: {c.chief_complaint}"
 
 

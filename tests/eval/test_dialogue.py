@@ -1,8 +1,10 @@
+# ruff: noqa: RUF001  (Chinese text in the released-file test uses full-width punctuation.)
 """The MedDialogRubrics benchmark: the rubric judge and the scores by hand, and run_eval.py
 end to end with the three scripted baselines, which must order as expected."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,3 +77,59 @@ def test_run_eval_end_to_end(tmp_path):
     assert "| oracle | 6 | 1.000 |" in report
     for png in ("coverage_by_turn.png", "scores.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _Scripted:
+    """A TextBackend that answers with fn(chat)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def generate(self, conversations, params, *, num_samples=1):
+        from medjax import llm
+
+        return [llm.Generation(self.fn(chat)) for chat in conversations]
+
+
+@pytest.mark.parametrize(
+    ("voting", "coverage"), [("majority", 1.0), ("unanimous", 0.0), ("liberal", 1.0)]
+)
+def test_released_file_with_llm_patient_and_judge_panel(tmp_path, voting, coverage):
+    openpyxl = pytest.importorskip("openpyxl")
+    from medjax.datasets import meddialog_xlsx
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["主诉", "病历", "诊断", "科室", "问诊要点"])
+    sheet.append(
+        ["咳嗽三天", "患者咳嗽三天，无发热。", "急性支气管炎", "呼吸科", "1. 发热\n2. 咳痰"]
+    )
+    path = tmp_path / "meddialog.xlsx"
+    book.save(path)
+    bench = dialogue.cases_from_xlsx(meddialog_xlsx.load_xlsx(path))
+    assert [i.text for i in bench[0].rubric] == ["发热", "咳痰"] and bench[0].record
+
+    def doctor(chat):
+        asked = sum(m["role"] == "assistant" for m in chat)
+        if chat[-1]["content"].endswith(dialogue.DIAGNOSIS_PROMPT):
+            return "<answer>急性支气管炎</answer>"
+        return ["有没有发热？", "有没有咳痰？", dialogue.END][asked]
+
+    def patient(chat):
+        assert "患者咳嗽三天" in chat[0]["content"]  # The patient sees its record.
+        return "没有。"
+
+    def fair_judge(chat):
+        items = re.findall(r"(\d+)\. (\S+)", chat[1]["content"])
+        question = chat[1]["content"].rsplit("Doctor's question: ", 1)[1]
+        return "\n".join(f"{k}: {'yes' if text in question else 'no'}" for k, text in items)
+
+    judges = [_Scripted(fair_judge), _Scripted(fair_judge), _Scripted(lambda chat: "1: no\n2: no")]
+    trajs, scores = dialogue.run(
+        _Scripted(doctor), bench, None, patient=dialogue.RecordPatient(_Scripted(patient)),
+        judge=dialogue.JudgePanel(judges, voting),
+    )  # fmt: skip
+    assert scores[0]["coverage"] == coverage and scores[0]["diagnosis_correct"]
+    assert trajs[0].messages[3] == {"role": "user", "content": "没有。"}
+    with pytest.raises(ValueError, match="voting must be one of"):
+        dialogue.JudgePanel(judges, "plurality")
