@@ -59,6 +59,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-turns", type=int, default=12)
     parser.add_argument("--doctors", default="random,checklist,oracle")
     parser.add_argument("--out", default="eval_out")
+    parser.add_argument("--config", help="cases from the med_dialog_rubrics TFDS config (tiny)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--data-dir", help="TFDS data dir (built there when missing)")
     parser.add_argument("--xlsx", help="the released MedDialogRubrics .xlsx")
     parser.add_argument("--patient", help="LLM patient for --xlsx (openai:... or checkpoint:...)")
     parser.add_argument("--judges", help="comma-separated LLM judges (a panel)")
@@ -86,7 +89,17 @@ def main(argv=None) -> None:
         from medjax.knowledge import hpo
 
         graph = graph_lib.KnowledgeGraph(hpo.load())
-        benchmark = dialogue.build_cases(graph, args.cases, seed=args.seed)
+        if args.config:
+            from medjax import datasets
+            from medjax.datasets import med_dialog_rubrics
+
+            source = datasets.load(
+                f"med_dialog_rubrics/{args.config}", split=args.split, data_dir=args.data_dir
+            )
+            examples = [med_dialog_rubrics.to_case(source[i]) for i in range(len(source))]
+            benchmark = dialogue.cases_from_dataset(graph, examples)
+        else:
+            benchmark = dialogue.build_cases(graph, args.cases, seed=args.seed)
     results = {}
     for spec in args.doctors.split(","):
         name, doctor = make_doctor(spec.strip(), benchmark, graph)

@@ -268,6 +268,33 @@ class RecordPatient:
         return self.backend.generate([chat], self.params)[0].text.strip()
 
 
+def cases_from_dataset(
+    graph: KnowledgeGraph, examples: Sequence[Mapping[str, Any]]
+) -> list[BenchmarkCase]:
+    """Benchmark cases from `med_dialog_rubrics` examples (`med_dialog_rubrics.to_case`)."""
+    out = []
+    for c in examples:
+        present = sorted(
+            f["concept"] for f in c["facts"] if f["present"] and f["concept"].startswith("HP:")
+        )
+        absent = sorted(f["concept"] for f in c["facts"] if not f["present"])
+        case = cases_lib.PatientCase(
+            c["case_id"], c["disease"], c["age"], c["sex"], c["onset"], present, absent,
+            c["family_history"], [cases_lib.AtomicFact(**f) for f in c["facts"]],
+            c["chief_complaint"], c["seed"],
+        )  # fmt: skip
+        items = [rubrics.RubricItem(**{k: _tuples(v) for k, v in i.items()}) for i in c["rubrics"]]
+        out.append(BenchmarkCase(case, items, qa.aliases(graph, c["disease"]["id"])))
+    return out
+
+
+def _tuples(value):
+    """JSON lists back to the tuples the dataclasses hold (nested for `evidence`)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
 def cases_from_xlsx(records: Sequence[Mapping[str, Any]]) -> list[BenchmarkCase]:
     """Benchmark cases from `datasets.meddialog_xlsx.load_xlsx` rows: the must-ask points
     become equal-weight rubric items (judged by a `JudgePanel`), the diagnosis the answer."""

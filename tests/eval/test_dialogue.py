@@ -55,11 +55,25 @@ def test_judge_and_scores_by_hand(g):
     assert s["f1"] == pytest.approx(2 / 3) and s["diagnosis_correct"] and s["turns"] == 3
 
 
+def test_cases_from_the_dataset_keep_their_rubrics(g, tmp_path, monkeypatch):
+    from medjax import datasets
+    from medjax.datasets import med_dialog_rubrics
+
+    monkeypatch.setenv("MEDJAX_CACHE", str(tmp_path / "cache"))
+    source = datasets.load("med_dialog_rubrics/tiny", split="test", data_dir=str(tmp_path))
+    bench = dialogue.cases_from_dataset(g, [med_dialog_rubrics.to_case(source[0])])[0]
+    disease = bench.case.disease["id"]
+    assert bench.rubric == rubrics.reject_sample(g, disease, seed=0).items
+    assert bench.case == cases.synthesise_case(g, disease, seed=bench.case.seed)
+
+
 def test_run_eval_end_to_end(tmp_path):
     env = {**os.environ, "MEDJAX_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "report"
+    cmd = [sys.executable, "run_eval.py", "--task", "dialogue", "--config", "tiny"]
+    cmd += ["--data-dir", str(tmp_path / "tfds"), "--out", str(out)]
     subprocess.run(
-        [sys.executable, "run_eval.py", "--task", "dialogue", "--cases", "6", "--out", str(out)],
+        cmd,
         check=True, env=env, capture_output=True, timeout=600,
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     )  # fmt: skip
@@ -72,9 +86,9 @@ def test_run_eval_end_to_end(tmp_path):
     curve = summary["oracle"]["coverage_by_turn"]
     assert len(curve) == 12 and curve == sorted(curve)
     lines = (out / "oracle.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and json.loads(lines[0])["transcript"][0]["role"] == "system"
+    assert len(lines) == 5 and json.loads(lines[0])["transcript"][0]["role"] == "system"
     report = (out / "report.md").read_text()
-    assert "| oracle | 6 | 1.000 |" in report
+    assert "| oracle | 5 | 1.000 |" in report  # The tiny config's test split: 5 cases.
     for png in ("coverage_by_turn.png", "scores.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
