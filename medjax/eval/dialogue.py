@@ -147,7 +147,12 @@ def score_case(
         "precision": precision,
         "recall": recall,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "diagnosis_correct": exact_match(trajectory.answer, bench.aliases),
+        "diagnosis_correct": exact_match(trajectory.answer, bench.aliases)
+        or (
+            trajectory.answer is not None
+            and hasattr(judge, "same_diagnosis")
+            and judge.same_diagnosis(trajectory.answer, bench.aliases[0])
+        ),
         "answer": trajectory.answer,
         "turns": len(questions),
         "coverage_by_turn": curve[:max_turns],
@@ -245,7 +250,28 @@ class JudgePanel:
         need = {"majority": n // 2 + 1, "unanimous": n, "liberal": 1}[self.voting]
         return {item.id for item, v in zip(rubric, votes, strict=True) if v >= need}
 
+    def same_diagnosis(self, answer: str, truth: str) -> bool:
+        """Whether the panel (same voting) accepts `answer` as the diagnosis `truth`."""
+        chat = [
+            {"role": "system", "content": DIAGNOSIS_JUDGE_PROMPT},
+            {
+                "role": "user",
+                "content": f"Correct diagnosis: {truth}\nDoctor's diagnosis: {answer}",
+            },
+        ]
+        params = SamplingParams(max_new_tokens=8, greedy=True)
+        votes = sum(
+            b.generate([chat], params)[0].text.strip().lower().startswith("correct")
+            for b in self.backends
+        )
+        n = len(self.backends)
+        return votes >= {"majority": n // 2 + 1, "unanimous": n, "liberal": 1}[self.voting]
 
+
+DIAGNOSIS_JUDGE_PROMPT = (
+    "Judge whether the doctor's diagnosis names the same disease as the correct diagnosis."
+    " Reply with exactly one word: Correct or Incorrect."
+)
 RECORD_PATIENT_PROMPT = (
     "You are the patient described by this medical record. Answer the doctor's question in"
     " plain words, only from the record; if it does not say, answer that you are not sure."

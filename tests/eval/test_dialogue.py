@@ -145,5 +145,8 @@ def test_released_file_with_llm_patient_and_judge_panel(tmp_path, voting, covera
     )  # fmt: skip
     assert scores[0]["coverage"] == coverage and scores[0]["diagnosis_correct"]
     assert trajs[0].messages[3] == {"role": "user", "content": "没有。"}
+    # The panel also judges diagnoses that exact match misses.
+    panel = dialogue.JudgePanel([_Scripted(lambda chat: "Correct")] * 2 + judges[2:], voting)
+    assert panel.same_diagnosis("支气管炎（急性）", "急性支气管炎") == (voting != "unanimous")
     with pytest.raises(ValueError, match="voting must be one of"):
         dialogue.JudgePanel(judges, "plurality")
