@@ -313,11 +313,13 @@ def guidance_report(
     num_questions: int = 240,
     noise_rate: float = 0.3,
     seed: int = 0,
+    backend=None,
 ) -> dict:
     """Checker recall / false alarms on inserted findings, and the hallucination rate of the
     paper's three configurations (prompt only, + strict adherence, + guidance) with a
     `NoisyPatientBackend`. Hallucination = share of replies the checker flags; relevance =
-    share of replies that are not `NOT_SURE`; consistency = share without contradictions."""
+    share of replies that are not `NOT_SURE`; consistency = share without contradictions.
+    `backend`: measure a real LLM patient (any TextBackend) instead of the stand-in."""
     matcher = ConceptMatcher(graph)
     checker = FactChecker(graph, matcher)
     grounded = KnowledgePatient(graph, matcher)
@@ -349,18 +351,18 @@ def guidance_report(
         ("+ guidance", True, True),
     ):  # fmt: skip
         agent = GuidedPatient(graph, None, strict=strict, guidance=guidance, checker=checker)
-        backend = NoisyPatientBackend(
+        agent.backend = backend or NoisyPatientBackend(
             graph, matcher, {agent.prompt(c).removesuffix(STRICT_SUFFIX): c for c in cases},
             phenotypes, noise_rate=noise_rate, seed=seed,
         )  # fmt: skip
-        agent.backend = backend
         replies = agent.reply_batch(asked, questions)
         checks = [checker.check(c, r) for c, r in zip(asked, replies, strict=True)]
         report["configurations"][name] = {
             "hallucination_rate": sum(not c.ok for c in checks) / len(checks),
             "relevance": sum(r != NOT_SURE for r in replies) / len(replies),
             "consistency": sum(not c.contradicted for c in checks) / len(checks),
-            "inserted": backend.inserted, "corrections": len(agent.corrections),
+            "inserted": getattr(agent.backend, "inserted", None),
+            "corrections": len(agent.corrections),
             "fallbacks": agent.fallbacks,
         }  # fmt: skip
     return report
