@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         if not args.patient or judge is None:
             raise SystemExit("run_eval: --xlsx needs --patient and --judges (LLM backends).")
         benchmark = dialogue.cases_from_xlsx(meddialog_xlsx.load_xlsx(args.xlsx))
-        patient = dialogue.RecordPatient(make_backend(args.patient)[1])
+        patient = dialogue.RecordPatient(make_backend(args.patient)[1], benchmark)
     else:
         from medjax.knowledge import graph as graph_lib
         from medjax.knowledge import hpo

@@ -185,10 +185,7 @@ def run(
 
     def respond(trajectories):
         return [
-            patient.reply(by_id[t.query_id], t.messages[-1]["content"])
-            if isinstance(patient, RecordPatient)
-            else patient.reply(by_id[t.query_id].case, t.messages[-1]["content"])
-            for t in trajectories
+            patient.reply(by_id[t.query_id].case, t.messages[-1]["content"]) for t in trajectories
         ]
 
     agent = agents.AgentSpec(
@@ -246,9 +243,11 @@ class JudgePanel:
                 k = int(match.group(1)) - 1
                 if 0 <= k < len(rubric) and match.group(2) == "yes":
                     votes[k] += 1
+        return {item.id for item, v in zip(rubric, votes, strict=True) if self._passes(v)}
+
+    def _passes(self, votes: int) -> bool:
         n = len(self.backends)
-        need = {"majority": n // 2 + 1, "unanimous": n, "liberal": 1}[self.voting]
-        return {item.id for item, v in zip(rubric, votes, strict=True) if v >= need}
+        return votes >= {"majority": n // 2 + 1, "unanimous": n, "liberal": 1}[self.voting]
 
     def same_diagnosis(self, answer: str, truth: str) -> bool:
         """Whether the panel (same voting) accepts `answer` as the diagnosis `truth`."""
@@ -264,8 +263,7 @@ class JudgePanel:
             b.generate([chat], params)[0].text.strip().lower().startswith("correct")
             for b in self.backends
         )
-        n = len(self.backends)
-        return votes >= {"majority": n // 2 + 1, "unanimous": n, "liberal": 1}[self.voting]
+        return self._passes(votes)
 
 
 DIAGNOSIS_JUDGE_PROMPT = (
@@ -280,15 +278,20 @@ RECORD_PATIENT_PROMPT = (
 
 
 class RecordPatient:
-    """An LLM patient for cases from the released file: answers from the free-text record."""
+    """An LLM patient for cases from the released file: answers from each case's free-text
+    record (`BenchmarkCase.record`), with the same `reply(case, question)` as the others."""
 
-    def __init__(self, backend, params: SamplingParams | None = None):
+    def __init__(
+        self, backend, benchmark: Sequence[BenchmarkCase], params: SamplingParams | None = None
+    ):
         self.backend = backend
+        self.records = {b.case.case_id: b.record for b in benchmark}
         self.params = params or SamplingParams(max_new_tokens=256, temperature=0.7)
 
-    def reply(self, bench: BenchmarkCase, question: str) -> str:
+    def reply(self, case: cases_lib.PatientCase, question: str) -> str:
+        record = self.records[case.case_id]
         chat = [
-            {"role": "system", "content": RECORD_PATIENT_PROMPT.format(record=bench.record)},
+            {"role": "system", "content": RECORD_PATIENT_PROMPT.format(record=record)},
             {"role": "user", "content": question},
         ]
         return self.backend.generate([chat], self.params)[0].text.strip()

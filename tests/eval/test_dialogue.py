@@ -140,7 +140,7 @@ def test_released_file_with_llm_patient_and_judge_panel(tmp_path, voting, covera
 
     judges = [_Scripted(fair_judge), _Scripted(fair_judge), _Scripted(lambda chat: "1: no\n2: no")]
     trajs, scores = dialogue.run(
-        _Scripted(doctor), bench, None, patient=dialogue.RecordPatient(_Scripted(patient)),
+        _Scripted(doctor), bench, None, patient=dialogue.RecordPatient(_Scripted(patient), bench),
         judge=dialogue.JudgePanel(judges, voting),
     )  # fmt: skip
     assert scores[0]["coverage"] == coverage and scores[0]["diagnosis_correct"]
