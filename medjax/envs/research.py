@@ -36,7 +36,7 @@ from medjax.knowledge import hpo, retrieval
 from medjax.llm.base import TextBackend
 from medjax.sampling import SamplingParams
 from medjax.synthesis.expert import ExpertResearcher
-from medjax.synthesis.qa import clue_text
+from medjax.synthesis.qa import hop_query
 
 SYSTEM_PROMPT = (
     "You are a medical research assistant. Answer the question by searching and reading the"
@@ -194,8 +194,7 @@ def hop_queries(
     out, previous = [], mapping["Anchor"]
     for step in record["reasoning_path"]:
         target = mapping[step["to"]]
-        words = [previous["name"], *(clue_text(graph, c) for c in step["clues"])]
-        out.append((" ".join(words), target["id"]))
+        out.append((hop_query(graph, previous["name"], step["clues"]), target["id"]))
         previous = target
     return out
 

@@ -23,7 +23,7 @@ from typing import Any
 from medjax.knowledge.graph import KnowledgeGraph
 from medjax.llm.base import Generation, Message
 from medjax.sampling import SamplingParams
-from medjax.synthesis.qa import clue_text
+from medjax.synthesis.qa import clue_text, hop_query
 
 
 def _call(name: str, **arguments: Any) -> str:
@@ -75,7 +75,7 @@ def plan(graph: KnowledgeGraph, record: Mapping[str, Any]) -> Iterator[str]:
             found = _mentions_id(observation, target["id"])
         else:
             # Too many to list: search for the feature together with the clues.
-            query = " ".join([current_name, *(clue_text(graph, c) for c in step["clues"])])
+            query = hop_query(graph, current_name, step["clues"])
             observation = yield (
                 f"<think>{current_name} is reported in many disorders; narrow it down.</think>"
                 + _call("search", query=[query], k=10)

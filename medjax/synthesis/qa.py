@@ -115,6 +115,12 @@ def clue_text(graph, clue) -> str:
     raise ValueError(f"unknown clue kind {what!r}.")
 
 
+def hop_query(graph, previous_name: str, clues) -> str:
+    """What a researcher who knows the previous entity searches for the next one: its name
+    and the hop's clues (the expert's fallback search and the recall@k queries)."""
+    return " ".join([previous_name, *(clue_text(graph, c) for c in clues)])
+
+
 def _placeholder(i: int) -> str:
     return f"Entity_{string.ascii_uppercase[i]}"
 
