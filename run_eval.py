@@ -1,115 +1,84 @@
-"""Runs an evaluation and writes its report.
+"""Runs an evaluation: flags -> gin -> `medjax.eval_lib.evaluate()`, which writes the report.
 
+    python run_eval.py --gin_file=gin/eval/research_tiny.gin \
+        --gin_bindings="eval_lib.evaluate.checkpoint = '/ckpt/qwen2.5-0.5b-instruct'"
+    python run_eval.py --task research --checkpoint /ckpt/qwen2.5-0.5b-instruct --num-questions 50
     python run_eval.py --task dialogue --cases 20 --doctors random,checklist,oracle --out DIR
     python run_eval.py --task dialogue --doctors openai:http://127.0.0.1:8000/v1:my-model
-    python run_eval.py --task dialogue --doctors checkpoint:/ckpt/qwen2.5-0.5b-instruct
 
     python run_eval.py --task dialogue --xlsx MedDialogRubrics.xlsx --doctors openai:URL:M \
         --patient openai:URL:M --judges openai:URL:A,openai:URL:B,openai:URL:C --voting majority
 
-A doctor, patient or judge is an OpenAI-compatible endpoint (`openai:BASE_URL:MODEL`, API
-key from $OPENAI_API_KEY) or a local medjax checkpoint (`checkpoint:DIR`, a Hugging Face
-folder with its tokenizer); doctors can also be the scripted baselines (random, checklist,
-oracle) on synthetic cases. With `--xlsx` (the released MedDialogRubrics file) the patient
-answers from each row's record and an LLM judge panel scores the must-ask points.
+Every option is an argument of `eval_lib.evaluate` (its docstring lists them and their
+defaults): bind them in gin files (`eval_lib.evaluate.<name>`), or give the flags below,
+which override the gin bindings. A flag left out keeps the gin binding or the default; the
+default task is research. Gin flags (`--gin_file`, `--gin_bindings`, `--gin_search_paths`)
+work as in run_train.py. A backend spec is `openai:BASE_URL:MODEL` (API key from
+$OPENAI_API_KEY) or `checkpoint:DIR` (a Hugging Face folder with its tokenizer).
 """
 
 import argparse
 import json
+import os
 import sys
 
+import gin
 
-def make_doctor(spec: str, benchmark, graph):
-    from medjax.eval import dialogue
-
-    if spec in dialogue.BASELINES:
-        if graph is None:
-            raise SystemExit(f"run_eval: the scripted doctor {spec!r} needs synthetic cases.")
-        return spec, dialogue.BASELINES[spec](benchmark, graph)
-    return make_backend(spec)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_train  # gin_flags and configure, shared with training.
 
 
-def make_backend(spec: str):
-    kind, _, rest = spec.partition(":")
-    if kind == "openai":
-        from medjax.llm import OpenAICompatibleBackend
+def flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`evaluate`'s keyword flags; a flag not given is not passed (gin or the default wins)."""
+    add = parser.add_argument
+    add("--task", choices=("research", "dialogue"))
+    add("--out", dest="out_dir", help="report folder")
+    add("--seed", type=int)
+    add("--max-turns", dest="max_turns", type=int)
+    add("--split")
+    add("--data-dir", dest="data_dir", help="TFDS data dir (built there when missing)")
+    add("--checkpoint", help="research: the policy, a Hugging Face folder")
+    add("--dataset", help="research: a med_kg_qa config, e.g. med_kg_qa/tiny")
+    add("--num-questions", dest="num_questions", type=int, help="research: first N questions")
+    add("--cases", type=int, help="dialogue: number of synthetic cases")
+    add("--doctors", help="dialogue: comma-separated doctors")
+    add("--config", help="dialogue: cases from the med_dialog_rubrics TFDS config (tiny)")
+    add("--xlsx", help="dialogue: the released MedDialogRubrics .xlsx")
+    add("--patient", help="dialogue: LLM patient for --xlsx (openai:... or checkpoint:...)")
+    add("--judges", help="dialogue: comma-separated LLM judges (a panel)")
+    add("--voting", choices=("majority", "unanimous", "liberal"))
+    return parser
 
-        base_url, _, model = rest.rpartition(":")
-        if not base_url or not model:
-            raise SystemExit(f"run_eval: --doctors {spec!r}: expected openai:BASE_URL:MODEL.")
-        return f"openai-{model}", OpenAICompatibleBackend(base_url, model)
-    if kind == "checkpoint":
-        from medjax.llm import JaxPolicyBackend
-        from medjax.models import checkpoint, tokenizer
 
-        return "checkpoint", JaxPolicyBackend(
-            checkpoint.from_pretrained(rest), tokenizer.load_tokenizer(rest)
-        )
-    raise SystemExit(
-        f"run_eval: unknown backend {spec!r}; use random/checklist/oracle (doctors),"
-        " openai:BASE_URL:MODEL or checkpoint:DIR."
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS
     )
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="dialogue", choices=("dialogue",))
-    parser.add_argument("--cases", type=int, default=20, help="number of synthetic cases")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-turns", type=int, default=12)
-    parser.add_argument("--doctors", default="random,checklist,oracle")
-    parser.add_argument("--out", default="eval_out")
-    parser.add_argument("--config", help="cases from the med_dialog_rubrics TFDS config (tiny)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--data-dir", help="TFDS data dir (built there when missing)")
-    parser.add_argument("--xlsx", help="the released MedDialogRubrics .xlsx")
-    parser.add_argument("--patient", help="LLM patient for --xlsx (openai:... or checkpoint:...)")
-    parser.add_argument("--judges", help="comma-separated LLM judges (a panel)")
-    parser.add_argument(
-        "--voting", default="majority", choices=("majority", "unanimous", "liberal")
-    )
+    parser = flags(run_train.gin_flags(parser))
     args = parser.parse_args(argv)
+    gin_args = {"gin_file", "gin_bindings", "gin_search_paths"}
+    overrides = {k: v for k, v in vars(args).items() if k not in gin_args}
 
-    from medjax.eval import dialogue
+    from medjax import eval_lib
 
-    patient = judge = graph = None
-    if args.judges:
-        judge = dialogue.JudgePanel(
-            [make_backend(s.strip())[1] for s in args.judges.split(",")], args.voting
-        )
-    if args.xlsx:
-        from medjax.datasets import meddialog_xlsx
-
-        if not args.patient or judge is None:
-            raise SystemExit("run_eval: --xlsx needs --patient and --judges (LLM backends).")
-        benchmark = dialogue.cases_from_xlsx(meddialog_xlsx.load_xlsx(args.xlsx))
-        patient = dialogue.RecordPatient(make_backend(args.patient)[1], benchmark)
-    else:
-        from medjax.knowledge import graph as graph_lib
-        from medjax.knowledge import hpo
-
-        graph = graph_lib.KnowledgeGraph(hpo.load())
-        if args.config:
-            from medjax import datasets
-            from medjax.datasets import med_dialog_rubrics
-
-            source = datasets.load(
-                f"med_dialog_rubrics/{args.config}", split=args.split, data_dir=args.data_dir
-            )
-            examples = [med_dialog_rubrics.to_case(source[i]) for i in range(len(source))]
-            benchmark = dialogue.cases_from_dataset(graph, examples)
-        else:
-            benchmark = dialogue.build_cases(graph, args.cases, seed=args.seed)
-    results = {}
-    for spec in args.doctors.split(","):
-        name, doctor = make_doctor(spec.strip(), benchmark, graph)
-        results[name] = dialogue.run(
-            doctor, benchmark, graph, max_turns=args.max_turns, patient=patient, judge=judge
-        )
-    summary = dialogue.write_report(args.out, results)
+    evaluate = gin.configurable(eval_lib.evaluate, module="medjax.eval_lib")
+    if args.gin_file or args.gin_bindings:
+        run_train.configure(args, "run_eval")
+        overrides["operative_config"] = gin.operative_config_str
+    try:
+        summary = evaluate(**overrides)
+    except (eval_lib.EvalError, eval_lib.CheckpointError) as e:
+        # gin appends "In call to configurable ..." lines: the message is the first line.
+        raise SystemExit(f"run_eval: error: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        # gin raises ValueError for a required argument or macro left unset.
+        if "gin" in str(e).lower() or "REQUIRED" in str(e):
+            raise SystemExit(f"run_eval: error: bad gin configuration: {e}") from None
+        raise
     json.dump(summary, sys.stdout, indent=1)
-    print(f"\nrun_eval: report in {args.out}/report.md")
+    print()
 
 
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(sys.argv[1:])

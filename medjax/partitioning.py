@@ -141,7 +141,9 @@ def init_optimizer_state(tx, params, mesh: Mesh):
     replicated = NamedSharding(mesh, P())
 
     def place(x):
-        on_mesh = len(x.sharding.device_set) == mesh.devices.size
+        # A NamedSharding on the mesh, also on a 1-device mesh: a jitted step's outputs
+        # carry the mesh, and inputs without it would compile the step a second time.
+        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh.shape == mesh.shape
         return x if on_mesh else jax.device_put(x, replicated)
 
     return jax.tree.map(place, state)

@@ -82,6 +82,31 @@ def delegate_tool(sub_agent, *, summariser=None, name: str = "delegate") -> Tool
     )
 
 
+TRUNCATION_MARK = "\n[... truncated]"
+
+
+def truncate_text(text: str, max_chars: int) -> str:
+    """`text` cut to at most `max_chars` characters, marked where cut."""
+    if len(text) <= max_chars:
+        return text
+    keep = max(max_chars - len(TRUNCATION_MARK), 0)
+    return text[:keep] + TRUNCATION_MARK
+
+
+def truncate_output(tool: Tool, max_chars: int) -> Tool:
+    """The tool with its observations cut to `max_chars` (small-context policies)."""
+    if tool.fn is None:
+        raise ValueError(f"truncate_output: {tool.name!r} is a delegate tool; cut its summary.")
+    fn = tool.fn
+
+    def cut(**arguments):
+        out = fn(**arguments)
+        text = out if isinstance(out, str) else json.dumps(out, ensure_ascii=False)
+        return truncate_text(text, max_chars)
+
+    return dataclasses.replace(tool, fn=cut)
+
+
 def render_tools(tools: Sequence[Tool]) -> str:
     """The system-prompt section that lists the tools and the call format."""
     if not tools:

@@ -9,6 +9,7 @@ engine as tools, a final `<answer>`, and a composite reward.
 Reward (medical_notes.md 2.5; the paper's exact weights are unpublished):
 
     r = correct + format_weight * format_valid - call_penalty * max(0, tool_calls - call_budget)
+        [+ answer_weight * answered - error_penalty * format_errors: shaping, off by default]
 
 - `correct`: 1 when the normalised answer equals the normalised name or an alias of the
   answer entity (lower case, punctuation, articles and extra spaces removed); otherwise, when a
@@ -56,11 +57,20 @@ JUDGE_PROMPT = (
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Weights of the composite reward (see the module docstring)."""
+    """Weights of the composite reward (see the module docstring).
+
+    `answer_weight` and `error_penalty` are shaping terms for small policies, 0 (off) in the
+    papers' reward: `answer_weight` pays for ending with an `<answer>` even after format
+    errors, and `error_penalty` charges each format or tool error. A policy trained from
+    scratch makes errors in nearly every episode, so the binary format term alone gives it
+    no signal to learn from.
+    """
 
     format_weight: float = 0.1
     call_penalty: float = 0.05
     call_budget: int = 10
+    answer_weight: float = 0.0
+    error_penalty: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +80,8 @@ class RewardTerms:
     tool_calls: int
     excess_calls: int
     total: float
+    answered: float = 0.0
+    format_errors: int = 0
 
 
 @dataclasses.dataclass
@@ -134,8 +146,18 @@ def score(
     format_valid = trajectory.finish_reason == "answer" and trajectory.format_errors == 0
     calls = sum(t.tool is not None for t in trajectory.turns)
     excess = max(0, calls - config.call_budget)
-    total = float(correct) + config.format_weight * format_valid - config.call_penalty * excess
-    return RewardTerms(float(correct), float(format_valid), calls, excess, total)
+    answered = trajectory.finish_reason == "answer"
+    total = (
+        float(correct)
+        + config.format_weight * format_valid
+        - config.call_penalty * excess
+        + config.answer_weight * answered
+        - config.error_penalty * trajectory.format_errors
+    )
+    return RewardTerms(
+        float(correct), float(format_valid), calls, excess, total, float(answered),
+        trajectory.format_errors,
+    )  # fmt: skip
 
 
 def queries(records: Sequence[Mapping[str, Any]]) -> list[agents.Query]:

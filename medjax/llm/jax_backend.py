@@ -32,10 +32,13 @@ class JaxPolicyBackend:
       model: the policy.
       tokenizer: a Hugging Face tokenizer with a chat template (`medjax.models.tokenizer`).
       seed: seeds the PRNG; each call advances it, so calls differ and a run replays.
+      row_buckets: pad each call's rows to a power of two (bounded compiles; the padding
+        rows cost compute). False samples exactly the rows given.
     """
 
-    def __init__(self, model: DecoderLM, tokenizer, *, seed: int = 0):
+    def __init__(self, model: DecoderLM, tokenizer, *, seed: int = 0, row_buckets: bool = True):
         self.model = model
+        self.row_buckets = row_buckets
         self.tokenizer = tokenizer
         self._key = jax.random.key(seed)
         self.calls = 0
@@ -68,20 +71,28 @@ class JaxPolicyBackend:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("JaxPolicyBackend.generate_ids: a prompt is empty.")
+        if max_new_tokens is not None and len(max_new_tokens) != len(prompts):
+            raise ValueError(
+                f"JaxPolicyBackend.generate_ids: {len(max_new_tokens)} budgets for"
+                f" {len(prompts)} prompts."
+            )
+        # Rows are padded to a power of two with one-token dummy prompts of budget 1, so a
+        # run compiles one program per (row bucket, length bucket) instead of one per number
+        # of live episodes.
+        rows = 1 << (len(prompts) - 1).bit_length() if self.row_buckets else len(prompts)
         width = max(len(p) for p in prompts)
-        ids = np.full((len(prompts), width), params.pad_id if params.pad_id >= 0 else 0, np.int32)
-        mask = np.zeros((len(prompts), width), np.int32)
+        pad = params.pad_id if params.pad_id >= 0 else 0
+        ids = np.full((rows, width), pad, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        mask[len(prompts) :, -1] = 1
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = prompt
             mask[row, width - len(prompt) :] = 1
-        budgets = None
+        budget_of = np.full(rows, params.max_new_tokens, np.int32)
         if max_new_tokens is not None:
-            if len(max_new_tokens) != len(prompts):
-                raise ValueError(
-                    f"JaxPolicyBackend.generate_ids: {len(max_new_tokens)} budgets for"
-                    f" {len(prompts)} prompts."
-                )
-            budgets = np.repeat(np.minimum(max_new_tokens, params.max_new_tokens), num_samples)
+            budget_of[: len(prompts)] = np.minimum(max_new_tokens, params.max_new_tokens)
+        budget_of[len(prompts) :] = 1
+        budget_of = np.repeat(budget_of, num_samples)
         # Stop strings become token-id stop sequences for the sampler (a static argument:
         # the strings themselves would only add compiled variants).
         sampler_params = dataclasses.replace(
@@ -93,14 +104,12 @@ class JaxPolicyBackend:
         self._key, key = jax.random.split(self._key)
         out = sampling.sample(
             self.model, jnp.asarray(ids), jnp.asarray(mask), key, sampler_params,
-            num_samples=num_samples, buckets=None,
-            max_new_tokens=None if budgets is None else jnp.asarray(budgets),
+            num_samples=num_samples, buckets=None, max_new_tokens=jnp.asarray(budget_of),
         )  # fmt: skip
         self.calls += 1
         tokens, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logps, out.lengths))
-        budget_of = np.full(tokens.shape[0], params.max_new_tokens) if budgets is None else budgets
         results = []
-        for row in range(tokens.shape[0]):
+        for row in range(len(prompts) * num_samples):
             n = int(lengths[row])
             token_ids = tokens[row, :n].tolist()
             cut = stops.stop_string_cut(self.tokenizer, token_ids, params.stop_strings)

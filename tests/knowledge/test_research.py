@@ -5,6 +5,7 @@ synthesised questions with real tool calls only."""
 import collections
 import dataclasses
 
+import numpy as np
 import pytest
 
 from medjax import agents, llm
@@ -77,13 +78,23 @@ RECORD = {
 def test_reward_by_hand():
     cfg = research.RewardConfig(format_weight=0.1, call_penalty=0.05, call_budget=2)
     assert research.score(_trajectory("nat2 gene."), RECORD, cfg) == research.RewardTerms(
-        1.0, 1.0, 3, 1, 1.0 + 0.1 - 0.05
+        1.0, 1.0, 3, 1, 1.0 + 0.1 - 0.05, answered=1.0, format_errors=0
     )
     assert research.score(_trajectory("NAT 2", errors=1, calls=1), RECORD, cfg).total == 1.0
     wrong = research.score(_trajectory("BRCA1", calls=0), RECORD, cfg)
     assert (wrong.correct, wrong.format_valid, wrong.total) == (0.0, 1.0, 0.1)
     none = research.score(_trajectory(None, finish="no_answer", calls=0), RECORD, cfg)
     assert none.total == 0.0
+    # Shaping: 0.2 for answering, 0.03 per error; a wrong answer after 2 errors and 3 calls
+    # (one over the budget of 2): 0 + 0 (format) - 0.05 + 0.2 - 0.06 = 0.09.
+    shaped = research.RewardConfig(
+        format_weight=0.1, call_penalty=0.05, call_budget=2, answer_weight=0.2, error_penalty=0.03
+    )
+    terms = research.score(_trajectory("BRCA1", errors=2), RECORD, shaped)
+    assert (terms.answered, terms.format_errors) == (1.0, 2)
+    np.testing.assert_allclose(terms.total, 0.09, rtol=1e-12)
+    unanswered = research.score(_trajectory(None, errors=1, finish="no_answer"), RECORD, shaped)
+    np.testing.assert_allclose(unanswered.total, -0.05 - 0.03, rtol=1e-12)
 
     class Judge:
         def __init__(self, verdict):

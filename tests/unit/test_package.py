@@ -76,7 +76,7 @@ def test_readme_commands_are_the_ones_ci_runs():
     readme = (ROOT / "README.md").read_text()
     commands = [b.split("```")[0].strip() for b in readme.split("```bash\n")[1:]]
     assert len(commands) == 2, commands
-    assert commands[0].endswith("python -m medjax.losses.demo")
+    assert commands[0].endswith("python run_train.py --gin_file=gin/experiments/quickstart_cpu.gin")
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 

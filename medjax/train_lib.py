@@ -1,0 +1,791 @@
+"""The trainer: SFT on expert chats, then online RL (GRPO family, GRAO or M-GRPO), with
+orbax checkpoints, automatic resume, metrics and before/after evaluation.
+
+`run_train.py` parses gin and calls `train()`; gin binds its arguments and the stages':
+
+    train_lib.train.run_dir = '/tmp/run'
+    train_lib.train.stages = [@train_lib.SFTStage(), @train_lib.RLStage()]
+    train_lib.RLStage.algorithm = 'grpo'          # or 'grao', 'mgrpo'
+    train_lib.RLStage.loss = @losses.grpo_loss    # options bound on losses.grpo_loss
+
+A run directory holds `run.json` (what it is), `config.gin` (the operative config, written
+by process 0 at step 0), `tokenizer/` (trained when no checkpoint gives one), one folder per
+stage (`checkpoints/`, `metrics.jsonl`, TensorBoard events, `export/`: the stage's final
+policy as a Hugging Face folder), `eval/` (one JSON per evaluation point) and
+`results.json` / `results.md` with the before/after table. Stages run in order; each starts
+from the previous one's policy. Running the same command again resumes: finished stages
+are skipped (their exports loaded), an unfinished one restores its latest checkpoint (onto
+the current mesh) and continues with the same data, since batches are addressed by step.
+
+One RL step: a batch of questions -> G episodes each through the agent loop (one sampler
+call per turn for all live episodes) -> rewards -> advantages -> old log-probs (only when
+`num_iterations` > 1; otherwise the update is exactly on-policy) and reference log-probs
+(only when `kl_beta` != 0) -> `num_iterations` passes of `num_minibatches` optimizer steps.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from medjax import losses, partitioning, sampling
+from medjax.envs import research
+from medjax.eval import research as eval_research
+from medjax.llm import JaxPolicyBackend
+from medjax.models import checkpoint as checkpoint_lib
+from medjax.models import tokenizer as tokenizer_lib
+from medjax.models.config import ModelConfig
+from medjax.models.transformer import DecoderLM
+from medjax.training import checkpoints, data, metrics, optim, rl, steps
+
+ALGORITHMS = ("grpo", "grao", "mgrpo")
+RUN_FILE = "run.json"
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStage:
+    """Supervised fine-tuning on the expert's chats (loss on the policy's own tokens only).
+
+    Attributes:
+      name: the stage's folder in the run directory.
+      steps: optimizer steps.
+      batch_size: chats per step.
+      max_length: chats are cut to this many tokens.
+      optimizer: called as `optimizer(total_steps=steps)` (bind `optim.make_optimizer`).
+      num_microbatches: gradient accumulation (exact: see `medjax.training.steps`).
+      save_every: checkpoint interval in steps (and always at the end).
+      keep_checkpoints: how many to keep.
+    """
+
+    name: str = "sft"
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int = 2048
+    optimizer: Callable[..., optax.GradientTransformation] = optim.make_optimizer
+    num_microbatches: int = 1
+    save_every: int = 50
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStage:
+    """Online RL on the task's training questions.
+
+    Attributes:
+      name: the stage's folder in the run directory.
+      algorithm: "grpo" (any `losses.grpo_loss` variant: bind the loss's options), "grao"
+        (`losses.grao_loss`; the reference answer of each question is its expert chat) or
+        "mgrpo" (main agent delegating to a searching sub-agent; `losses.mgrpo_policy_loss`).
+      steps: rollout batches.
+      prompts_per_step: questions per rollout batch.
+      num_generations: G episodes per question (K rollouts for M-GRPO).
+      num_iterations: passes over each rollout batch (old log-probs are scored when > 1).
+      num_minibatches: optimizer steps per pass (rows split in order, by question).
+      num_microbatches: gradient accumulation inside each optimizer step.
+      loss: the loss, its options bound in gin; None picks the algorithm's default.
+      kl_beta: GRPO's KL coefficient (passed to the loss as `beta`); != 0 scores a
+        reference model.
+      reference: a Hugging Face folder for the reference model; None: the stage's initial
+        policy, frozen.
+      advantage_scale, advantage_ddof: `losses.group_advantages` options (GRPO).
+      optimizer: called as `optimizer(total_steps=...)` for the policy.
+      shared_model: M-GRPO: one model plays both agents (one update over main and sub rows)
+        or, False, the sub-agent is its own model with `sub_optimizer`.
+      sub_optimizer: M-GRPO with distinct models (None: `optimizer`).
+      sub_target_count: M-GRPO's d (fixed shapes); None: the 0.99 quantile per step.
+      save_every, keep_checkpoints: as in SFTStage.
+    """
+
+    name: str = "rl"
+    algorithm: str = "grpo"
+    steps: int = 10
+    prompts_per_step: int = 4
+    num_generations: int = 4
+    num_iterations: int = 1
+    num_minibatches: int = 1
+    num_microbatches: int = 1
+    loss: Callable | None = None
+    kl_beta: float = 0.0
+    reference: str | None = None
+    advantage_scale: str = "group"
+    advantage_ddof: int = 1
+    optimizer: Callable[..., optax.GradientTransformation] = optim.make_optimizer
+    shared_model: bool = True
+    sub_optimizer: Callable[..., optax.GradientTransformation] | None = None
+    sub_target_count: int | None = 2
+    save_every: int = 5
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise TrainError(
+                f"RLStage {self.name!r}: algorithm {self.algorithm!r} is not one of {ALGORITHMS}."
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# Set-up: run directory, data, tokenizer, model.
+
+
+def _check_run_dir(run_dir: str, stages: Sequence[Any]) -> bool:
+    """Whether `run_dir` holds a run to resume; raises if it holds anything else."""
+    if not os.path.exists(run_dir):
+        return False
+    if not os.path.isdir(run_dir):
+        raise TrainError(f"run_dir {run_dir} is a file, not a directory.")
+    entries = [e for e in os.listdir(run_dir) if not e.startswith(".")]
+    if not entries:
+        return False
+    if RUN_FILE not in entries:
+        raise TrainError(
+            f"run_dir {run_dir} is not empty and is not a medjax run (no {RUN_FILE}); choose"
+            " an empty or new directory. Nothing was written."
+        )
+    for stage in stages:
+        try:
+            checkpoints._check_directory(os.path.join(run_dir, stage.name, "checkpoints"))
+        except checkpoints.CheckpointDirError as e:
+            raise TrainError(str(e)) from None
+    return True
+
+
+@dataclasses.dataclass
+class _Data:
+    chats: list[dict[str, Any]]  # Expert chats (med_kg_qa_trajectories train).
+    records: list[dict[str, Any]]  # Their questions as reward records.
+    eval_records: list[dict[str, Any]]
+
+
+def _load_data(task: rl.ResearchTask) -> _Data:
+    from medjax import datasets
+    from medjax.datasets import med_kg_qa
+
+    name, _, config = task.dataset.partition("/")
+    if name != "med_kg_qa":
+        raise TrainError(f"ResearchTask.dataset {task.dataset!r}: expected med_kg_qa[/config].")
+    suffix = f"/{config}" if config else ""
+    try:
+        chats = datasets.load(f"med_kg_qa_trajectories{suffix}", "train", task.data_dir)
+        held_out = datasets.load(task.dataset, task.eval_split, task.data_dir)
+    except (ValueError, KeyError) as e:
+        raise TrainError(f"dataset {task.dataset!r}: {e}") from None
+    chats = [med_kg_qa.to_trajectory(chats[i]) for i in range(len(chats))]
+    eval_records = [med_kg_qa.to_record(held_out[i]) for i in range(len(held_out))]
+    available = len(eval_records)
+    eval_records = eval_records[: task.num_eval_questions]
+    if not chats:
+        raise TrainError(f"dataset med_kg_qa_trajectories{suffix} (train) is empty.")
+    if not eval_records:
+        raise TrainError(
+            f"no held-out questions: {task.dataset} split {task.eval_split!r} has {available}"
+            f" and ResearchTask.num_eval_questions is {task.num_eval_questions}."
+        )
+    return _Data(chats, [data.research_record(c) for c in chats], eval_records)
+
+
+def _tokenizer(run_dir, init_from, chats, vocab_size: int, fresh: bool, chat_template):
+    path = os.path.join(run_dir, "tokenizer")
+    if init_from is not None:
+        tok = tokenizer_lib.load_tokenizer(init_from)
+        if chat_template == "chatml":
+            # Templates that rewrite past turns (Qwen3 drops old <think> blocks) cannot hold
+            # the exact sampled ids of a multi-turn episode; ChatML renders turns verbatim.
+            tok.chat_template = tokenizer_lib.CHAT_TEMPLATE
+        elif chat_template is not None:
+            raise TrainError(f"train: chat_template {chat_template!r}: use None or 'chatml'.")
+        return tok
+    if not fresh and os.path.exists(os.path.join(path, "tokenizer.json")):
+        return tokenizer_lib.load_tokenizer(path)
+    texts = (m["content"] for c in chats for m in c["messages"])
+    tok = tokenizer_lib.train_bpe(texts, vocab_size)
+    if jax.process_index() == 0:
+        tok.save_pretrained(path)
+    return tok
+
+
+def _init_model(config, init_from, tokenizer, seed, mesh, dtype) -> DecoderLM:
+    if init_from is not None:
+        try:
+            return checkpoint_lib.from_pretrained(init_from, mesh=mesh, dtype=dtype)
+        except (FileNotFoundError, checkpoint_lib.CheckpointError) as e:
+            raise TrainError(f"init_from: {e}") from None
+    if config is None:
+        raise TrainError("train: give `model` (a ModelConfig) or `init_from` (a HF folder).")
+    config = config.replace(vocab_size=len(tokenizer))
+    with jax.set_mesh(mesh):
+        model = DecoderLM(config, rngs=nnx.Rngs(seed))
+    return partitioning.shard_module(model, mesh)
+
+
+def _save_policy(graphdef, params, tokenizer, path: str) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint_lib.save_pretrained(nnx.merge(graphdef, params), tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate_policy(task, env, model, tokenizer, records, *, seed: int = 0) -> dict:
+    """Greedy episodes of the task's agent on `records` (`medjax.eval.research`)."""
+    agent = task.agent(env, JaxPolicyBackend(model, tokenizer, seed=seed), greedy=True)
+    return eval_research.evaluate_agent(agent, records, reward_config=task.reward)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class _Run:
+    run_dir: str
+    task: rl.ResearchTask
+    env: Any
+    data: _Data
+    tokenizer: Any
+    mesh: Any
+    seed: int
+    max_bad_steps: int
+    interactive: bool | None
+    operative_config: Callable[[], str] | None
+    config_written: bool = False
+    heldout_rows: list | None = None  # The expert's held-out chats, tokenised (expert_nll).
+
+    def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {
+            k: jax.device_put(v, partitioning.batch_sharding(self.mesh, v.ndim))
+            for k, v in batch.items()
+        }
+
+    def write_config(self) -> None:
+        if self.config_written or jax.process_index() != 0:
+            return
+        self.config_written = True
+        path = os.path.join(self.run_dir, "config.gin")
+        if self.operative_config is not None and not os.path.exists(path):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.operative_config())
+
+
+def _mean_metrics(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    keys = items[0].keys() if items else ()
+    return {k: float(np.mean([float(m[k]) for m in items])) for k in keys}
+
+
+class _BadSteps:
+    def __init__(self, limit: int, stage: str, directory: str):
+        self.limit, self.stage, self.directory, self.in_a_row, self.total = (
+            limit,
+            stage,
+            directory,
+            0,
+            0,
+        )
+
+    def update(self, skipped: float, step: int, last_good: int | None) -> None:
+        if skipped:
+            self.in_a_row += 1
+            self.total += 1
+        else:
+            self.in_a_row = 0
+        if self.in_a_row > self.limit:
+            where = f"step {last_good} in {self.directory}" if last_good else "none saved yet"
+            raise TrainError(
+                f"stage {self.stage!r}: {self.in_a_row} non-finite losses or gradients in a row"
+                f" (up to step {step}); stopped. Last good checkpoint: {where}. Lower the"
+                " learning rate or check the data."
+            )
+
+
+def _restore(ckpt: checkpoints.Checkpointer, state, writer, name: str):
+    latest = ckpt.latest_step()
+    if latest is None:
+        return state, 0
+    state, meta = ckpt.restore(latest, state)
+    dropped = writer.truncate_after(latest)
+    print(
+        f"{name}: resumed from step {latest} ({dropped} later metric records dropped)", flush=True
+    )
+    return state, int(meta["step"])
+
+
+def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
+    stage_dir = os.path.join(run.run_dir, stage.name)
+    tx = stage.optimizer(total_steps=stage.steps)
+    graphdef, state = steps.create_state(model, tx, run.seed, run.mesh)
+    rows = [
+        data.chat_ids(
+            run.tokenizer, data.truncate_observations(c["messages"], run.task.max_observation_chars)
+        )
+        for c in run.data.chats
+    ]
+    stream = data.IndexStream(len(rows), stage.batch_size, run.seed)
+    step_fn = steps.make_train_step(
+        graphdef, tx, steps.sft_loss_fn, num_microbatches=stage.num_microbatches,
+        state_shardings=steps.shardings_of(state),
+    )  # fmt: skip
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(stage_dir, "checkpoints"), save_every=stage.save_every,
+        keep=stage.keep_checkpoints,
+    )  # fmt: skip
+    writer = metrics.MetricsWriter(
+        run.run_dir, subdir=stage.name, total_steps=stage.steps,
+        is_writer=jax.process_index() == 0, interactive=run.interactive, desc=stage.name,
+        progress_keys=("loss", "grad_norm", "tokens_per_s"),
+    )  # fmt: skip
+    state, start = _restore(ckpt, state, writer, stage.name)
+    writer.start(start)
+    bad = _BadSteps(run.max_bad_steps, stage.name, ckpt.directory)
+    pad_id = run.tokenizer.pad_token_id
+    last_good = start or None
+    for step in range(start, stage.steps):
+        run.write_config()
+        t0 = time.perf_counter()
+        picked = [rows[i] for i in stream[step]]
+        width = data.bucket(min(max(len(ids) for ids, _ in picked), stage.max_length))
+        width = min(width, stage.max_length)
+        batch = data.pad_rows(picked, width, pad_id=pad_id)
+        state, m = step_fn(state, run.put(batch))
+        m = jax.device_get(m)
+        elapsed = time.perf_counter() - t0
+        tokens = int(batch["attention_mask"].sum())
+        scalars = {
+            "loss": m["loss"], "grad_norm": m["grad_norm"], "update_skipped": m["update_skipped"],
+            "num_tokens": m["num_tokens"], "tokens_per_s": tokens / elapsed,
+            "time/update_s": elapsed, "compile/train_step": step_fn._cache_size(),
+        }  # fmt: skip
+        writer.write(step + 1, scalars)
+        bad.update(float(m["update_skipped"]), step + 1, last_good)
+        final = step + 1 == stage.steps
+        if ckpt.should_save(step + 1, final):
+            ckpt.save(step + 1, state, {"step": step + 1, "data_step": step + 1})
+            last_good = step + 1
+    ckpt.close()
+    writer.close()
+    return nnx.merge(graphdef, state.params)
+
+
+def _loss_for(stage: RLStage, temperature: float):
+    if stage.algorithm == "grao":
+        loss = stage.loss or losses.grao_loss
+        return steps.grao_loss_fn(
+            loss, num_generations=stage.num_generations, temperature=temperature
+        )
+    if stage.algorithm == "mgrpo":
+        loss = stage.loss or losses.mgrpo_policy_loss
+    else:
+        base = stage.loss or losses.grpo_loss
+        loss = functools.partial(base, beta=stage.kl_beta) if stage.kl_beta else base
+    return steps.policy_loss_fn(loss, temperature=temperature)
+
+
+def _minibatches(batch: Mapping[str, np.ndarray], count: int) -> list[dict[str, np.ndarray]]:
+    if count == 1:
+        return [dict(batch)]
+    out = [{} for _ in range(count)]
+    for k, v in batch.items():
+        if v.shape[0] % count:
+            raise TrainError(
+                f"RLStage: {v.shape[0]} rows of {k!r} do not split into {count} minibatches."
+            )
+        for i, part in enumerate(np.split(v, count)):
+            out[i][k] = part
+    return out
+
+
+class _Policy:
+    """One trained model: its state, step function and scorer."""
+
+    def __init__(self, run: _Run, model, tx, loss_fn, num_microbatches: int, temperature: float):
+        self.graphdef, self.state = steps.create_state(model, tx, run.seed, run.mesh)
+        self.step_fn = steps.make_train_step(
+            self.graphdef, tx, loss_fn, num_microbatches=num_microbatches,
+            state_shardings=steps.shardings_of(self.state),
+        )  # fmt: skip
+        self.score = steps.make_score_fn(self.graphdef, temperature=temperature)
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.state.params)
+
+
+def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, DecoderLM | None]:
+    stage_dir = os.path.join(run.run_dir, stage.name)
+    task, tok = run.task, run.tokenizer
+    temperature = task.temperature
+    loss_fn = _loss_for(stage, temperature)
+    total = stage.steps * stage.num_iterations * stage.num_minibatches
+    policy = _Policy(run, model, stage.optimizer(total_steps=total), loss_fn,
+                     stage.num_microbatches, temperature)  # fmt: skip
+    sub = None
+    if stage.algorithm == "mgrpo" and not stage.shared_model:
+        sub_tx = (stage.sub_optimizer or stage.optimizer)(total_steps=total)
+        # Its own copy of the weights: the policy's update donates (reuses) its buffers,
+        # and nnx.merge would share the Variables themselves.
+        graphdef, params = nnx.split(model, nnx.Param)
+        copy = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), params))
+        sub = _Policy(run, copy, sub_tx, loss_fn, stage.num_microbatches, temperature)
+    reference = None
+    if stage.kl_beta and stage.algorithm == "grpo":
+        ref_model = (
+            checkpoint_lib.from_pretrained(stage.reference, mesh=run.mesh)
+            if stage.reference
+            else model
+        )
+        reference = nnx.split(ref_model, nnx.Param)[1]
+        reference = jax.tree.map(lambda x: x.copy(), reference)
+    references = None
+    if stage.algorithm == "grao":
+        references = []
+        for c in run.data.chats:
+            messages = data.truncate_observations(c["messages"], task.max_observation_chars)
+            references.append((*data.chat_ids(tok, messages), rl.reference_reward(c, task.reward)))
+    stream = data.IndexStream(len(run.data.records), stage.prompts_per_step, run.seed)
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(stage_dir, "checkpoints"), save_every=stage.save_every,
+        keep=stage.keep_checkpoints,
+    )  # fmt: skip
+    writer = metrics.MetricsWriter(
+        run.run_dir, subdir=stage.name, total_steps=stage.steps,
+        is_writer=jax.process_index() == 0, interactive=run.interactive, desc=stage.name,
+        progress_keys=("reward/mean", "reward/correct", "reward/answered", "update/grad_norm"),
+    )  # fmt: skip
+    states = (policy.state,) if sub is None else (policy.state, sub.state)
+    states, start = _restore(ckpt, states, writer, stage.name)
+    policy.state = states[0]
+    if sub is not None:
+        sub.state = states[1]
+    writer.start(start)
+    bad = _BadSteps(run.max_bad_steps, stage.name, ckpt.directory)
+    pad_id = tok.pad_token_id
+    last_good = start or None
+    base_key = jax.random.PRNGKey(run.seed)
+    for step in range(start, stage.steps):
+        run.write_config()
+        compiles_before = sampling.compile_count()
+        t0 = time.perf_counter()
+        records = [run.data.records[i] for i in stream[step]]
+        step_seed = int(jax.random.randint(jax.random.fold_in(base_key, step), (), 0, 2**31 - 1))
+        backend = JaxPolicyBackend(policy.model(), tok, seed=step_seed)
+        sub_backend = (
+            None if sub is None else JaxPolicyBackend(sub.model(), tok, seed=step_seed + 1)
+        )
+        trajs = rl.rollout(
+            task, run.env, backend, records, num_generations=stage.num_generations,
+            sub_backend=sub_backend, hierarchical=stage.algorithm == "mgrpo",
+        )  # fmt: skip
+        t_rollout = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if stage.algorithm == "grpo":
+            batch, stats = rl.grpo_batch(
+                trajs, records, stage.num_generations, task.reward, pad_id=pad_id,
+                scale=stage.advantage_scale, ddof=stage.advantage_ddof,
+            )  # fmt: skip
+            jobs = [(policy, batch)]
+        elif stage.algorithm == "grao":
+            refs = [references[i] for i in stream[step]]
+            batch, stats = rl.grao_batch(
+                trajs, records, refs, stage.num_generations, task.reward, pad_id=pad_id
+            )
+            jobs = [(policy, batch)]
+        else:
+            main, subs, stats = rl.mgrpo_batches(
+                trajs, records, stage.num_generations, stage.sub_target_count,
+                jax.random.fold_in(base_key, 10**6 + step), reward=task.reward, pad_id=pad_id,
+            )  # fmt: skip
+            if sub is None:
+                width = max(main["input_ids"].shape[1], subs["input_ids"].shape[1])
+                both = [_widen(main, width, pad_id), _widen(subs, width, pad_id)]
+                jobs = [(policy, {k: np.concatenate([b[k] for b in both]) for k in main})]
+            else:
+                jobs = [(policy, main), (sub, subs)]
+        for job_policy, job_batch in jobs:
+            if "old_logps" in job_batch:
+                if stage.num_iterations > 1:
+                    job_batch["old_logps"] = np.asarray(
+                        job_policy.score(
+                            job_policy.state.params, job_batch["input_ids"],
+                            job_batch["attention_mask"], job_batch["loss_mask"],
+                        )
+                    )  # fmt: skip
+                else:
+                    del job_batch["old_logps"]  # Exactly on-policy: ratio 1.
+            if reference is not None:
+                job_batch["ref_logps"] = np.asarray(
+                    job_policy.score(
+                        reference, job_batch["input_ids"], job_batch["attention_mask"],
+                        job_batch["loss_mask"],
+                    )
+                )  # fmt: skip
+        t_scoring = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        updates = []
+        for _ in range(stage.num_iterations):
+            for job_policy, job_batch in jobs:
+                for part in _minibatches(job_batch, stage.num_minibatches):
+                    job_policy.state, m = job_policy.step_fn(job_policy.state, run.put(part))
+                    m = jax.device_get(m)
+                    updates.append(m)
+                    bad.update(float(m["update_skipped"]), step + 1, last_good)
+        t_update = time.perf_counter() - t2
+        update_metrics = _mean_metrics(
+            [{k: v for k, v in m.items() if np.ndim(v) == 0} for m in updates]
+        )
+        elapsed = time.perf_counter() - t0
+        scalars = {
+            **stats,
+            **{f"update/{k}": v for k, v in update_metrics.items()},
+            "tokens_per_s": stats["generated_tokens"] / max(t_rollout, 1e-9),
+            "time/rollout_s": t_rollout, "time/scoring_s": t_scoring, "time/update_s": t_update,
+            "time/step_s": elapsed,
+            "compile/sampler_new": sampling.compile_count() - compiles_before,
+            "compile/sampler_total": sampling.compile_count(),
+            "compile/train_step": policy.step_fn._cache_size(),
+        }  # fmt: skip
+        writer.write(step + 1, scalars)
+        final = step + 1 == stage.steps
+        if ckpt.should_save(step + 1, final):
+            saved = (policy.state,) if sub is None else (policy.state, sub.state)
+            ckpt.save(step + 1, saved, {"step": step + 1, "data_step": step + 1})
+            last_good = step + 1
+    ckpt.close()
+    writer.close()
+    return policy.model(), None if sub is None else sub.model()
+
+
+def _widen(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in batch.items():
+        if v.ndim == 2 and v.shape[1] < width:
+            fill = pad_id if k == "input_ids" else 0
+            v = np.concatenate([v, np.full((v.shape[0], width - v.shape[1]), fill, v.dtype)], 1)
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _stage_done(run_dir: str, stage) -> bool:
+    return os.path.exists(os.path.join(run_dir, stage.name, "export", "config.json"))
+
+
+def _evaluate_point(run: _Run, point: str, model, evaluate: bool) -> dict | None:
+    if not evaluate:
+        return None
+    path = os.path.join(run.run_dir, "eval", f"{point}.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    t0 = time.perf_counter()
+    result = evaluate_policy(run.task, run.env, model, run.tokenizer, run.data.eval_records,
+                             seed=run.seed)  # fmt: skip
+    result["expert_nll"] = expert_nll(run, model)
+    result["time_s"] = time.perf_counter() - t0
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    print(
+        f"eval {point}: accuracy {result['accuracy']:.3f}, mean reward"
+        f" {result['mean_reward']:.4f}, answered {result['answered']:.3f}, format valid"
+        f" {result['format_valid']:.3f}, expert NLL {result['expert_nll']:.3f}"
+        f" ({len(run.data.eval_records)} held-out questions)",
+        flush=True,
+    )
+    return result
+
+
+def expert_nll(run: _Run, model) -> float:
+    """Token-mean NLL of the scripted expert's chats on the held-out questions (assistant
+    tokens only, observations cut as in rollouts): how well the policy imitates the expert
+    on questions it never trained on."""
+    if run.heldout_rows is None:
+        chats = research.expert_trajectories(run.env, run.data.eval_records)
+        run.heldout_rows = [
+            data.chat_ids(
+                run.tokenizer,
+                data.truncate_observations(t.messages, run.task.max_observation_chars),
+            )
+            for t in chats
+        ]
+    rows = run.heldout_rows
+    width = data.bucket(max(len(ids) for ids, _ in rows))
+    batch = data.pad_rows(rows, width, pad_id=run.tokenizer.pad_token_id)
+    graphdef, params = nnx.split(model, nnx.Param)
+    logps = np.asarray(
+        steps.make_score_fn(graphdef)(
+            params, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        )
+    )
+    mask = batch["loss_mask"] > 0
+    return float(-(logps * mask).sum() / mask.sum())
+
+
+def _write_results(run_dir: str, results: dict[str, dict], stages) -> dict:
+    keys = (
+        "accuracy", "mean_reward", "answered", "format_valid", "format_errors",
+        "mean_tool_calls", "expert_nll",
+    )  # fmt: skip
+    table = {p: {k: r[k] for k in keys} for p, r in results.items()}
+    lines = ["| point | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for point, row in table.items():
+        lines.append(f"| {point} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+    plots = []
+    for stage in stages:
+        if isinstance(stage, RLStage):
+            path = _plot_rewards(run_dir, stage.name)
+            if path:
+                plots.append(os.path.basename(path))
+    text = "# Results\n\nHeld-out evaluation (greedy, one episode per question):\n\n"
+    text += "\n".join(lines) + "\n"
+    text += "".join(f"\n![reward per step]({p})\n" for p in plots)
+    with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=1)
+    print("\n" + "\n".join(lines), flush=True)
+    return table
+
+
+def _plot_rewards(run_dir: str, stage: str) -> str | None:
+    records = metrics.read_jsonl(os.path.join(run_dir, stage, "metrics.jsonl"))
+    points = [(r["step"], r["reward/mean"]) for r in records if "reward/mean" in r]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs, ys = zip(*points, strict=True)
+    ax.plot(xs, ys, marker="o", markersize=3)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("mean training reward")
+    ax.set_title(f"{stage}: reward per step")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(run_dir, f"{stage}_reward_per_step.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def train(
+    run_dir: str | None = None,
+    *,
+    stages: Sequence[SFTStage | RLStage] = (),
+    task: rl.ResearchTask | None = None,
+    model: ModelConfig | None = None,
+    init_from: str | None = None,
+    tokenizer_vocab_size: int = 2048,
+    chat_template: str | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    mesh_shape: tuple[int, int, int] = (-1, 1, 1),
+    evaluate: bool = True,
+    max_bad_steps: int = 3,
+    interactive: bool | None = None,
+    operative_config: Callable[[], str] | None = None,
+) -> dict:
+    """Runs the stages in order in `run_dir` (resuming what is there).
+
+    Args:
+      run_dir: the run's folder: new, empty, or a previous run of the same command.
+      stages: `SFTStage`s and `RLStage`s, run in order.
+      task: the research task (data, agent budgets, reward); default `ResearchTask()`.
+      model: a ModelConfig to train from scratch (its vocab_size becomes the tokenizer's).
+      init_from: a Hugging Face folder (weights and tokenizer) to start from instead.
+      tokenizer_vocab_size: from scratch, a byte-level BPE of this size is trained on the
+        expert chats and saved in `run_dir/tokenizer`.
+      chat_template: None keeps the checkpoint's template; "chatml" replaces it with
+        medjax's verbatim ChatML (needed for Qwen3, whose template rewrites past turns).
+      dtype: parameter and activation dtype of a model loaded with `init_from`.
+      seed: seeds initialisation, data order and sampling.
+      mesh_shape: (data, fsdp, tensor); -1 takes the remaining devices.
+      evaluate: evaluate on the held-out questions before the first stage and after each.
+      max_bad_steps: stop after more than this many non-finite updates in a row.
+      interactive: progress bar (True) or log lines (False); None: a bar on a terminal.
+      operative_config: returns the config text written to `run_dir/config.gin` at step 0.
+
+    Returns:
+      {evaluation point: {accuracy, reward/mean, ...}} (empty without `evaluate`).
+
+    Raises:
+      TrainError: anything that stops the run, with what to do about it.
+    """
+    if not run_dir:
+        raise TrainError("train: run_dir is required (bind train_lib.train.run_dir).")
+    if not stages:
+        raise TrainError("train: no stages (bind train_lib.train.stages).")
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise TrainError(f"train: stage names repeat: {names}.")
+    task = task or rl.ResearchTask()
+    run_dir = os.path.abspath(run_dir)
+    resuming = _check_run_dir(run_dir, stages)
+    folders = [("init_from", init_from)]
+    folders += [(f"{s.name}.reference", getattr(s, "reference", None)) for s in stages]
+    for name, path in folders:
+        if path is not None and not os.path.exists(os.path.join(path, "config.json")):
+            raise TrainError(f"{name} {path}: not a Hugging Face model folder (no config.json).")
+    loaded = _load_data(task)
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        if not resuming:
+            with open(os.path.join(run_dir, RUN_FILE), "w", encoding="utf-8") as f:
+                json.dump({"stages": names, "created": time.time()}, f)
+    tokenizer = _tokenizer(
+        run_dir, init_from, loaded.chats, tokenizer_vocab_size, not resuming, chat_template
+    )
+    mesh = partitioning.make_mesh(*mesh_shape)
+    env = research.build_environment()
+    run = _Run(run_dir, task, env, loaded, tokenizer, mesh, seed, max_bad_steps, interactive,
+               operative_config)  # fmt: skip
+    policy = _init_model(model, init_from, tokenizer, seed, mesh, jnp.dtype(dtype))
+    points = ["before"] + [f"after_{s.name}" for s in stages]
+    for i, stage in enumerate(stages):
+        export = os.path.join(run_dir, stage.name, "export")
+        if _stage_done(run_dir, stage):
+            policy = checkpoint_lib.from_pretrained(export, mesh=mesh, dtype=jnp.dtype(dtype))
+            print(f"{stage.name}: finished earlier; loaded {export}", flush=True)
+            continue
+        _evaluate_point(run, points[i], policy, evaluate)
+        if isinstance(stage, SFTStage):
+            policy = _run_sft(run, stage, policy)
+        else:
+            policy, sub_policy = _run_rl(run, stage, policy)
+            if sub_policy is not None:
+                _save_policy(*nnx.split(sub_policy, nnx.Param), tokenizer, export + "_sub")
+        _save_policy(*nnx.split(policy, nnx.Param), tokenizer, export)
+    _evaluate_point(run, points[-1], policy, evaluate)
+    if not evaluate or jax.process_index() != 0:
+        return {}
+    results = {}
+    for p in points:
+        path = os.path.join(run_dir, "eval", f"{p}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                results[p] = json.load(f)
+    return _write_results(run_dir, results, stages)

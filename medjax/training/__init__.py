@@ -1,0 +1,1 @@
+"""Training: train state, steps, checkpoints, metrics (used by medjax.train_lib)."""

@@ -1,0 +1,89 @@
+"""Orbax checkpoints of a `TrainState` plus a JSON record (data position, stage, ...).
+
+Saves are asynchronous (the next steps run while the arrays are written), keep the last K,
+and restore onto whatever mesh the target state lives on: the target's shardings decide
+where each restored array goes, so a run saved on one mesh shape resumes on another.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointDirError(ValueError):
+    """A checkpoint directory that holds something other than medjax checkpoints."""
+
+
+def _check_directory(directory: str) -> None:
+    if not os.path.exists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise CheckpointDirError(f"{directory} is a file, not a checkpoint directory.")
+    entries = [e for e in os.listdir(directory) if not e.startswith(".")]
+    strays = [e for e in entries if not (e.isdigit() or ".orbax-checkpoint-tmp" in e)]
+    if strays:
+        raise CheckpointDirError(
+            f"{directory} is not a checkpoint directory (it holds {sorted(strays)[:5]});"
+            " point the run somewhere else or remove them. Nothing was written."
+        )
+    for e in entries:
+        if e.isdigit() and not os.path.isdir(os.path.join(directory, e, "meta")):
+            raise CheckpointDirError(
+                f"{directory}/{e} is not a medjax checkpoint (no meta/); nothing was written."
+            )
+
+
+class Checkpointer:
+    """Every `save_every` steps and at the end; the last `keep` kept.
+
+    Args:
+      directory: the stage's checkpoint folder (created on the first save).
+      save_every: the save interval in steps (the final step is always saved).
+      keep: how many checkpoints to keep.
+      async_save: write in a background thread.
+    """
+
+    def __init__(self, directory: str, *, save_every: int, keep: int = 2, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        _check_directory(self.directory)
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def should_save(self, step: int, final: bool) -> bool:
+        return final or (self.save_every > 0 and step % self.save_every == 0)
+
+    def save(self, step: int, state, meta: dict) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, target):
+        """(state, meta) of `step`, placed like `target` (arrays or ShapeDtypeStructs)."""
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+        )
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,217 @@
+"""The train state and the jitted steps: scoring, and a loss's gradient and update.
+
+A loss function here takes `(model, batch)` and returns `(loss, metrics)` with the
+`loss_numerator` and `loss_denominator` that every `medjax.losses` function reports. The
+update step differentiates the numerator alone and divides by the denominator summed over
+microbatches, so accumulating M microbatches gives the full batch's gradient exactly, for
+every normalisation (token mean, sequence mean, Dr. GRPO's constant) and every M.
+
+A non-finite loss or gradient leaves parameters and optimizer state untouched
+(`update_skipped` is 1 in the metrics); the trainer counts these and stops after too many.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from medjax import losses, scoring
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+# Metrics that add up across microbatches; the others are averaged.
+SUMMED = ("loss_numerator", "loss_denominator", "num_tokens", "num_sequences")
+
+
+class TrainState(NamedTuple):
+    """Everything a checkpoint holds besides the data position.
+
+    Attributes:
+      step: int32 scalar, updates attempted so far (skipped ones included).
+      params: the model's `nnx.Param` state.
+      opt_state: the optax state.
+      rng: uint32[2] key; rollouts of step s use `fold_in(rng, s)`.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh=None):
+    """(graphdef, TrainState) of a model that is already placed (sharded) where it trains."""
+    from medjax import partitioning
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    step, rng = jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)
+    if mesh is None:
+        return graphdef, TrainState(step, params, jax.jit(tx.init)(params), rng)
+    opt_state = partitioning.init_optimizer_state(tx, params, mesh)
+    step, rng = jax.device_put((step, rng), NamedSharding(mesh, PartitionSpec()))
+    return graphdef, TrainState(step, params, opt_state, rng)
+
+
+def shardings_of(tree):
+    """The shardings of a pytree of arrays (a step's `out_shardings`)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def sft_loss_fn(model: nnx.Module, batch: Batch):
+    """Token-mean NLL of the policy's own tokens (`loss_mask`) of whole chats."""
+    logps = scoring.score_sequences(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    )
+    return losses.sft_loss(logps, batch["loss_mask"])
+
+
+def policy_loss_fn(loss: Callable, *, temperature: float = 1.0) -> LossFn:
+    """A clipped-surrogate loss over whole episodes.
+
+    Args:
+      loss: `losses.grpo_loss` or `losses.mgrpo_policy_loss` (partially applied with its
+        options): called as `loss(logps, old_logps, advantages, loss_mask, [ref_per_token_logps=])`.
+      temperature: the sampling temperature (log-probs are taken at it, as sampled).
+
+    The batch holds `input_ids`, `attention_mask`, `loss_mask` [B, T], `advantages` [B], and
+    optionally `old_logps` and `ref_logps` [B, T].
+    """
+
+    def fn(model, batch):
+        logps, entropy = scoring.score_sequences(
+            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+            temperature=temperature, return_entropy=True,
+        )  # fmt: skip
+        kwargs = {}
+        if "ref_logps" in batch:
+            kwargs["ref_per_token_logps"] = batch["ref_logps"]
+        value, metrics = loss(
+            logps, batch.get("old_logps"), batch["advantages"], batch["loss_mask"], **kwargs
+        )
+        mask = batch["loss_mask"] > 0
+        num = jnp.maximum(mask.sum(), 1)
+        metrics = dict(metrics)
+        metrics["entropy_mean"] = jnp.where(mask, jax.lax.stop_gradient(entropy), 0.0).sum() / num
+        return value, metrics
+
+    return fn
+
+
+def grao_loss_fn(loss: Callable, *, num_generations: int, temperature: float = 1.0) -> LossFn:
+    """GRAO over episodes: G sampled episodes and one reference (expert) episode per prompt.
+
+    The batch holds the samples' `input_ids`, `attention_mask`, `loss_mask` [P*G, T] and
+    `rewards` [P*G], and the references' `ref_input_ids`, `ref_attention_mask`,
+    `ref_loss_mask` [P, Y] and `ref_rewards` [P]. `loss` is `losses.grao_loss` with its options.
+    """
+
+    def fn(model, batch):
+        sample_logps = scoring.score_sequences(
+            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+            temperature=temperature,
+        )  # fmt: skip
+        reference_logps = scoring.score_sequences(
+            model, batch["ref_input_ids"], batch["ref_attention_mask"], batch["ref_loss_mask"],
+            temperature=temperature,
+        )  # fmt: skip
+        return loss(
+            sample_logps, batch["loss_mask"], batch["rewards"],
+            reference_logps, batch["ref_loss_mask"], batch["ref_rewards"],
+            num_generations=num_generations,
+        )  # fmt: skip
+
+    return fn
+
+
+def _split(batch: Batch, num_microbatches: int) -> Batch:
+    def one(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"train step: a batch array of leading size {x.shape[0]} does not split into"
+                f" {num_microbatches} microbatches."
+            )
+        return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    loss_fn: LossFn,
+    *,
+    num_microbatches: int = 1,
+    state_shardings=None,
+):
+    """A jitted `(state, batch) -> (state, metrics)`; the state's buffers are donated.
+
+    `state_shardings` (`shardings_of(state)`) pins the new state where the old one was, so
+    the step compiles once instead of again for the shardings XLA chose for its output.
+
+    Metrics: the loss function's (numerators and counts summed over microbatches, the rest
+    averaged), plus `loss`, `grad_norm` and `update_skipped`.
+    """
+
+    def numerator(params, batch):
+        model = nnx.merge(graphdef, params)
+        _, metrics = loss_fn(model, batch)
+        return metrics["loss_numerator"], metrics
+
+    grad_fn = jax.grad(numerator, has_aux=True)
+
+    def step(state: TrainState, batch: Batch):
+        if num_microbatches == 1:
+            grads, metrics = grad_fn(state.params, batch)
+        else:
+            parts = _split(batch, num_microbatches)
+            first = jax.tree.map(lambda x: x[0], parts)
+            zeros = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params, first)
+            )
+
+            def body(carry, microbatch):
+                out = grad_fn(state.params, microbatch)
+                return jax.tree.map(jnp.add, carry, out), None
+
+            (grads, metrics), _ = jax.lax.scan(body, zeros, parts)
+            metrics = {k: v if k in SUMMED else v / num_microbatches for k, v in metrics.items()}
+        denominator = metrics["loss_denominator"]
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        loss = metrics["loss_numerator"] / denominator
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Zero non-finite gradients before the optimizer sees them, then keep the old state.
+        safe = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+        updates, opt_state = tx.update(safe, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rng
+        )
+        metrics = dict(
+            metrics, loss=loss, grad_norm=grad_norm, update_skipped=1 - ok.astype(jnp.int32)
+        )
+        return new_state, metrics
+
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
+
+
+def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0):
+    """A jitted `(params, input_ids, attention_mask, target_mask) -> [B, T] log-probs`, for
+    the old and reference log-probs of a rollout batch."""
+
+    @jax.jit
+    def score(params, input_ids, attention_mask, target_mask):
+        model = nnx.merge(graphdef, params)
+        return scoring.score_sequences(
+            model, input_ids, attention_mask, target_mask, temperature=temperature
+        )
+
+    return score

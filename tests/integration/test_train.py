@@ -1,0 +1,219 @@
+"""run_train.py end to end on the gin/testing configs: every algorithm runs and writes what a
+run directory must hold; a SIGKILLed run resumes to exactly the metrics of an uninterrupted
+one; a run resumes on another mesh shape; bad input fails with one clear line and touches
+nothing.
+
+Each run is a subprocess with two host CPU devices (data parallel over 2), on the tiny
+KG-QA set built once into a temporary TFDS folder.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from medjax import datasets
+from medjax.training import metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+# Metrics that measure time or compilation, not learning: they differ between runs.
+UNTIMED = ("time", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("medjax_cache")
+    data_dir = tmp_path_factory.mktemp("tfds")
+    env = dict(os.environ, MEDJAX_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    # Build both datasets here once (the subprocesses would each build them otherwise).
+    old = os.environ.get("MEDJAX_CACHE")
+    os.environ["MEDJAX_CACHE"] = str(cache)
+    try:
+        datasets.load("med_kg_qa/tiny", None, str(data_dir))
+        datasets.load("med_kg_qa_trajectories/tiny", None, str(data_dir))
+    finally:
+        if old is None:
+            del os.environ["MEDJAX_CACHE"]
+        else:
+            os.environ["MEDJAX_CACHE"] = old
+    return {"env": env, "data_dir": str(data_dir)}
+
+
+def command(config, run_dir, data_dir, *bindings):
+    cmd = [sys.executable, "run_train.py", f"--gin_file=gin/testing/{config}.gin"]
+    cmd += [f"--gin_bindings=RUN_DIR='{run_dir}'", f"--gin_bindings=DATA_DIR='{data_dir}'"]
+    return cmd + [f"--gin_bindings={b}" for b in bindings]
+
+
+def run(env, config, run_dir, *bindings, check=True):
+    out = subprocess.run(
+        command(config, run_dir, env["data_dir"], *bindings),
+        cwd=ROOT, env=env["env"], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if check and out.returncode != 0:
+        raise AssertionError(f"run_train failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return out
+
+
+def learning_metrics(path):
+    return [
+        {k: v for k, v in r.items() if not k.startswith(UNTIMED) and not k.startswith("compile")}
+        for r in metrics.read_jsonl(path)
+    ]
+
+
+@pytest.mark.parametrize(
+    "config,stage,loss_key,bindings",
+    [
+        ("sft", "sft", "loss", ()),
+        ("grpo", "rl", "update/loss", ("train_lib.RLStage.kl_beta=0.04",
+                                       "train_lib.RLStage.num_iterations=2")),
+        ("grao", "rl", "update/loss", ()),
+        ("mgrpo", "rl", "update/loss", ("train_lib.RLStage.shared_model=False",)),
+    ],
+)  # fmt: skip
+def test_every_algorithm_runs_and_writes_its_run_directory(
+    env, tmp_path, config, stage, loss_key, bindings
+):
+    run_dir = tmp_path / "run"
+    run(env, config, run_dir, *bindings)
+    stage_dir = run_dir / stage
+    records = metrics.read_jsonl(stage_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert np.isfinite(r[loss_key]), r
+        assert r.get("update_skipped", r.get("update/update_skipped")) == 0
+    events = metrics.read_event_scalars(stage_dir)
+    assert [s for s, _ in events[loss_key]] == [1, 2]
+    np.testing.assert_allclose(
+        [v for _, v in events[loss_key]], [r[loss_key] for r in records], rtol=1e-6
+    )
+    assert sorted(os.listdir(stage_dir / "checkpoints")) == ["1", "2"]
+    config_text = (run_dir / "config.gin").read_text()
+    assert "train_lib.train.run_dir = %RUN_DIR" in config_text
+    export = stage_dir / "export"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (export / name).exists(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list(results) == ["before", f"after_{stage}"]
+    if config == "grpo":
+        assert records[-1]["update/kl_mean"] >= 0  # A reference model was scored.
+    if config == "mgrpo":
+        assert (stage_dir / "export_sub" / "model.safetensors").exists()
+        assert records[0]["sub/target_count"] == 2
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_metrics(env, tmp_path):
+    bindings = ("train_lib.RLStage.steps=4", "train_lib.train.evaluate=False")
+    straight = tmp_path / "straight"
+    run(env, "grpo", straight, *bindings)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        command("grpo", killed, env["data_dir"], *bindings), cwd=ROOT, env=env["env"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    marker = killed / "rl" / "checkpoints" / "2" / "commit_success.txt"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before step 2 was saved"
+    assert not (killed / "rl" / "export").exists()
+
+    out = run(env, "grpo", killed, *bindings)
+    assert "resumed from step" in out.stdout
+    assert learning_metrics(killed / "rl" / "metrics.jsonl") == learning_metrics(
+        straight / "rl" / "metrics.jsonl"
+    )
+
+
+def test_resume_on_another_mesh_shape(env, tmp_path):
+    run_dir = tmp_path / "run"
+    run(
+        env,
+        "sft",
+        run_dir,
+        "train_lib.train.evaluate=False",
+        "train_lib.train.mesh_shape=(2, 1, 1)",
+    )
+    # Pretend the run stopped after step 2 of 4: drop the export, then continue on FSDP.
+    for path in sorted((run_dir / "sft" / "export").iterdir()):
+        path.unlink()
+    (run_dir / "sft" / "export").rmdir()
+    out = run(
+        env, "sft", run_dir, "train_lib.train.evaluate=False", "train_lib.SFTStage.steps=4",
+        "train_lib.train.mesh_shape=(1, 2, 1)",
+    )  # fmt: skip
+    assert "resumed from step 2" in out.stdout
+    records = metrics.read_jsonl(run_dir / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def snapshot(folder):
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def assert_clean_failure(out, *phrases):
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in out.stderr, out.stderr[-3000:]
+
+
+def test_bad_gin_input_fails_with_one_line(env, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "run_train.py", "--gin_file=gin/testing/nonexistent.gin"],
+        cwd=ROOT, env=env["env"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert_clean_failure(out, "run_train: error", "nonexistent.gin")
+    out = run(env, "sft", tmp_path / "a", "train_lib.train.no_such_option=1", check=False)
+    assert_clean_failure(out, "run_train: error", "no_such_option")
+    # RUN_DIR left unset (the file sets it to None).
+    out = subprocess.run(
+        [sys.executable, "run_train.py", "--gin_file=gin/testing/sft.gin",
+         f"--gin_bindings=DATA_DIR='{env['data_dir']}'"],
+        cwd=ROOT, env=env["env"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert_clean_failure(out, "run_train: error", "run_dir is required")
+
+
+def test_bad_directories_and_data_fail_and_touch_nothing(env, tmp_path):
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    out = run(env, "sft", stranger, check=False)
+    assert_clean_failure(out, "not a medjax run")
+    assert snapshot(stranger) == {"notes.txt": b"mine"}
+
+    # A run whose checkpoint folder holds something else.
+    run_dir = tmp_path / "run"
+    (run_dir / "sft" / "checkpoints").mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}")
+    (run_dir / "sft" / "checkpoints" / "weights.bin").write_bytes(b"\x00" * 8)
+    before = snapshot(run_dir)
+    out = run(env, "sft", run_dir, check=False)
+    assert_clean_failure(out, "is not a checkpoint directory", "weights.bin")
+    assert snapshot(run_dir) == before
+
+    out = run(env, "sft", tmp_path / "b", "rl.ResearchTask.num_eval_questions=0", check=False)
+    assert_clean_failure(out, "no held-out questions", "num_eval_questions is 0")
+    assert not (tmp_path / "b").exists()
+
+    out = run(env, "sft", tmp_path / "c", f"train_lib.train.init_from='{stranger}'", check=False)
+    assert_clean_failure(out, "not a Hugging Face model folder", str(stranger))
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,214 @@
+"""medjax.training: chat masks, batching, exact gradient accumulation, the non-finite guard,
+and that SFT and GRPO steps learn tiny tasks (thresholds stated in each test)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from medjax import losses, partitioning, sampling, scoring
+from medjax.models import DecoderLM, ModelConfig
+from medjax.models import tokenizer as tokenizer_lib
+from medjax.training import data, optim, steps
+
+TINY = ModelConfig(
+    family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+    num_heads=2, num_kv_heads=1, qkv_bias=True, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def tiny_model(seed=0, config=TINY):
+    mesh = partitioning.make_mesh(1, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        model = DecoderLM(config, rngs=nnx.Rngs(seed))
+    return partitioning.shard_module(model, mesh), mesh
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = ["the patient has a fever and a cough", "search read answer"] * 20
+    return tokenizer_lib.train_bpe(corpus, 300)
+
+
+def test_chat_ids_masks_exactly_the_assistant_contents(tokenizer):
+    messages = [
+        {"role": "system", "content": "You research."},
+        {"role": "user", "content": "What causes fever?"},
+        {"role": "assistant", "content": "<think>look</think><tool_call>{}</tool_call>"},
+        {"role": "user", "content": "<tool_response>\nfever docs\n</tool_response>"},
+        {"role": "assistant", "content": "<answer>a cough</answer>"},
+    ]
+    ids, mask = data.chat_ids(tokenizer, messages)
+    # The whole chat, written out by hand in the template's format.
+    text = (
+        "<|im_start|>system\nYou research.<|im_end|>\n"
+        "<|im_start|>user\nWhat causes fever?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>look</think><tool_call>{}</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nfever docs\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n<answer>a cough</answer><|im_end|>\n"
+    )
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+    runs, current = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    assert [tokenizer.decode(r) for r in runs] == [
+        "<think>look</think><tool_call>{}</tool_call>",
+        "<answer>a cough</answer>",
+    ]
+
+
+def test_truncate_observations_cuts_only_tool_responses():
+    messages = [
+        {"role": "user", "content": "x" * 50},
+        {"role": "user", "content": "<tool_response>\n" + "y" * 50 + "\n</tool_response>"},
+        {"role": "assistant", "content": "z" * 50},
+    ]
+    out = data.truncate_observations(messages, 20)
+    assert out[0]["content"] == "x" * 50 and out[2]["content"] == "z" * 50
+    # 20 characters: 4 kept, then the 16-character mark "\n[... truncated]".
+    assert out[1]["content"] == "<tool_response>\nyyyy\n[... truncated]\n</tool_response>"
+    assert data.truncate_observations(messages, None) == messages
+
+
+@pytest.mark.parametrize(
+    "length,width", [(1, 64), (64, 64), (65, 128), (256, 256), (257, 512), (1282, 1536)]
+)
+def test_bucket(length, width):
+    assert data.bucket(length) == width
+
+
+def test_index_stream_epochs_are_permutations_and_replay():
+    stream = data.IndexStream(10, 5, seed=3)
+    epoch0 = stream[0] + stream[1]
+    epoch1 = stream[2] + stream[3]
+    assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10))
+    assert epoch0 != epoch1
+    again = data.IndexStream(10, 5, seed=3)
+    assert [again[s] for s in range(6)] == [stream[s] for s in range(6)]
+    assert data.IndexStream(10, 5, seed=4)[0] != stream[0]
+    with pytest.raises(ValueError, match="empty"):
+        data.IndexStream(0, 5, seed=0)
+
+
+def ragged_batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 64, (4, 12)).astype(np.int32)
+    attention = np.ones((4, 12), np.int32)
+    attention[1, 8:] = 0
+    attention[3, 5:] = 0
+    loss_mask = attention.copy()
+    loss_mask[:, :3] = 0  # A "prompt" of 3 tokens.
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def direct_sft_grads(graphdef, params, batch):
+    def loss(p):
+        model = nnx.merge(graphdef, p)
+        logps = scoring.score_sequences(
+            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        )
+        # Token-mean NLL written out: -sum(logp * mask) / sum(mask).
+        mask = batch["loss_mask"]
+        return -(logps * mask).sum() / mask.sum()
+
+    return jax.grad(loss)(params)
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 2, 4])
+def test_accumulated_step_equals_the_full_batch_gradient(num_microbatches):
+    model, mesh = tiny_model()
+    tx = optax.sgd(1.0)
+    graphdef, state = steps.create_state(model, tx, 0, mesh)
+    before = jax.tree.map(np.asarray, state.params)
+    batch = {k: jnp.asarray(v) for k, v in ragged_batch().items()}
+    expected = direct_sft_grads(graphdef, state.params, batch)
+    step = steps.make_train_step(
+        graphdef, tx, steps.sft_loss_fn, num_microbatches=num_microbatches,
+        state_shardings=steps.shardings_of(state),
+    )  # fmt: skip
+    state, metrics = step(state, batch)
+    # Rows hold 9, 5, 9 and 2 target tokens: the loss is their pooled mean.
+    assert float(metrics["loss_denominator"]) == 25
+    assert int(metrics["update_skipped"]) == 0 and int(state.step) == 1
+    jax.tree.map(
+        lambda b, a, g: np.testing.assert_allclose(b - a, g, rtol=2e-5, atol=1e-7),
+        before, jax.tree.map(np.asarray, state.params), expected,
+    )  # fmt: skip
+
+
+def test_non_finite_loss_skips_the_update():
+    model, mesh = tiny_model()
+    tx = optim.make_optimizer(1e-2)
+    graphdef, state = steps.create_state(model, tx, 0, mesh)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    batch = {k: jnp.asarray(v) for k, v in ragged_batch().items()}
+    batch["advantages"] = jnp.array([1.0, np.nan, -1.0, 0.5])
+    step = steps.make_train_step(
+        graphdef, tx, steps.policy_loss_fn(losses.grpo_loss),
+        state_shardings=steps.shardings_of(state),
+    )  # fmt: skip
+    state, metrics = step(state, batch)
+    assert int(metrics["update_skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    batch["advantages"] = jnp.array([1.0, -0.5, -1.0, 0.5])
+    state, metrics = step(state, batch)
+    assert int(metrics["update_skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_sft_memorises_four_sequences():
+    """Threshold: after 80 AdamW steps the loss is below 1/4 of its initial value (random
+    initialisation starts near ln 64 = 4.16)."""
+    model, mesh = tiny_model()
+    tx = optim.make_optimizer(1e-2, max_grad_norm=1.0)
+    graphdef, state = steps.create_state(model, tx, 0, mesh)
+    step = steps.make_train_step(
+        graphdef, tx, steps.sft_loss_fn, state_shardings=steps.shardings_of(state)
+    )
+    batch = {k: jnp.asarray(v) for k, v in ragged_batch().items()}
+    history = []
+    for _ in range(80):
+        state, metrics = step(state, batch)
+        history.append(float(metrics["loss"]))
+    assert history[0] > 3.5
+    assert history[-1] < history[0] / 4, history[::10]
+
+
+def test_grpo_steps_raise_the_reward_of_a_deterministic_task():
+    """Reward: the fraction of the 4 sampled tokens that equal 7 (chance: 1/64 per token).
+    Threshold: the mean reward of the last 5 of 40 GRPO steps (8 prompts x G=8) is >= 0.5,
+    from under 0.1 at the first."""
+    model, mesh = tiny_model(seed=1)
+    tx = optim.make_optimizer(3e-2, max_grad_norm=1.0)
+    graphdef, state = steps.create_state(model, tx, 0, mesh)
+    loss = steps.policy_loss_fn(losses.grpo_loss)
+    step = steps.make_train_step(graphdef, tx, loss, state_shardings=steps.shardings_of(state))
+    prompts = jnp.tile(jnp.array([[1, 2, 3]], jnp.int32), (8, 1))
+    params = sampling.SamplingParams(max_new_tokens=4, temperature=1.0)
+    key = jax.random.PRNGKey(0)
+    rewards = []
+    for s in range(40):
+        out = sampling.sample(
+            nnx.merge(graphdef, state.params), prompts, jnp.ones_like(prompts),
+            jax.random.fold_in(key, s), params, num_samples=8,
+        )  # fmt: skip
+        completions = np.asarray(out.tokens)[:, :4]
+        reward = (completions == 7).mean(axis=1).astype(np.float32)
+        rewards.append(float(reward.mean()))
+        ids = np.concatenate([np.repeat(np.asarray(prompts), 8, axis=0), completions], axis=1)
+        loss_mask = np.zeros_like(ids)
+        loss_mask[:, 3:] = 1
+        batch = {
+            "input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask,
+            "advantages": np.asarray(losses.group_advantages(reward, 8)),
+        }  # fmt: skip
+        state, _ = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert rewards[0] < 0.1
+    assert np.mean(rewards[-5:]) >= 0.5, rewards[::5]
