@@ -45,6 +45,7 @@ setuptools.setup(
         "tqdm>=4.67",
         "etils[epath]>=1.15.0",  # TFDS builders (medjax.datasets).
         "matplotlib>=3.9",  # run_eval.py's report plots.
+        "tensorboardX>=2.6.5",  # TensorBoard event files without TensorFlow (training).
     ],
     extras_require={
         "test": [
