@@ -317,6 +317,20 @@ class _BadSteps:
             )
 
 
+def _stage_outputs(run: _Run, stage, progress_keys):
+    """The stage's checkpointer and metrics writer."""
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(run.run_dir, stage.name, "checkpoints"), save_every=stage.save_every,
+        keep=stage.keep_checkpoints,
+    )  # fmt: skip
+    writer = metrics.MetricsWriter(
+        run.run_dir, subdir=stage.name, total_steps=stage.steps,
+        is_writer=jax.process_index() == 0, interactive=run.interactive, desc=stage.name,
+        progress_keys=progress_keys,
+    )  # fmt: skip
+    return ckpt, writer
+
+
 def _restore(ckpt: checkpoints.Checkpointer, state, writer, name: str):
     latest = ckpt.latest_step()
     if latest is None:
@@ -330,7 +344,6 @@ def _restore(ckpt: checkpoints.Checkpointer, state, writer, name: str):
 
 
 def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
-    stage_dir = os.path.join(run.run_dir, stage.name)
     tx = stage.optimizer(total_steps=stage.steps)
     graphdef, state = steps.create_state(model, tx, run.seed, run.mesh)
     rows = [
@@ -344,15 +357,7 @@ def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
         graphdef, tx, steps.sft_loss_fn, num_microbatches=stage.num_microbatches,
         state_shardings=steps.shardings_of(state),
     )  # fmt: skip
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(stage_dir, "checkpoints"), save_every=stage.save_every,
-        keep=stage.keep_checkpoints,
-    )  # fmt: skip
-    writer = metrics.MetricsWriter(
-        run.run_dir, subdir=stage.name, total_steps=stage.steps,
-        is_writer=jax.process_index() == 0, interactive=run.interactive, desc=stage.name,
-        progress_keys=("loss", "grad_norm", "tokens_per_s"),
-    )  # fmt: skip
+    ckpt, writer = _stage_outputs(run, stage, ("loss", "grad_norm", "tokens_per_s"))
     state, start = _restore(ckpt, state, writer, stage.name)
     writer.start(start)
     bad = _BadSteps(run.max_bad_steps, stage.name, ckpt.directory)
@@ -429,7 +434,6 @@ class _Policy:
 
 
 def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, DecoderLM | None]:
-    stage_dir = os.path.join(run.run_dir, stage.name)
     task, tok = run.task, run.tokenizer
     temperature = task.temperature
     loss_fn = _loss_for(stage, temperature)
@@ -460,15 +464,9 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
             messages = data.truncate_observations(c["messages"], task.max_observation_chars)
             references.append((*data.chat_ids(tok, messages), rl.reference_reward(c, task.reward)))
     stream = data.IndexStream(len(run.data.records), stage.prompts_per_step, run.seed)
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(stage_dir, "checkpoints"), save_every=stage.save_every,
-        keep=stage.keep_checkpoints,
-    )  # fmt: skip
-    writer = metrics.MetricsWriter(
-        run.run_dir, subdir=stage.name, total_steps=stage.steps,
-        is_writer=jax.process_index() == 0, interactive=run.interactive, desc=stage.name,
-        progress_keys=("reward/mean", "reward/correct", "reward/answered", "update/grad_norm"),
-    )  # fmt: skip
+    ckpt, writer = _stage_outputs(
+        run, stage, ("reward/mean", "reward/correct", "reward/answered", "update/grad_norm")
+    )
     states = (policy.state,) if sub is None else (policy.state, sub.state)
     states, start = _restore(ckpt, states, writer, stage.name)
     policy.state = states[0]

@@ -1,1 +1,1 @@
-"""Evaluation: the MedDialogRubrics dialogue benchmark (`dialogue`)."""
+"""Evaluation: the MedDialogRubrics dialogue benchmark (`dialogue`) and research QA (`research`)."""
