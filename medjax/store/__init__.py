@@ -1,0 +1,38 @@
+"""A small shared store for decoupled trainers that exchange statistics, never tensors.
+
+    store = store_lib.open_store("file:///shared/run1")     # or "memory://"
+    store.put("rollouts/q1/0", {"reward": 1.0}, if_absent=True)   # idempotent
+    store.get("rollouts/q1/0"); store.list("rollouts/q1/")
+    store.wait("rollouts/q2/0", timeout=30.0)                # blocks until it exists
+    store.compare_and_set("cursor", {"n": 3}, {"n": 4})      # atomic update
+    store.acquire_lease("sub-trainer", owner="host-1", ttl=30.0)
+
+Values are JSON objects. Keys are "/"-separated names of [A-Za-z0-9_.-] parts. Backends:
+`MemoryStore` (one process) and `FileStore` (a folder both hosts see).
+"""
+
+from medjax.store.base import InvalidKeyError, Store, StoreCorruptError, check_key
+from medjax.store.files import FileStore
+from medjax.store.memory import MemoryStore
+
+
+def open_store(url: str) -> Store:
+    """`memory://` or `file://PATH` (or a bare path)."""
+    if url.startswith("memory://"):
+        return MemoryStore()
+    if url.startswith("file://"):
+        return FileStore(url[len("file://") :])
+    if "://" in url:
+        raise ValueError(f"open_store: unknown store {url!r}; use memory:// or file://PATH.")
+    return FileStore(url)
+
+
+__all__ = [
+    "FileStore",
+    "InvalidKeyError",
+    "MemoryStore",
+    "Store",
+    "StoreCorruptError",
+    "check_key",
+    "open_store",
+]
