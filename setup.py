@@ -55,9 +55,12 @@ setuptools.setup(
             "chex>=0.1.92",
             "hypothesis>=6.155",
             "ruff>=0.17.6",
+            "redis>=8.1",  # The Redis store's tests (a real redis-server, see .ci/run).
             # The CPU build; a bare `torch` would pull a multi-GB CUDA build.
             "torch==2.13.0",
         ],
+        # The Redis store (medjax.store.redis_store) for decoupled M-GRPO.
+        "redis": ["redis>=8.1"],
         # The released MedDialogRubrics xlsx (medjax.datasets.meddialog_xlsx).
         "meddialog": ["openpyxl>=3.1"],
         # Dense retrieval (medjax.knowledge.retrieval.DenseIndex): install torch==2.13.0

@@ -348,7 +348,7 @@ def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
     graphdef, state = steps.create_state(model, tx, run.seed, run.mesh)
     rows = [
         data.chat_ids(
-            run.tokenizer, data.truncate_observations(c["messages"], run.task.max_observation_chars)
+            run.tokenizer, c["messages"], max_observation_chars=run.task.max_observation_chars
         )
         for c in run.data.chats
     ]
@@ -433,6 +433,12 @@ class _Policy:
         return nnx.merge(self.graphdef, self.state.params)
 
 
+def _params_copy(model: DecoderLM):
+    """The model's parameters in new buffers: a policy's update donates (reuses) its own,
+    and nnx.merge of the same state would share the Variables themselves."""
+    return jax.tree.map(lambda x: x.copy(), nnx.split(model, nnx.Param)[1])
+
+
 def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, DecoderLM | None]:
     task, tok = run.task, run.tokenizer
     temperature = task.temperature
@@ -443,10 +449,7 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
     sub = None
     if stage.algorithm == "mgrpo" and not stage.shared_model:
         sub_tx = (stage.sub_optimizer or stage.optimizer)(total_steps=total)
-        # Its own copy of the weights: the policy's update donates (reuses) its buffers,
-        # and nnx.merge would share the Variables themselves.
-        graphdef, params = nnx.split(model, nnx.Param)
-        copy = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), params))
+        copy = nnx.merge(nnx.split(model, nnx.Param)[0], _params_copy(model))
         sub = _Policy(run, copy, sub_tx, loss_fn, stage.num_microbatches, temperature)
     reference = None
     if stage.kl_beta and stage.algorithm == "grpo":
@@ -455,14 +458,15 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
             if stage.reference
             else model
         )
-        reference = nnx.split(ref_model, nnx.Param)[1]
-        reference = jax.tree.map(lambda x: x.copy(), reference)
+        reference = _params_copy(ref_model)
     references = None
     if stage.algorithm == "grao":
         references = []
         for c in run.data.chats:
-            messages = data.truncate_observations(c["messages"], task.max_observation_chars)
-            references.append((*data.chat_ids(tok, messages), rl.reference_reward(c, task.reward)))
+            ids, mask = data.chat_ids(
+                tok, c["messages"], max_observation_chars=task.max_observation_chars
+            )
+            references.append((ids, mask, rl.reference_reward(c, task.reward)))
     stream = data.IndexStream(len(run.data.records), stage.prompts_per_step, run.seed)
     ckpt, writer = _stage_outputs(
         run, stage, ("reward/mean", "reward/correct", "reward/answered", "update/grad_norm")
@@ -622,8 +626,7 @@ def expert_nll(run: _Run, model) -> float:
         chats = research.expert_trajectories(run.env, run.data.eval_records)
         run.heldout_rows = [
             data.chat_ids(
-                run.tokenizer,
-                data.truncate_observations(t.messages, run.task.max_observation_chars),
+                run.tokenizer, t.messages, max_observation_chars=run.task.max_observation_chars
             )
             for t in chats
         ]

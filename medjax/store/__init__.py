@@ -8,7 +8,8 @@
     store.acquire_lease("sub-trainer", owner="host-1", ttl=30.0)
 
 Values are JSON objects. Keys are "/"-separated names of [A-Za-z0-9_.-] parts. Backends:
-`MemoryStore` (one process) and `FileStore` (a folder both hosts see).
+`MemoryStore` (one process), `FileStore` (a folder both hosts see) and `RedisStore`
+(`medjax.store.redis_store`, the `[redis]` extra).
 """
 
 from medjax.store.base import InvalidKeyError, Store, StoreCorruptError, check_key
@@ -17,13 +18,27 @@ from medjax.store.memory import MemoryStore
 
 
 def open_store(url: str) -> Store:
-    """`memory://` or `file://PATH` (or a bare path)."""
+    """`memory://`, `file://PATH` (or a bare path), or
+    `redis://HOST:PORT[/DB][?namespace=NAME]` (password from $MEDJAX_REDIS_PASSWORD)."""
     if url.startswith("memory://"):
         return MemoryStore()
+    if url.startswith("redis://"):
+        from urllib.parse import parse_qs, urlparse
+
+        from medjax.store.redis_store import RedisStore
+
+        parsed = urlparse(url)
+        namespace = parse_qs(parsed.query).get("namespace", ["default"])[0]
+        db = int(parsed.path.strip("/") or 0)
+        return RedisStore(
+            parsed.hostname or "127.0.0.1", parsed.port or 6379, db, namespace=namespace
+        )
     if url.startswith("file://"):
         return FileStore(url[len("file://") :])
     if "://" in url:
-        raise ValueError(f"open_store: unknown store {url!r}; use memory:// or file://PATH.")
+        raise ValueError(
+            f"open_store: unknown store {url!r}; use memory://, file://PATH or redis://HOST:PORT."
+        )
     return FileStore(url)
 
 

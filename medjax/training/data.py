@@ -51,17 +51,24 @@ def truncate_observations(
     return out
 
 
-def chat_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+def chat_ids(
+    tokenizer,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    max_observation_chars: int | None = None,
+) -> tuple[list[int], list[int]]:
     """Token ids of a whole chat and a mask that is 1 on the assistant's content tokens.
 
     The chat template's framing (`<|im_start|>assistant\\n`, `<|im_end|>`) is not the
     policy's: rollouts stop on `</tool_call>` / `</answer>` and the loop appends the framing,
-    so SFT teaches exactly what the policy samples.
+    so SFT teaches exactly what the policy samples. Tool responses are first cut to
+    `max_observation_chars` as rollouts cut them (`truncate_observations`).
 
     Raises:
       ValueError: the template does not render an assistant message's content verbatim
         right after the generation prompt (naming the message).
     """
+    messages = truncate_observations(messages, max_observation_chars)
     text = tokenizer_lib.apply_chat_template(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):

@@ -3,8 +3,13 @@ and idempotent across processes, compare-and-set is atomic under concurrent writ
 `wait` blocks until a key appears or times out, leases exclude other owners until they
 expire, and a corrupted file record is rejected with an error naming it."""
 
+import itertools
 import json
 import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
 import threading
 import time
 
@@ -12,10 +17,52 @@ import pytest
 
 from medjax import store as store_lib
 
+_namespaces = itertools.count()
 
-@pytest.fixture(params=["memory", "file"])
-def store(request, tmp_path):
-    return store_lib.open_store("memory://" if request.param == "memory" else f"file://{tmp_path}")
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real redis-server on 127.0.0.1 and a free port, stopped after the module. CI
+    installs it (.ci/run); elsewhere the Redis cases skip when the binary is missing."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing in CI (.ci/run installs it).")
+        pytest.skip("redis-server is not installed (apt install redis-server).")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
+def url(request, tmp_path):
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "file":
+        return f"file://{tmp_path}"
+    base = request.getfixturevalue("redis_server")
+    return f"{base}?namespace=t{next(_namespaces)}"
+
+
+@pytest.fixture
+def store(url):
+    return store_lib.open_store(url)
 
 
 def test_put_get_list_delete(store):
@@ -88,13 +135,13 @@ def test_leases_exclude_other_owners_until_they_expire(store):
     assert store.acquire_lease("sub", "host-a", ttl=1.0)
 
 
-def _race(root, key, worker, results):
-    s = store_lib.open_store(f"file://{root}")
+def _race(url, key, worker, results):
+    s = store_lib.open_store(url)
     results.put((worker, s.put(key, {"worker": worker}, if_absent=True)))
 
 
-def _count(root, times):
-    s = store_lib.open_store(f"file://{root}")
+def _count(url, times):
+    s = store_lib.open_store(url)
     for _ in range(times):
         while True:
             current = s.get("n")
@@ -102,11 +149,16 @@ def _count(root, times):
                 break
 
 
-def test_file_store_across_processes(tmp_path):
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_concurrent_writers_in_several_processes(backend, request, tmp_path):
+    if backend == "file":
+        url = f"file://{tmp_path}"
+    else:
+        url = f"{request.getfixturevalue('redis_server')}?namespace=p{next(_namespaces)}"
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(tmp_path, "once", w, results)) for w in range(6)]
-    procs += [ctx.Process(target=_count, args=(tmp_path, 20)) for _ in range(3)]
+    procs = [ctx.Process(target=_race, args=(url, "once", w, results)) for w in range(6)]
+    procs += [ctx.Process(target=_count, args=(url, 20)) for _ in range(3)]
     for p in procs:
         p.start()
     for p in procs:
@@ -114,7 +166,7 @@ def test_file_store_across_processes(tmp_path):
     outcomes = dict(results.get(timeout=5) for _ in range(6))
     winners = [w for w, won in outcomes.items() if won]
     assert len(winners) == 1
-    s = store_lib.open_store(f"file://{tmp_path}")
+    s = store_lib.open_store(url)
     assert s.get("once") == {"worker": winners[0]}
     assert s.get("n") == {"n": 60}
     # No temporary or lock file shows up as a key.
@@ -132,4 +184,14 @@ def test_corrupted_file_records_are_rejected(tmp_path):
         s.get("r/1")
     path.write_text('{"sha256": "ab", "val')  # Torn.
     with pytest.raises(store_lib.StoreCorruptError, match=r"1\.json.*not a store record"):
+        s.get("r/1")
+
+
+def test_corrupted_redis_values_are_rejected(redis_server):
+    import redis
+
+    s = store_lib.open_store(f"{redis_server}?namespace=corrupt")
+    port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
+    redis.Redis(port=port).set("medjax:corrupt:r/1", b"{torn")
+    with pytest.raises(store_lib.StoreCorruptError, match=r"key 'r/1': not JSON"):
         s.get("r/1")
