@@ -143,16 +143,21 @@ def sub_trajectories(mains: Sequence[Trajectory]) -> tuple[list[Trajectory], np.
     return subs, np.asarray(index, np.int32)
 
 
-def training_batch(trajectories: Sequence[Trajectory], pad_id: int = 0) -> dict[str, np.ndarray]:
+def training_batch(
+    trajectories: Sequence[Trajectory], pad_id: int = 0, *, width: int | None = None
+) -> dict[str, np.ndarray]:
     """Right-padded arrays for the trainer, from the stored ids as they are.
 
     Returns:
       {"input_ids", "attention_mask", "loss_mask", "old_logps"}, each [B, T] with T the
-      longest trajectory.
+      longest trajectory, or `width` (at least that long) when given.
     """
     if any(not t.token_ids for t in trajectories):
         raise ValueError("training_batch: a trajectory has no token ids (text-only backend).")
-    width = max(len(t.token_ids) for t in trajectories)
+    longest = max(len(t.token_ids) for t in trajectories)
+    if width is not None and width < longest:
+        raise ValueError(f"training_batch: width {width} < the longest trajectory ({longest}).")
+    width = longest if width is None else width
     batch = {
         "input_ids": np.full((len(trajectories), width), pad_id, np.int32),
         "attention_mask": np.zeros((len(trajectories), width), np.int32),

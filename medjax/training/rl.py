@@ -163,18 +163,23 @@ def advantage_stats(adv: np.ndarray, prefix: str = "") -> dict[str, float]:
 
 
 def episode_rows(
-    trajs: Sequence[agents.Trajectory], *, pad_id: int, width: int | None = None
+    trajs: Sequence[agents.Trajectory | None], *, pad_id: int
 ) -> dict[str, np.ndarray]:
-    """`training_batch` of the episodes at a bucketed width (or `width`)."""
-    rows = [(t.token_ids, t.loss_mask) for t in trajs]
-    longest = max((len(t.token_ids) for t in trajs), default=1)
-    width = data_lib.bucket(longest) if width is None else width
-    batch = data_lib.pad_rows(rows, width, pad_id=pad_id)
-    batch["old_logps"] = np.zeros(batch["input_ids"].shape, np.float32)
-    for r, t in enumerate(trajs):
-        k = min(len(t.logps), width)
-        batch["old_logps"][r, :k] = t.logps[:k]
-    return batch
+    """`agents.training_batch` of the episodes at a bucketed width; None entries become
+    all-padding rows (M-GRPO rollouts that delegated nothing)."""
+    real = [t for t in trajs if t is not None]
+    width = data_lib.bucket(max((len(t.token_ids) for t in real), default=1))
+    keep = np.array([t is not None for t in trajs], bool)
+    if not real:
+        batch = data_lib.pad_rows([], width, pad_id=pad_id, num_rows=len(trajs))
+        batch["old_logps"] = np.zeros((len(trajs), width), np.float32)
+        return batch
+    batch = agents.training_batch(real, pad_id, width=width)
+    source = np.maximum(np.cumsum(keep) - 1, 0)
+    return {
+        k: np.where(keep[:, None], v[source], pad_id if k == "input_ids" else 0).astype(v.dtype)
+        for k, v in batch.items()
+    }
 
 
 def grpo_batch(
@@ -273,18 +278,8 @@ def mgrpo_batches(
         losses.mgrpo_sub_advantages(sub_rewards, query, num_queries=len(trajs) // num_rollouts),
         np.float32,
     )
-    chosen = [subs[i] if i >= 0 else None for i in index]
-    width = data_lib.bucket(max((len(s.token_ids) for s in subs), default=1))
-    sub = data_lib.pad_rows(
-        [(s.token_ids, s.loss_mask) if s is not None else ([], []) for s in chosen],
-        width, pad_id=pad_id,
-    )  # fmt: skip
+    sub = episode_rows([subs[i] if i >= 0 else None for i in index], pad_id=pad_id)
     sub["advantages"] = np.where(index >= 0, sub_adv, 0.0).astype(np.float32)
-    sub["old_logps"] = np.zeros(sub["input_ids"].shape, np.float32)
-    for r, s in enumerate(chosen):
-        if s is not None:
-            k = min(len(s.logps), width)
-            sub["old_logps"][r, :k] = s.logps[:k]
     stats = {
         **reward_stats(terms), **advantage_stats(main_adv), **episode_stats(trajs),
         "main/reward_mean": float(main_rewards.mean()),

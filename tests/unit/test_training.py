@@ -212,3 +212,21 @@ def test_grpo_steps_raise_the_reward_of_a_deterministic_task():
         state, _ = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
     assert rewards[0] < 0.1
     assert np.mean(rewards[-5:]) >= 0.5, rewards[::5]
+
+
+def test_episode_rows_pad_missing_episodes():
+    from medjax import agents
+    from medjax.training import rl
+
+    a = agents.Trajectory(
+        "q", 0, "a", token_ids=[5, 6, 7], loss_mask=[0, 1, 1], logps=[0, -0.5, -1.0]
+    )
+    b = agents.Trajectory("q", 1, "a", token_ids=[8, 9], loss_mask=[0, 1], logps=[0, -2.0])
+    rows = rl.episode_rows([a, None, b], pad_id=3)
+    assert rows["input_ids"].tolist() == [[5, 6, 7] + [3] * 61, [3] * 64, [8, 9] + [3] * 62]
+    assert rows["attention_mask"].sum(axis=1).tolist() == [3, 0, 2]
+    assert rows["loss_mask"][:, :3].tolist() == [[0, 1, 1], [0, 0, 0], [0, 1, 0]]
+    np.testing.assert_array_equal(
+        rows["old_logps"][:, :3], [[0, -0.5, -1.0], [0, 0, 0], [0, -2.0, 0]]
+    )
+    assert rl.episode_rows([None], pad_id=3)["input_ids"].tolist() == [[3] * 64]
