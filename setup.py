@@ -50,6 +50,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=9.0.3",
+            "pytest-xdist>=3.8",  # The suite runs on 2 workers (README, .ci/run).
             "rank-bm25>=0.2.2",
             "openpyxl>=3.1",
             "chex>=0.1.92",

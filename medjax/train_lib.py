@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 
 from medjax import losses, partitioning, sampling
+from medjax import store as store_lib
 from medjax.envs import research
 from medjax.eval import research as eval_research
 from medjax.llm import JaxPolicyBackend
@@ -47,6 +48,7 @@ from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.config import ModelConfig
 from medjax.models.transformer import DecoderLM
 from medjax.training import checkpoints, data, metrics, optim, rl, steps
+from medjax.training import decoupled as decoupled_lib
 
 ALGORITHMS = ("grpo", "grao", "mgrpo")
 RUN_FILE = "run.json"
@@ -69,6 +71,9 @@ class SFTStage:
       num_microbatches: gradient accumulation (exact: see `medjax.training.steps`).
       save_every: checkpoint interval in steps (and always at the end).
       keep_checkpoints: how many to keep.
+      role: whose chats: "researcher" (the expert's, as they are), or M-GRPO's "main"
+        (delegates the question and answers with what the sub-agent found) or "searcher"
+        (the sub-agent's search); see `rl.role_chats`.
     """
 
     name: str = "sft"
@@ -79,6 +84,13 @@ class SFTStage:
     num_microbatches: int = 1
     save_every: int = 50
     keep_checkpoints: int = 2
+    role: str = "researcher"
+
+    def __post_init__(self):
+        if self.role not in rl.ROLES:
+            raise TrainError(
+                f"SFTStage {self.name!r}: role {self.role!r} is not one of {rl.ROLES}."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +120,9 @@ class RLStage:
       sub_optimizer: M-GRPO with distinct models (None: `optimizer`).
       sub_target_count: M-GRPO's d (fixed shapes); None: the 0.99 quantile per step.
       save_every, keep_checkpoints: as in SFTStage.
+      decoupled: M-GRPO with the main and sub-agent trainers in separate processes
+        (`medjax.training.decoupled.Decoupled`: this process's role, the shared store, the
+        sub-agent's endpoint); None: both in this process.
     """
 
     name: str = "rl"
@@ -129,11 +144,17 @@ class RLStage:
     sub_target_count: int | None = 2
     save_every: int = 5
     keep_checkpoints: int = 2
+    decoupled: decoupled_lib.Decoupled | None = None
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise TrainError(
                 f"RLStage {self.name!r}: algorithm {self.algorithm!r} is not one of {ALGORITHMS}."
+            )
+        if self.decoupled is not None and self.algorithm != "mgrpo":
+            raise TrainError(
+                f"RLStage {self.name!r}: decoupled trainers are for algorithm 'mgrpo', not"
+                f" {self.algorithm!r}."
             )
 
 
@@ -332,25 +353,24 @@ def _stage_outputs(run: _Run, stage, progress_keys):
 
 
 def _restore(ckpt: checkpoints.Checkpointer, state, writer, name: str):
+    """(state, step, meta) of the latest checkpoint, or (state, 0, {})."""
     latest = ckpt.latest_step()
     if latest is None:
-        return state, 0
+        return state, 0, {}
     state, meta = ckpt.restore(latest, state)
     dropped = writer.truncate_after(latest)
     print(
         f"{name}: resumed from step {latest} ({dropped} later metric records dropped)", flush=True
     )
-    return state, int(meta["step"])
+    return state, int(meta["step"]), meta
 
 
 def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
     tx = stage.optimizer(total_steps=stage.steps)
     graphdef, state = steps.create_state(model, tx, run.seed, run.mesh)
     rows = [
-        data.chat_ids(
-            run.tokenizer, c["messages"], max_observation_chars=run.task.max_observation_chars
-        )
-        for c in run.data.chats
+        data.chat_ids(run.tokenizer, messages, max_observation_chars=run.task.max_observation_chars)
+        for messages in rl.role_chats(run.task, run.env, run.data.chats, stage.role)
     ]
     stream = data.IndexStream(len(rows), stage.batch_size, run.seed)
     step_fn = steps.make_train_step(
@@ -358,7 +378,7 @@ def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
         state_shardings=steps.shardings_of(state),
     )  # fmt: skip
     ckpt, writer = _stage_outputs(run, stage, ("loss", "grad_norm", "tokens_per_s"))
-    state, start = _restore(ckpt, state, writer, stage.name)
+    state, start, _ = _restore(ckpt, state, writer, stage.name)
     writer.start(start)
     bad = _BadSteps(run.max_bad_steps, stage.name, ckpt.directory)
     pad_id = run.tokenizer.pad_token_id
@@ -439,15 +459,149 @@ def _params_copy(model: DecoderLM):
     return jax.tree.map(lambda x: x.copy(), nnx.split(model, nnx.Param)[1])
 
 
+def _score_and_update(run: _Run, stage: RLStage, jobs, reference, bad, step: int, last_good):
+    """Old / reference log-probs where needed, then `num_iterations` passes of
+    `num_minibatches` updates of each (policy, batch) job. Returns (update metrics,
+    scoring s, update s)."""
+    t1 = time.perf_counter()
+    for job_policy, job_batch in jobs:
+        if "old_logps" in job_batch:
+            if stage.num_iterations > 1:
+                job_batch["old_logps"] = np.asarray(
+                    job_policy.score(
+                        job_policy.state.params, job_batch["input_ids"],
+                        job_batch["attention_mask"], job_batch["loss_mask"],
+                    )
+                )  # fmt: skip
+            else:
+                del job_batch["old_logps"]  # Exactly on-policy: ratio 1.
+        if reference is not None:
+            job_batch["ref_logps"] = np.asarray(
+                job_policy.score(
+                    reference, job_batch["input_ids"], job_batch["attention_mask"],
+                    job_batch["loss_mask"],
+                )
+            )  # fmt: skip
+    t_scoring = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    updates = []
+    for _ in range(stage.num_iterations):
+        for job_policy, job_batch in jobs:
+            for part in _minibatches(job_batch, stage.num_minibatches):
+                job_policy.state, m = job_policy.step_fn(job_policy.state, run.put(part))
+                m = jax.device_get(m)
+                updates.append(m)
+                bad.update(float(m["update_skipped"]), step + 1, last_good)
+    update_metrics = _mean_metrics(
+        [{k: v for k, v in m.items() if np.ndim(v) == 0} for m in updates]
+    )
+    return (
+        {f"update/{k}": v for k, v in update_metrics.items()},
+        t_scoring,
+        time.perf_counter() - t2,
+    )
+
+
+def _step_seed(base_key, step: int) -> int:
+    return int(jax.random.randint(jax.random.fold_in(base_key, step), (), 0, 2**31 - 1))
+
+
+def _sub_alignment_key(base_key, step: int):
+    return jax.random.fold_in(base_key, 10**6 + step)
+
+
+def _run_id(run_dir: str) -> str:
+    with open(os.path.join(run_dir, RUN_FILE), encoding="utf-8") as f:
+        return f"{run_dir} (created {json.load(f)['created']:.3f})"
+
+
+def _claimed_store(config: decoupled_lib.Decoupled, role: str, run_id: str):
+    try:
+        store = store_lib.open_store(config.store)
+        decoupled_lib.claim(store, role, run_id)
+    except Exception as e:  # The first contact: a wrong URL, no server, another run's store.
+        raise TrainError(f"Decoupled.store {config.store}: {e}") from None
+    return store
+
+
+class _MainSide:
+    """Decoupled M-GRPO's main process: the remote sub-agent and the store."""
+
+    def __init__(self, config: decoupled_lib.Decoupled, stage: RLStage, run_id: str):
+        self.config, self.stage = config, stage
+        self.store = _claimed_store(config, "main", run_id)
+        self.epoch = decoupled_lib.next_epoch(self.store)
+        self.client = decoupled_lib.RemoteSubAgent(
+            self._url, self.epoch, on_failure=config.on_sub_failure,
+            timeout=config.request_timeout_s, status_every=config.status_every_s,
+        )  # fmt: skip
+        self.published = 0
+        print(f"{stage.name}: main trainer, epoch {self.epoch}, store {config.store}", flush=True)
+        decoupled_lib.wait_for(
+            lambda: self._url() is not None, timeout=config.wait_timeout_s,
+            every=config.status_every_s,
+            status=lambda w: f"main: waiting for the sub-agent to start ({w:.0f} s)",
+        )  # fmt: skip
+
+    def _url(self) -> str | None:
+        if self.config.sub_url:
+            return self.config.sub_url
+        return (self.store.get("sub/progress") or {}).get("url")
+
+    def before_step(self, step: int, seed: int) -> float:
+        """Waits for the sub trainer when lockstep asks it; returns the seconds waited."""
+        t0 = time.perf_counter()
+        lag = self.config.max_sub_lag
+        if lag is not None and step - lag > 0:
+            need = step - lag
+
+            def applied():
+                return (self.store.get("sub/progress") or {}).get("applied_steps", 0) >= need
+
+            decoupled_lib.wait_for(
+                applied, timeout=self.config.wait_timeout_s, every=self.config.status_every_s,
+                status=lambda w: f"main: step {step} waits for the sub trainer to apply {need}"
+                f" steps ({w:.0f} s)",
+            )  # fmt: skip
+        self.client.begin_step(step, seed)
+        return time.perf_counter() - t0
+
+    def publish(self, step: int, trajs, terms, main_rewards) -> dict[str, float]:
+        new = decoupled_lib.publish_step(
+            self.store, step, self.epoch, step, trajs, terms, main_rewards,
+            self.stage.num_generations,
+        )  # fmt: skip
+        self.published = step + 1
+        self.progress(done=False)
+        sub = self.store.get("sub/progress") or {}
+        return {
+            "decoupled/published_new": float(new),
+            "decoupled/delegate_failures": float(sum(t.tool_failures for t in trajs)),
+            "decoupled/sub_lag_steps": float(step + 1 - sub.get("applied_steps", 0)),
+            "decoupled/sub_version": float(sub.get("version", 0)),
+        }
+
+    def progress(self, done: bool) -> None:
+        self.store.put("main/progress", {
+            "published_steps": self.published, "epoch": self.epoch, "time": time.time(),
+            "delegate_failures": self.client.failures, "done": done,
+        })  # fmt: skip
+
+
 def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, DecoderLM | None]:
+    if stage.decoupled is not None and stage.decoupled.role == "sub":
+        return _run_sub(run, stage, model), None
     task, tok = run.task, run.tokenizer
     temperature = task.temperature
     loss_fn = _loss_for(stage, temperature)
     total = stage.steps * stage.num_iterations * stage.num_minibatches
     policy = _Policy(run, model, stage.optimizer(total_steps=total), loss_fn,
                      stage.num_microbatches, temperature)  # fmt: skip
+    main_side = None
+    if stage.decoupled is not None:
+        main_side = _MainSide(stage.decoupled, stage, _run_id(run.run_dir))
     sub = None
-    if stage.algorithm == "mgrpo" and not stage.shared_model:
+    if stage.algorithm == "mgrpo" and not stage.shared_model and main_side is None:
         sub_tx = (stage.sub_optimizer or stage.optimizer)(total_steps=total)
         copy = nnx.merge(nnx.split(model, nnx.Param)[0], _params_copy(model))
         sub = _Policy(run, copy, sub_tx, loss_fn, stage.num_microbatches, temperature)
@@ -472,7 +626,7 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
         run, stage, ("reward/mean", "reward/correct", "reward/answered", "update/grad_norm")
     )
     states = (policy.state,) if sub is None else (policy.state, sub.state)
-    states, start = _restore(ckpt, states, writer, stage.name)
+    states, start, _ = _restore(ckpt, states, writer, stage.name)
     policy.state = states[0]
     if sub is not None:
         sub.state = states[1]
@@ -486,7 +640,8 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
         compiles_before = sampling.compile_count()
         t0 = time.perf_counter()
         records = [run.data.records[i] for i in stream[step]]
-        step_seed = int(jax.random.randint(jax.random.fold_in(base_key, step), (), 0, 2**31 - 1))
+        step_seed = _step_seed(base_key, step)
+        t_wait = 0.0 if main_side is None else main_side.before_step(step, step_seed + 1)
         backend = JaxPolicyBackend(policy.model(), tok, seed=step_seed)
         sub_backend = (
             None if sub is None else JaxPolicyBackend(sub.model(), tok, seed=step_seed + 1)
@@ -494,9 +649,10 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
         trajs = rl.rollout(
             task, run.env, backend, records, num_generations=stage.num_generations,
             sub_backend=sub_backend, hierarchical=stage.algorithm == "mgrpo",
+            remote_sub_agent=None if main_side is None else main_side.client,
         )  # fmt: skip
-        t_rollout = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t_rollout = time.perf_counter() - t0 - t_wait
+        extra = {}
         if stage.algorithm == "grpo":
             batch, stats = rl.grpo_batch(
                 trajs, records, stage.num_generations, task.reward, pad_id=pad_id,
@@ -509,10 +665,17 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
                 trajs, records, refs, stage.num_generations, task.reward, pad_id=pad_id
             )
             jobs = [(policy, batch)]
+        elif main_side is not None:
+            main, terms, main_rewards, stats = rl.mgrpo_main_batch(
+                trajs, records, stage.num_generations, reward=task.reward, pad_id=pad_id
+            )
+            extra = main_side.publish(step, trajs, terms, main_rewards)
+            extra["time/wait_sub_s"] = t_wait
+            jobs = [(policy, main)]
         else:
             main, subs, stats = rl.mgrpo_batches(
                 trajs, records, stage.num_generations, stage.sub_target_count,
-                jax.random.fold_in(base_key, 10**6 + step), reward=task.reward, pad_id=pad_id,
+                _sub_alignment_key(base_key, step), reward=task.reward, pad_id=pad_id,
             )  # fmt: skip
             if sub is None:
                 width = max(main["input_ids"].shape[1], subs["input_ids"].shape[1])
@@ -520,42 +683,12 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
                 jobs = [(policy, {k: np.concatenate([b[k] for b in both]) for k in main})]
             else:
                 jobs = [(policy, main), (sub, subs)]
-        for job_policy, job_batch in jobs:
-            if "old_logps" in job_batch:
-                if stage.num_iterations > 1:
-                    job_batch["old_logps"] = np.asarray(
-                        job_policy.score(
-                            job_policy.state.params, job_batch["input_ids"],
-                            job_batch["attention_mask"], job_batch["loss_mask"],
-                        )
-                    )  # fmt: skip
-                else:
-                    del job_batch["old_logps"]  # Exactly on-policy: ratio 1.
-            if reference is not None:
-                job_batch["ref_logps"] = np.asarray(
-                    job_policy.score(
-                        reference, job_batch["input_ids"], job_batch["attention_mask"],
-                        job_batch["loss_mask"],
-                    )
-                )  # fmt: skip
-        t_scoring = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        updates = []
-        for _ in range(stage.num_iterations):
-            for job_policy, job_batch in jobs:
-                for part in _minibatches(job_batch, stage.num_minibatches):
-                    job_policy.state, m = job_policy.step_fn(job_policy.state, run.put(part))
-                    m = jax.device_get(m)
-                    updates.append(m)
-                    bad.update(float(m["update_skipped"]), step + 1, last_good)
-        t_update = time.perf_counter() - t2
-        update_metrics = _mean_metrics(
-            [{k: v for k, v in m.items() if np.ndim(v) == 0} for m in updates]
+        update_metrics, t_scoring, t_update = _score_and_update(
+            run, stage, jobs, reference, bad, step, last_good
         )
         elapsed = time.perf_counter() - t0
         scalars = {
-            **stats,
-            **{f"update/{k}": v for k, v in update_metrics.items()},
+            **stats, **update_metrics, **extra,
             "tokens_per_s": stats["generated_tokens"] / max(t_rollout, 1e-9),
             "time/rollout_s": t_rollout, "time/scoring_s": t_scoring, "time/update_s": t_update,
             "time/step_s": elapsed,
@@ -571,7 +704,124 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
             last_good = step + 1
     ckpt.close()
     writer.close()
+    if main_side is not None:
+        main_side.progress(done=True)
     return policy.model(), None if sub is None else sub.model()
+
+
+def _run_sub(run: _Run, stage: RLStage, model: DecoderLM) -> DecoderLM:
+    """Decoupled M-GRPO's sub process: serves the sub-agent and trains it on each published
+    main step, in order, from its own logged sub-trajectories (`medjax.training.decoupled`).
+    """
+    config, task, tok = stage.decoupled, run.task, run.tokenizer
+    store = _claimed_store(config, "sub", _run_id(run.run_dir))
+    stage_dir = os.path.join(run.run_dir, stage.name)
+    log = store_lib.FileStore(os.path.join(stage_dir, "sub_trajectories"))
+    total = stage.steps * stage.num_iterations * stage.num_minibatches
+    tx = (stage.sub_optimizer or stage.optimizer)(total_steps=total)
+    policy = _Policy(run, model, tx, _loss_for(stage, task.temperature), stage.num_microbatches,
+                     task.temperature)  # fmt: skip
+    ckpt, writer = _stage_outputs(
+        run, stage, ("sub/reward_mean", "decoupled/dropped_stale", "update/grad_norm")
+    )
+    (policy.state,), start, meta = _restore(ckpt, (policy.state,), writer, stage.name)
+    applied = list(meta.get("applied", []))
+    counts = {k: int(meta.get(k, 0)) for k in ("dropped_stale", "missing")}
+    writer.start(start)
+
+    def serving():
+        return nnx.merge(policy.graphdef, _params_copy(policy.model()))
+
+    def make_agent(m, seed):
+        return task.sub_agent(run.env, JaxPolicyBackend(m, tok, seed=seed))
+
+    server = decoupled_lib.SubAgentServer(
+        make_agent, log, host=config.host, port=config.port, batch_window=config.batch_window_s
+    )
+    server.set_policy(serving(), start)
+
+    def progress(status: str) -> None:
+        store.put("sub/progress", {
+            "applied_steps": start_or_step[0], "version": start_or_step[0], "url": server.url,
+            "time": time.time(), "status": status, **counts,
+        })  # fmt: skip
+
+    start_or_step = [start]
+    server.start()
+    progress("serving")
+    print(
+        f"{stage.name}: sub-agent serving {server.url}; trainer at step {start}"
+        f" ({len(applied)} rollout statistics applied)",
+        flush=True,
+    )
+    bad = _BadSteps(run.max_bad_steps, stage.name, ckpt.directory)
+    base_key = jax.random.PRNGKey(run.seed)
+    last_good = start or None
+
+    def waiting(step):
+        def status(waited):
+            main = store.get("main/progress") or {}
+            age = time.time() - main["time"] if main else float("nan")
+            return (
+                f"sub: waiting for main step {step}'s statistics ({waited:.0f} s); main has"
+                f" published {main.get('published_steps', 0)} steps, last {age:.0f} s ago"
+            )
+
+        return status
+
+    try:
+        for step in range(start, stage.steps):
+            run.write_config()
+            t0 = time.perf_counter()
+            record = decoupled_lib.wait_for(
+                lambda s=step: store.get(decoupled_lib.step_key(s)),
+                timeout=config.wait_timeout_s, every=config.status_every_s, status=waiting(step),
+            )  # fmt: skip
+            t_wait = time.perf_counter() - t0
+            got = decoupled_lib.gather_step(record, log, step, config.staleness_window)
+            batch, stats = rl.mgrpo_sub_batch(
+                got.subs, got.owner, got.correct, record["num_rollouts"], stage.sub_target_count,
+                _sub_alignment_key(base_key, step), pad_id=tok.pad_token_id,
+                shaping=task.reward,
+            )  # fmt: skip
+            update_metrics, t_scoring, t_update = _score_and_update(
+                run, stage, [(policy, batch)], None, bad, step, last_good
+            )
+            store.put(decoupled_lib.applied_key(step), got.applied)
+            applied.extend(r["key"] for r in record["rollouts"])
+            counts["dropped_stale"] += got.dropped_stale
+            counts["missing"] += got.missing
+            if got.missing:
+                print(
+                    f"sub: step {step}: {got.missing} sub-trajectories not in the log", flush=True
+                )
+            scalars = {
+                **stats, **update_metrics,
+                "decoupled/dropped_stale": float(got.dropped_stale),
+                "decoupled/missing": float(got.missing),
+                "decoupled/main_epoch": float(record["epoch"]),
+                "decoupled/record_age_s": time.time() - record["time"],
+                "decoupled/server_batches": float(server.batches),
+                "time/wait_main_s": t_wait, "time/scoring_s": t_scoring,
+                "time/update_s": t_update, "time/step_s": time.perf_counter() - t0,
+            }  # fmt: skip
+            writer.write(step + 1, scalars)
+            if ckpt.should_save(step + 1, step + 1 == stage.steps):
+                ckpt.save(step + 1, (policy.state,), {
+                    "step": step + 1, "data_step": step + 1, "applied": applied, **counts,
+                })  # fmt: skip
+                last_good = step + 1
+            server.set_policy(serving(), step + 1)
+            start_or_step[0] = step + 1
+            progress("training")
+    except decoupled_lib.WaitTimeoutError as e:
+        raise TrainError(f"stage {stage.name!r}: {e}") from None
+    finally:
+        ckpt.close()
+        writer.close()
+    progress("done")
+    server.close()
+    return policy.model()
 
 
 def _widen(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -1,7 +1,11 @@
 """Test-wide set-up. Runs before any test module, so before anything imports jax."""
 
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import time
 
 # Eight host devices so tests/multidevice/ can build meshes in the same pytest run. XLA reads
 # the flag once, when jax starts: setting it in a test module would silently do nothing.
@@ -21,3 +25,33 @@ def x64():
     """Runs the test with float64 enabled, and turns it off again afterwards."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on 127.0.0.1 and a free port, stopped after the session. CI
+    installs it (.ci/run); elsewhere the Redis cases skip when the binary is missing."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing in CI (.ci/run installs it).")
+        pytest.skip("redis-server is not installed (apt install redis-server).")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)

@@ -124,7 +124,8 @@ class _Episode:
     end_requested: bool = False  # An end phrase was said: the final answer comes next.
 
 
-def _system_prompt(agent: AgentSpec) -> str:
+def system_prompt(agent: AgentSpec) -> str:
+    """The agent's first message as the loop sends it: its prompt and its tools."""
     return "\n\n".join(p for p in (agent.system_prompt, tools_lib.render_tools(agent.tools)) if p)
 
 
@@ -155,7 +156,7 @@ class _Runner:
         if self.token_mode:
             early = self.tokenizer.encode(agent.early_stop_prompt, add_special_tokens=False)
             self._reserve += len(early) + _FRAMING_TOKENS
-        system = _system_prompt(agent)
+        system = system_prompt(agent)
         for q in queries:
             head = [{"role": "system", "content": system}] if system else []
             if isinstance(q.prompt, str):
@@ -355,6 +356,9 @@ class _Runner:
 
     def _delegate(self, tool: tools_lib.Tool, calls: list[tuple[_Episode, dict]]) -> None:
         """Runs the sub-agent episodes of every `tool` call of this turn in one batch."""
+        if not isinstance(tool.delegate, AgentSpec):
+            self._delegate_remote(tool, calls)
+            return
         queries = []
         for ep, args in calls:
             prompt = args["task"]
@@ -384,6 +388,42 @@ class _Runner:
             sub.invocation_index = len(ep.traj.sub_trajectories)
             ep.traj.sub_trajectories.append(sub)
             ep.traj.turns[-1].tool_s = elapsed
+            ep.observation = _tool_response(summary)
+
+    def _delegate_remote(self, tool: tools_lib.Tool, calls: list[tuple[_Episode, dict]]) -> None:
+        """Hands this turn's calls to a remote sub-agent (`tools_lib.remote_delegate_tool`).
+        A call the sub-agent could not serve becomes an error observation counted in
+        `tool_failures`, not a format error: the policy did nothing wrong."""
+        requests = []
+        for ep, args in calls:
+            requests.append(tools_lib.Delegation(
+                query_id=ep.traj.query_id, rollout_index=ep.traj.rollout_index,
+                invocation_index=len(ep.traj.sub_trajectories), task=args["task"],
+                context=args.get("context") or "",
+            ))  # fmt: skip
+        start = time.perf_counter()
+        results = tool.delegate(requests)
+        elapsed = time.perf_counter() - start
+        if len(results) != len(calls):
+            raise RuntimeError(
+                f"tool {tool.name!r}: the remote sub-agent returned {len(results)} results for"
+                f" {len(calls)} calls."
+            )
+        for (ep, _), request, result in zip(calls, requests, results, strict=True):
+            turn = ep.traj.turns[-1]
+            turn.tool_s = elapsed
+            if result.error is not None:
+                turn.error = result.error
+                ep.traj.tool_failures += 1
+                ep.observation = _tool_response(f"Error: {result.error}")
+                continue
+            sub = result.trajectory
+            sub.rollout_index, sub.invocation_index = (
+                ep.traj.rollout_index,
+                request.invocation_index,
+            )
+            ep.traj.sub_trajectories.append(sub)
+            summary = result.summary if result.summary is not None else NO_ANSWER_SUMMARY
             ep.observation = _tool_response(summary)
 
 

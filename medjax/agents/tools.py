@@ -42,7 +42,8 @@ class Tool:
       fn: called as `fn(**arguments)`; its result (a string, or anything JSON-serialisable)
         is the observation. None for a delegate tool, which the loop runs itself.
       delegate: for M-GRPO's `delegate(task, context)`: the sub-agent (an
-        `medjax.agents.AgentSpec`) whose whole episode the call runs.
+        `medjax.agents.AgentSpec`) whose whole episode the call runs, or a remote
+        sub-agent's client (`remote_delegate_tool`).
       summariser: optional TextBackend that condenses the sub-agent's trajectory into the
         returned summary; without it the sub-agent's own final answer is returned.
     """
@@ -80,6 +81,39 @@ def delegate_tool(sub_agent, *, summariser=None, name: str = "delegate") -> Tool
         delegate=sub_agent,
         summariser=summariser,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Delegation:
+    """One `delegate` call as a remote sub-agent receives it."""
+
+    query_id: str
+    rollout_index: int
+    invocation_index: int
+    task: str
+    context: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DelegateResult:
+    """A remote sub-agent's answer to one `Delegation`.
+
+    Attributes:
+      summary: what the main agent reads (None: the sub-agent gave no answer).
+      trajectory: the sub-trajectory as the main side records it (for a remote sub-agent a
+        stub: its id and policy version in `metadata`, its outcome, no tokens).
+      error: why the call failed (then summary and trajectory are None).
+    """
+
+    summary: str | None = None
+    trajectory: Any = None
+    error: str | None = None
+
+
+def remote_delegate_tool(client, *, name: str = "delegate") -> Tool:
+    """`delegate` served by another process: `client(list[Delegation])` returns one
+    `DelegateResult` per call, in order (decoupled M-GRPO's main trainer)."""
+    return dataclasses.replace(delegate_tool(None, name=name), delegate=client)
 
 
 TRUNCATION_MARK = "\n[... truncated]"

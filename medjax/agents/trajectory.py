@@ -69,6 +69,8 @@ class Trajectory:
       finish_reason: "answer", "end_phrase", "no_answer" (the forced final turn gave none),
         "context" (no room left for a final turn) or "stopped" (the backend gave up).
       format_errors: how many turns had a format or tool error.
+      tool_failures: tool calls that failed for reasons outside the policy (a remote
+        sub-agent that could not be reached); not format errors.
       sub_trajectories: the sub-agent episodes launched by this one, in call order.
       metadata: the query's metadata (ground truth, ...), carried along.
     """
@@ -85,6 +87,7 @@ class Trajectory:
     answer: str | None = None
     finish_reason: str = ""
     format_errors: int = 0
+    tool_failures: int = 0
     sub_trajectories: list["Trajectory"] = dataclasses.field(default_factory=list)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 

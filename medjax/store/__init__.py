@@ -17,9 +17,10 @@ from medjax.store.files import FileStore
 from medjax.store.memory import MemoryStore
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, create: bool = True) -> Store:
     """`memory://`, `file://PATH` (or a bare path), or
-    `redis://HOST:PORT[/DB][?namespace=NAME]` (password from $MEDJAX_REDIS_PASSWORD)."""
+    `redis://HOST:PORT[/DB][?namespace=NAME]` (password from $MEDJAX_REDIS_PASSWORD).
+    `create=False`: a file store's folder must exist already."""
     if url.startswith("memory://"):
         return MemoryStore()
     if url.startswith("redis://"):
@@ -34,12 +35,12 @@ def open_store(url: str) -> Store:
             parsed.hostname or "127.0.0.1", parsed.port or 6379, db, namespace=namespace
         )
     if url.startswith("file://"):
-        return FileStore(url[len("file://") :])
+        return FileStore(url[len("file://") :], create=create)
     if "://" in url:
         raise ValueError(
             f"open_store: unknown store {url!r}; use memory://, file://PATH or redis://HOST:PORT."
         )
-    return FileStore(url)
+    return FileStore(url, create=create)
 
 
 __all__ = [

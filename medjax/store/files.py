@@ -33,8 +33,10 @@ def _encode(value: dict[str, Any]) -> str:
 
 
 class FileStore(Store):
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, create: bool = True):
         self.root = pathlib.Path(root)
+        if not create and not self.root.is_dir():
+            raise FileNotFoundError(f"store folder {self.root} does not exist")
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> pathlib.Path:

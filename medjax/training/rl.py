@@ -4,6 +4,7 @@
     batch, stats = grpo_batch(trajs, records, G, task.reward)      # GRPO family
     batch, stats = grao_batch(trajs, records, references, ...)      # GRAO (+ expert answers)
     main, sub, stats = mgrpo_batches(trajs, records, K, d, key)     # M-GRPO, both agents
+    # Decoupled M-GRPO: mgrpo_main_batch in the main trainer, mgrpo_sub_batch in the sub one.
 
 Every batch is a dict of numpy arrays, rows prompt-major, padded to a power-of-two width
 (bounded compiles). `stats` are the per-step scalars the trainer logs: reward mean/std and
@@ -12,6 +13,7 @@ finish reasons.
 """
 
 import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,6 +69,25 @@ class ResearchTask:
             return tools
         return [tools_lib.truncate_output(t, self.max_observation_chars) for t in tools]
 
+    def _common(self, greedy: bool) -> dict[str, Any]:
+        sampling = SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            top_p=self.top_p, greedy=greedy,
+        )  # fmt: skip
+        return dict(
+            sampling=sampling, max_context_tokens=self.max_context_tokens,
+            final_turn_tokens=self.final_turn_tokens,
+        )  # fmt: skip
+
+    def sub_agent(
+        self, env: research.ResearchEnvironment, backend, *, greedy: bool = False
+    ) -> agents.AgentSpec:
+        """M-GRPO's searching sub-agent (the retrieval tools, `sub_turns` turns)."""
+        return agents.AgentSpec(
+            "searcher", backend, system_prompt=research.SUB_AGENT_PROMPT,
+            tools=self.tools(env), max_turns=self.sub_turns, **self._common(greedy),
+        )  # fmt: skip
+
     def agent(
         self,
         env: research.ResearchEnvironment,
@@ -75,34 +96,76 @@ class ResearchTask:
         greedy: bool = False,
         sub_backend=None,
         hierarchical: bool = False,
+        remote_sub_agent=None,
     ) -> agents.AgentSpec:
-        """The researcher (or M-GRPO's main agent with a searching sub-agent)."""
-        sampling = SamplingParams(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-            top_p=self.top_p, greedy=greedy,
-        )  # fmt: skip
-        common = dict(
-            sampling=sampling, max_context_tokens=self.max_context_tokens,
-            final_turn_tokens=self.final_turn_tokens,
-        )  # fmt: skip
+        """The researcher, or M-GRPO's main agent delegating to a searching sub-agent (run
+        in this process on `sub_backend`, or served by another: `remote_sub_agent`, a client
+        for `agents.remote_delegate_tool`)."""
         if not hierarchical:
             return agents.AgentSpec(
                 "researcher", backend, system_prompt=research.SYSTEM_PROMPT,
-                tools=self.tools(env), max_turns=self.max_turns, **common,
+                tools=self.tools(env), max_turns=self.max_turns, **self._common(greedy),
             )  # fmt: skip
-        sub = agents.AgentSpec(
-            "searcher", sub_backend or backend, system_prompt=research.SUB_AGENT_PROMPT,
-            tools=self.tools(env), max_turns=self.sub_turns, **common,
-        )  # fmt: skip
+        if remote_sub_agent is not None:
+            delegate = agents.remote_delegate_tool(remote_sub_agent)
+        else:
+            delegate = agents.delegate_tool(self.sub_agent(env, sub_backend or backend))
         return agents.AgentSpec(
-            "main", backend, system_prompt=research.SYSTEM_PROMPT,
-            tools=[agents.delegate_tool(sub)], max_turns=self.max_turns, **common,
+            "main", backend, system_prompt=research.SYSTEM_PROMPT, tools=[delegate],
+            max_turns=self.max_turns, **self._common(greedy),
         )  # fmt: skip
 
 
-def rollout(task, env, backend, records, *, num_generations, sub_backend=None, hierarchical=False):
+ROLES = ("researcher", "main", "searcher")
+
+
+def role_chats(
+    task: ResearchTask, env: research.ResearchEnvironment, chats: Sequence[Mapping[str, Any]],
+    role: str,
+) -> list[list[dict[str, str]]]:  # fmt: skip
+    """The expert's chats as SFT data for one agent role.
+
+    "researcher": as they are (one agent with the retrieval tools). "searcher": M-GRPO's
+    sub-agent: the same search, under the sub-agent's prompt, its task being the question.
+    "main": M-GRPO's main agent: delegates the question to the sub-agent, reads back the
+    answer it found (the searcher's final answer is its summary) and answers with it.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role_chats: role {role!r} is not one of {ROLES}.")
+    if role == "researcher":
+        return [list(c["messages"]) for c in chats]
+    if role == "searcher":
+        system = agents.system_prompt(task.sub_agent(env, None))
+        return [[{"role": "system", "content": system}, *c["messages"][1:]] for c in chats]
+    system = agents.system_prompt(
+        task.agent(env, None, hierarchical=True, remote_sub_agent=lambda calls: [])
+    )
+    out = []
+    for c in chats:
+        question = c["messages"][1]["content"]
+        call = json.dumps({"name": "delegate", "arguments": {"task": question}}, ensure_ascii=False)
+        answer = c["answer_name"]
+        out.append([
+            {"role": "system", "content": system},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "<think>The sub-agent can search for this.</think>"
+                                             f"<tool_call>{call}</tool_call>"},
+            {"role": "user", "content": f"<tool_response>\n{answer}\n</tool_response>"},
+            {"role": "assistant", "content": f"<think>The sub-agent found {answer}.</think>"
+                                             f"<answer>{answer}</answer>"},
+        ])  # fmt: skip
+    return out
+
+
+def rollout(
+    task, env, backend, records, *, num_generations, sub_backend=None, hierarchical=False,
+    remote_sub_agent=None,
+):  # fmt: skip
     """G episodes per record, query-major."""
-    agent = task.agent(env, backend, sub_backend=sub_backend, hierarchical=hierarchical)
+    agent = task.agent(
+        env, backend, sub_backend=sub_backend, hierarchical=hierarchical,
+        remote_sub_agent=remote_sub_agent,
+    )  # fmt: skip
     return agents.run_episodes(agent, research.queries(records), num_rollouts=num_generations)
 
 
@@ -235,61 +298,120 @@ def grao_batch(
     return batch, stats
 
 
-def mgrpo_batches(
-    trajs, records, num_rollouts: int, target_count: int | None, key: jax.Array, *,
-    reward: research.RewardConfig, pad_id: int, main_weights=losses.mgrpo.MAIN_REWARD_WEIGHTS,
-    sub_weights=None, quantile: float = 0.99,
+def mgrpo_main_batch(
+    trajs, records, num_rollouts: int, *, reward: research.RewardConfig, pad_id: int,
+    main_weights=losses.mgrpo.MAIN_REWARD_WEIGHTS,
 ):  # fmt: skip
-    """M-GRPO rows for the main agent and the aligned sub-agent rows.
-
-    R_M = a1 format + a2 correct (Eq. 4); R_S of a sub-trajectory = b1 its format + b2 its
-    main rollout's correctness (the released variant: r_expert needs an LLM rater). Each
-    rollout is aligned to d sub-trajectories (`target_count`, or the `quantile` of the
-    counts when None), and sub advantages pool the d*K of each query (Eq. 11-13). Rollouts
-    that delegated nothing give all-padding sub rows (advantage 0, mask 0).
+    """The main agent's rows: R_M = a1 format + a2 correct (Eq. 4), plus the reward's
+    shaping terms (`answer_weight`, `error_penalty`; 0 by default, as in the paper);
+    advantages over each query's K rollouts.
 
     Returns:
-      (main_batch, sub_batch, stats).
+      (batch, terms, main_rewards, stats): `terms` are each rollout's `research.score`.
     """
     terms = score_episodes(trajs, records, num_rollouts, reward)
     fmt = np.array([t.format_valid for t in terms], np.float32)
     correct = np.array([t.correct for t in terms], np.float32)
     main_rewards = np.asarray(losses.mgrpo_main_rewards(fmt, correct, weights=main_weights))
+    main_rewards = main_rewards + np.array(
+        [reward.answer_weight * t.answered - reward.error_penalty * t.format_errors for t in terms],
+        np.float32,
+    )
     main_adv = np.asarray(losses.mgrpo_main_advantages(main_rewards, num_rollouts), np.float32)
-    main = episode_rows(trajs, pad_id=pad_id)
-    main["advantages"] = main_adv
+    batch = episode_rows(trajs, pad_id=pad_id)
+    batch["advantages"] = main_adv
+    stats = {
+        **reward_stats(terms), **advantage_stats(main_adv), **episode_stats(trajs),
+        "main/reward_mean": float(main_rewards.mean()),
+    }  # fmt: skip
+    return batch, terms, main_rewards, stats
 
-    subs, owner = agents.sub_trajectories(trajs)
-    counts = np.bincount(owner, minlength=len(trajs)) if len(owner) else np.zeros(len(trajs))
+
+def mgrpo_sub_batch(
+    subs: Sequence[agents.Trajectory], owner: np.ndarray, correct: np.ndarray,
+    num_rollouts: int, target_count: int | None, key: jax.Array, *, pad_id: int,
+    sub_weights=None, quantile: float = 0.99, shaping: research.RewardConfig | None = None,
+):  # fmt: skip
+    """The sub-agent's aligned rows, from the main rollouts' correctness only.
+
+    R_S of a sub-trajectory = b1 its format + b2 its main rollout's correctness (the
+    released variant: r_expert needs an LLM rater), plus `shaping`'s `answer_weight` and
+    `error_penalty` terms of its own episode (0 by default). Each rollout is aligned to d
+    sub-trajectories (`target_count`, or the `quantile` of the counts when None), and sub
+    advantages pool the d*K of each query (Eq. 11-13). Rollouts that delegated nothing give
+    all-padding rows (advantage 0, mask 0). This is everything the sub trainer needs from
+    the main one, which is why decoupled trainers exchange only these statistics.
+
+    Args:
+      subs: the sub-trajectories, grouped by rollout in call order.
+      owner: [len(subs)] the position of each one's main rollout (query-major).
+      correct: [num queries * K] each main rollout's correctness.
+      num_rollouts: K.
+
+    Returns:
+      (batch, stats).
+    """
+    total = len(correct)
+    owner = np.asarray(owner, np.int32)
+    counts = np.bincount(owner, minlength=total) if len(owner) else np.zeros(total, np.int64)
     d = target_count or max(losses.choose_target_count(counts, quantile), 1)
-    align = losses.align_sub_trajectories(owner, d, key, num_rollouts=len(trajs))
+    align = losses.align_sub_trajectories(owner, d, key, num_rollouts=total)
     index = np.asarray(align.indices).reshape(-1)
     sub_fmt = np.array(
         [float(s.finish_reason == "answer" and s.format_errors == 0) for s in subs], np.float32
     )
     rows_fmt = np.where(index >= 0, sub_fmt[np.maximum(index, 0)] if len(subs) else 0.0, 0.0)
-    parent = np.repeat(np.arange(len(trajs)), d)
+    parent = np.repeat(np.arange(total), d)
     kwargs = {"variant": "released"}
     if sub_weights is not None:
         kwargs["weights"] = sub_weights
+    correct = np.asarray(correct, np.float32)
     sub_rewards = np.asarray(losses.mgrpo_sub_rewards(rows_fmt, correct[parent], **kwargs))
+    if shaping is not None and len(subs):
+        extra = np.array(
+            [shaping.answer_weight * (s.finish_reason == "answer")
+             - shaping.error_penalty * s.format_errors for s in subs],
+            np.float32,
+        )  # fmt: skip
+        sub_rewards = sub_rewards + np.where(index >= 0, extra[np.maximum(index, 0)], 0.0)
     query = np.where(index >= 0, parent // num_rollouts, -1)
     sub_adv = np.asarray(
-        losses.mgrpo_sub_advantages(sub_rewards, query, num_queries=len(trajs) // num_rollouts),
+        losses.mgrpo_sub_advantages(sub_rewards, query, num_queries=total // num_rollouts),
         np.float32,
     )
-    sub = episode_rows([subs[i] if i >= 0 else None for i in index], pad_id=pad_id)
-    sub["advantages"] = np.where(index >= 0, sub_adv, 0.0).astype(np.float32)
+    batch = episode_rows([subs[i] if i >= 0 else None for i in index], pad_id=pad_id)
+    batch["advantages"] = np.where(index >= 0, sub_adv, 0.0).astype(np.float32)
     stats = {
-        **reward_stats(terms), **advantage_stats(main_adv), **episode_stats(trajs),
-        "main/reward_mean": float(main_rewards.mean()),
         "sub/reward_mean": float(sub_rewards[index >= 0].mean()) if (index >= 0).any() else 0.0,
         "sub/target_count": float(d),
         "sub/count_mean": float(np.mean(counts)) if len(counts) else 0.0,
         "sub/rollouts_without_subs": float((np.asarray(align.rollout_valid) == 0).sum()),
         "sub/duplicated": float(align.num_duplicated),
         "sub/dropped": float(align.num_dropped),
-        **advantage_stats(sub["advantages"][index >= 0], prefix="sub/"),
+        **advantage_stats(batch["advantages"][index >= 0], prefix="sub/"),
         **episode_stats(subs, prefix="sub/"),
     }  # fmt: skip
-    return main, sub, stats
+    return batch, stats
+
+
+def mgrpo_batches(
+    trajs, records, num_rollouts: int, target_count: int | None, key: jax.Array, *,
+    reward: research.RewardConfig, pad_id: int, main_weights=losses.mgrpo.MAIN_REWARD_WEIGHTS,
+    sub_weights=None, quantile: float = 0.99,
+):  # fmt: skip
+    """M-GRPO rows for the main agent and the aligned sub-agent rows, in one process:
+    `mgrpo_main_batch`, then `mgrpo_sub_batch` on the sub-trajectories the rollouts hold.
+
+    Returns:
+      (main_batch, sub_batch, stats).
+    """
+    main, terms, _, stats = mgrpo_main_batch(
+        trajs, records, num_rollouts, reward=reward, pad_id=pad_id, main_weights=main_weights
+    )
+    subs, owner = agents.sub_trajectories(trajs)
+    correct = np.array([t.correct for t in terms], np.float32)
+    sub, sub_stats = mgrpo_sub_batch(
+        subs, owner, correct, num_rollouts, target_count, key, pad_id=pad_id,
+        sub_weights=sub_weights, quantile=quantile, shaping=reward,
+    )  # fmt: skip
+    return main, sub, {**stats, **sub_stats}

@@ -4,7 +4,8 @@ one; a run resumes on another mesh shape; bad input fails with one clear line an
 nothing.
 
 Each run is a subprocess with two host CPU devices (data parallel over 2), on the tiny
-KG-QA set built once into a temporary TFDS folder.
+KG-QA set built once into a temporary TFDS folder (conftest.py). M-GRPO (one process and
+two) is in test_decoupled.py.
 """
 
 import json
@@ -18,7 +19,6 @@ import time
 import numpy as np
 import pytest
 
-from medjax import datasets
 from medjax.training import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -26,27 +26,6 @@ pytestmark = pytest.mark.slow
 
 # Metrics that measure time or compilation, not learning: they differ between runs.
 UNTIMED = ("time", "tokens_per_s")
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("medjax_cache")
-    data_dir = tmp_path_factory.mktemp("tfds")
-    env = dict(os.environ, MEDJAX_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    # Build both datasets here once (the subprocesses would each build them otherwise).
-    old = os.environ.get("MEDJAX_CACHE")
-    os.environ["MEDJAX_CACHE"] = str(cache)
-    try:
-        datasets.load("med_kg_qa/tiny", None, str(data_dir))
-        datasets.load("med_kg_qa_trajectories/tiny", None, str(data_dir))
-    finally:
-        if old is None:
-            del os.environ["MEDJAX_CACHE"]
-        else:
-            os.environ["MEDJAX_CACHE"] = old
-    return {"env": env, "data_dir": str(data_dir)}
 
 
 def command(config, run_dir, data_dir, *bindings):
@@ -79,7 +58,6 @@ def learning_metrics(path):
         ("grpo", "rl", "update/loss", ("train_lib.RLStage.kl_beta=0.04",
                                        "train_lib.RLStage.num_iterations=2")),
         ("grao", "rl", "update/loss", ()),
-        ("mgrpo", "rl", "update/loss", ("train_lib.RLStage.shared_model=False",)),
     ],
 )  # fmt: skip
 def test_every_algorithm_runs_and_writes_its_run_directory(
@@ -108,9 +86,6 @@ def test_every_algorithm_runs_and_writes_its_run_directory(
     assert list(results) == ["before", f"after_{stage}"]
     if config == "grpo":
         assert records[-1]["update/kl_mean"] >= 0  # A reference model was scored.
-    if config == "mgrpo":
-        assert (stage_dir / "export_sub" / "model.safetensors").exists()
-        assert records[0]["sub/target_count"] == 2
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_metrics(env, tmp_path):

@@ -6,10 +6,6 @@ expire, and a corrupted file record is rejected with an error naming it."""
 import itertools
 import json
 import multiprocessing
-import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 
@@ -18,36 +14,6 @@ import pytest
 from medjax import store as store_lib
 
 _namespaces = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    """A real redis-server on 127.0.0.1 and a free port, stopped after the module. CI
-    installs it (.ci/run); elsewhere the Redis cases skip when the binary is missing."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI (.ci/run installs it).")
-        pytest.skip("redis-server is not installed (apt install redis-server).")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    folder = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(params=["memory", "file", "redis"])

@@ -1,0 +1,28 @@
+"""What the integration tests share: the environment of their run_train.py subprocesses."""
+
+import os
+
+import pytest
+
+from medjax import datasets
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("medjax_cache")
+    data_dir = tmp_path_factory.mktemp("tfds")
+    env = dict(os.environ, MEDJAX_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    # Build both datasets here once (the subprocesses would each build them otherwise).
+    old = os.environ.get("MEDJAX_CACHE")
+    os.environ["MEDJAX_CACHE"] = str(cache)
+    try:
+        datasets.load("med_kg_qa/tiny", None, str(data_dir))
+        datasets.load("med_kg_qa_trajectories/tiny", None, str(data_dir))
+    finally:
+        if old is None:
+            del os.environ["MEDJAX_CACHE"]
+        else:
+            os.environ["MEDJAX_CACHE"] = old
+    return {"env": env, "data_dir": str(data_dir)}
