@@ -537,11 +537,19 @@ class _MainSide:
         )  # fmt: skip
         self.published = 0
         print(f"{stage.name}: main trainer, epoch {self.epoch}, store {config.store}", flush=True)
-        decoupled_lib.wait_for(
-            lambda: self._url() is not None, timeout=config.wait_timeout_s,
-            every=config.status_every_s,
+        self._wait(
+            self.client.healthy, poll=0.5,
             status=lambda w: f"main: waiting for the sub-agent to start ({w:.0f} s)",
         )  # fmt: skip
+
+    def _wait(self, predicate, status, poll: float = 0.1) -> None:
+        try:
+            decoupled_lib.wait_for(
+                predicate, timeout=self.config.wait_timeout_s, every=self.config.status_every_s,
+                status=status, poll=poll,
+            )  # fmt: skip
+        except decoupled_lib.WaitTimeoutError as e:
+            raise TrainError(f"stage {self.stage.name!r}: {e}") from None
 
     def _url(self) -> str | None:
         if self.config.sub_url:
@@ -558,8 +566,8 @@ class _MainSide:
             def applied():
                 return (self.store.get("sub/progress") or {}).get("applied_steps", 0) >= need
 
-            decoupled_lib.wait_for(
-                applied, timeout=self.config.wait_timeout_s, every=self.config.status_every_s,
+            self._wait(
+                applied,
                 status=lambda w: f"main: step {step} waits for the sub trainer to apply {need}"
                 f" steps ({w:.0f} s)",
             )  # fmt: skip
@@ -740,15 +748,15 @@ def _run_sub(run: _Run, stage: RLStage, model: DecoderLM) -> DecoderLM:
     )
     server.set_policy(serving(), start)
 
-    def progress(status: str) -> None:
+    def progress(applied_steps: int, status: str) -> None:
+        # The sub policy's version is its number of updates: the steps it has applied.
         store.put("sub/progress", {
-            "applied_steps": start_or_step[0], "version": start_or_step[0], "url": server.url,
+            "applied_steps": applied_steps, "version": applied_steps, "url": server.url,
             "time": time.time(), "status": status, **counts,
         })  # fmt: skip
 
-    start_or_step = [start]
     server.start()
-    progress("serving")
+    progress(start, "serving")
     print(
         f"{stage.name}: sub-agent serving {server.url}; trainer at step {start}"
         f" ({len(applied)} rollout statistics applied)",
@@ -812,14 +820,13 @@ def _run_sub(run: _Run, stage: RLStage, model: DecoderLM) -> DecoderLM:
                 })  # fmt: skip
                 last_good = step + 1
             server.set_policy(serving(), step + 1)
-            start_or_step[0] = step + 1
-            progress("training")
+            progress(step + 1, "training")
     except decoupled_lib.WaitTimeoutError as e:
         raise TrainError(f"stage {stage.name!r}: {e}") from None
     finally:
         ckpt.close()
         writer.close()
-    progress("done")
+    progress(stage.steps, "done")
     server.close()
     return policy.model()
 

@@ -36,6 +36,13 @@ def open_store(url: str, *, create: bool = True) -> Store:
         )
     if url.startswith("file://"):
         return FileStore(url[len("file://") :], create=create)
+    if url.startswith("gs://"):
+        raise ValueError(
+            f"open_store: {url!r}: object stores cannot give the atomic if_absent and"
+            " compare-and-set this store promises (GCS has them only as generation"
+            " preconditions, which etils.epath does not expose); use redis://HOST:PORT, or"
+            " file:// on a file system both hosts mount."
+        )
     if "://" in url:
         raise ValueError(
             f"open_store: unknown store {url!r}; use memory://, file://PATH or redis://HOST:PORT."

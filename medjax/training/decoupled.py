@@ -234,6 +234,17 @@ class RemoteSubAgent:
         self.timeout, self.status_every = timeout, status_every
         self.step, self.seed, self.failures = 0, 0, 0
 
+    def healthy(self) -> bool:
+        """Whether the sub-agent answers `GET /health` (its policy loaded)."""
+        url = self.url_fn()
+        if not url:
+            return False
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as response:
+                return bool(json.loads(response.read()).get("ready"))
+        except (OSError, ValueError):
+            return False
+
     def begin_step(self, step: int, seed: int) -> None:
         self.step, self.seed = step, seed
 

@@ -15,7 +15,7 @@ import pytest
 from medjax import agents, llm
 from medjax.envs import research
 from medjax.models import tokenizer as tokenizer_lib
-from medjax.store import FileStore, MemoryStore
+from medjax.store import FileStore, MemoryStore, open_store
 from medjax.store import status as status_lib
 from medjax.training import decoupled
 
@@ -217,3 +217,16 @@ def test_status_summary_by_hand(capsys, tmp_path):
     assert status_lib.main(["--store", f"file://{tmp_path / 'absent'}"]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_store_serves_one_run_and_bad_urls_say_why(tmp_path):
+    s = MemoryStore()
+    decoupled.claim(s, "main", "/runs/a (created 1.000)")
+    decoupled.claim(s, "main", "/runs/a (created 1.000)")  # The same run resuming.
+    decoupled.claim(s, "sub", "/runs/b (created 2.000)")
+    with pytest.raises(decoupled.StoreInUseError, match=r"another main run \(/runs/a"):
+        decoupled.claim(s, "main", "/runs/a (created 3.000)")  # Same path, made anew.
+    with pytest.raises(ValueError, match="atomic if_absent"):
+        open_store("gs://bucket/run")
+    with pytest.raises(ValueError, match="unknown store"):
+        open_store("s3://bucket/run")
