@@ -5,7 +5,7 @@ nothing.
 
 Each run is a subprocess with two host CPU devices (data parallel over 2), on the tiny
 KG-QA set built once into a temporary TFDS folder (conftest.py). M-GRPO (one process and
-two) is in test_decoupled.py.
+two) is in test_mgrpo_processes.py.
 """
 
 import json

@@ -241,6 +241,10 @@ def test_sigkill_of_either_process_loses_and_repeats_nothing(env, policy, redis_
     finish(sub, sub_dir)
 
     published = assert_applied_equals_published(s, sub_dir, num_steps)
+    for run_dir in (main_dir, sub_dir):  # Both policies updated.
+        records = metrics.read_jsonl(run_dir / "rl" / "metrics.jsonl")
+        assert [r["step"] for r in records] == list(range(1, num_steps + 1))
+        assert any(r["update/grad_norm"] > 0 for r in records)
     assert [p["epoch"] for p in published][-1] == 2  # Steps after the restart: epoch 2.
     assert (s.get("main/epoch") or {})["epoch"] == 2
     assert failures > 0
