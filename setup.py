@@ -51,6 +51,9 @@ setuptools.setup(
         "test": [
             "pytest>=9.0.3",
             "pytest-xdist>=3.8",  # The suite runs on 2 workers (README, .ci/run).
+            "nbclient>=0.11",  # notebooks/ run in tests/notebooks.
+            "nbformat>=5.11",
+            "ipykernel>=7.4",
             "rank-bm25>=0.2.2",
             "openpyxl>=3.1",
             "chex>=0.1.92",
@@ -60,6 +63,8 @@ setuptools.setup(
             # The CPU build; a bare `torch` would pull a multi-GB CUDA build.
             "torch==2.13.0",
         ],
+        # Running notebooks/ locally (Colab has these).
+        "notebooks": ["nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4"],
         # The Redis store (medjax.store.redis_store) for decoupled M-GRPO.
         "redis": ["redis>=8.1"],
         # The released MedDialogRubrics xlsx (medjax.datasets.meddialog_xlsx).
