@@ -230,3 +230,16 @@ def test_a_store_serves_one_run_and_bad_urls_say_why(tmp_path):
         open_store("gs://bucket/run")
     with pytest.raises(ValueError, match="unknown store"):
         open_store("s3://bucket/run")
+
+
+def test_bad_configurations_name_the_field():
+    with pytest.raises(ValueError, match=r"Decoupled.role 'both'"):
+        decoupled.Decoupled(role="both")
+    with pytest.raises(ValueError, match=r"on_sub_failure 'retry'"):
+        decoupled.Decoupled(on_sub_failure="retry")
+    from medjax import train_lib
+
+    with pytest.raises(train_lib.TrainError, match="decoupled trainers are for algorithm 'mgrpo'"):
+        train_lib.RLStage(algorithm="grpo", decoupled=decoupled.Decoupled())
+    with pytest.raises(train_lib.TrainError, match="role 'doctor'"):
+        train_lib.SFTStage(role="doctor")
