@@ -353,9 +353,13 @@ def _stage_outputs(run: _Run, stage, progress_keys):
 
 
 def _restore(ckpt: checkpoints.Checkpointer, state, writer, name: str):
-    """(state, step, meta) of the latest checkpoint, or (state, 0, {})."""
+    """(state, step, meta) of the latest checkpoint, or (state, 0, {}). Metric records of
+    later steps are dropped: a run killed before (or while) saving repeats those steps."""
     latest = ckpt.latest_step()
     if latest is None:
+        dropped = writer.truncate_after(0)
+        if dropped:
+            print(f"{name}: no checkpoint; {dropped} earlier metric records dropped", flush=True)
         return state, 0, {}
     state, meta = ckpt.restore(latest, state)
     dropped = writer.truncate_after(latest)
