@@ -14,10 +14,12 @@
 
 Store keys (one namespace per run):
 
+    main/run, sub/run  {"id"}: the run (directory and creation time) the store serves
     main/epoch         {"epoch"}: +1 at every start of the main process (compare-and-set)
     main/steps/<s>     {"step", "epoch", "main_version", "num_rollouts", "time",
                         "rollouts": [{"key", "query_id", "rollout_index", "format_valid",
-                                      "correct", "main_reward", "sub_ids", "sub_versions"}]}
+                                      "correct", "main_reward", "sub_ids", "sub_versions",
+                                      "delegate_failures"}]}
     main/progress      {"published_steps", "epoch", "delegate_failures", "time", "done"}
     sub/progress       {"applied_steps", "version", "url", "dropped_stale", "missing",
                         "time", "status"}
