@@ -356,15 +356,20 @@ class _Runner:
 
     def _delegate(self, tool: tools_lib.Tool, calls: list[tuple[_Episode, dict]]) -> None:
         """Runs the sub-agent episodes of every `tool` call of this turn in one batch."""
-        if not isinstance(tool.delegate, AgentSpec):
-            self._delegate_remote(tool, calls)
-            return
-        queries = []
+        requests = []
         for ep, args in calls:
-            prompt = args["task"]
-            if args.get("context"):
-                prompt = f"{prompt}\n\nContext: {args['context']}"
-            queries.append(Query(ep.traj.query_id, prompt, dict(ep.traj.metadata)))
+            requests.append(tools_lib.Delegation(
+                query_id=ep.traj.query_id, rollout_index=ep.traj.rollout_index,
+                invocation_index=len(ep.traj.sub_trajectories), task=args["task"],
+                context=args.get("context") or "",
+            ))  # fmt: skip
+        if not isinstance(tool.delegate, AgentSpec):
+            self._delegate_remote(tool, calls, requests)
+            return
+        queries = [
+            Query(ep.traj.query_id, r.prompt, dict(ep.traj.metadata))
+            for (ep, _), r in zip(calls, requests, strict=True)
+        ]
         start = time.perf_counter()
         subs = run_episodes(tool.delegate, queries)
         summaries = [s.answer if s.answer is not None else NO_ANSWER_SUMMARY for s in subs]
@@ -390,17 +395,13 @@ class _Runner:
             ep.traj.turns[-1].tool_s = elapsed
             ep.observation = _tool_response(summary)
 
-    def _delegate_remote(self, tool: tools_lib.Tool, calls: list[tuple[_Episode, dict]]) -> None:
+    def _delegate_remote(
+        self, tool: tools_lib.Tool, calls: list[tuple[_Episode, dict]],
+        requests: list[tools_lib.Delegation],
+    ) -> None:  # fmt: skip
         """Hands this turn's calls to a remote sub-agent (`tools_lib.remote_delegate_tool`).
         A call the sub-agent could not serve becomes an error observation counted in
         `tool_failures`, not a format error: the policy did nothing wrong."""
-        requests = []
-        for ep, args in calls:
-            requests.append(tools_lib.Delegation(
-                query_id=ep.traj.query_id, rollout_index=ep.traj.rollout_index,
-                invocation_index=len(ep.traj.sub_trajectories), task=args["task"],
-                context=args.get("context") or "",
-            ))  # fmt: skip
         start = time.perf_counter()
         results = tool.delegate(requests)
         elapsed = time.perf_counter() - start

@@ -93,6 +93,11 @@ class Delegation:
     task: str
     context: str = ""
 
+    @property
+    def prompt(self) -> str:
+        """The sub-agent's query: the task, and the context when there is one."""
+        return f"{self.task}\n\nContext: {self.context}" if self.context else self.task
+
 
 @dataclasses.dataclass(frozen=True)
 class DelegateResult:

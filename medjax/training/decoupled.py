@@ -449,10 +449,7 @@ class SubAgentServer:
             self._agent_key = (self._agent_key[0], version)
             self._agent = self.make_agent(model, seed + 7919 * renewals)
         calls = [agents.Delegation(**c) for item in batch for c in item.payload["invocations"]]
-        queries = []
-        for c in calls:
-            prompt = f"{c.task}\n\nContext: {c.context}" if c.context else c.task
-            queries.append(agents.Query(c.query_id, prompt))
+        queries = [agents.Query(c.query_id, c.prompt) for c in calls]
         subs = agents.run_episodes(self._agent, queries)
         self.batches += 1
         results = []
