@@ -345,7 +345,8 @@ def guidance_report(
         "configurations": {},
     }  # fmt: skip
     asked = [cases[i % len(cases)] for i in range(num_questions)]
-    questions = [ask_about(graph, c, phenotypes, random.Random(seed + 1)) for c in asked]
+    ask_rng = random.Random(seed + 1)  # One stream: 40% own findings, 60% any phenotype.
+    questions = [ask_about(graph, c, phenotypes, ask_rng) for c in asked]
     for name, strict, guidance in (
         ("prompt only", False, False), ("+ strict adherence", True, False),
         ("+ guidance", True, True),
