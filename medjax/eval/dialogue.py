@@ -23,6 +23,7 @@ priority and names the disease: the upper bound).
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -160,6 +161,47 @@ def score_case(
     }
 
 
+def doctor_agent(
+    doctor,
+    benchmark: Sequence[BenchmarkCase],
+    patient,
+    *,
+    max_turns: int = 12,
+    sampling: SamplingParams | None = None,
+    **agent_kwargs,
+) -> agents.AgentSpec:
+    """The doctor as the agent loop runs it: the patient answers every question that is
+    neither "End Inquiry" nor an answer, and "End Inquiry" asks for the diagnosis.
+
+    Args:
+      doctor: the doctor's TextBackend (a TokenBackend keeps exact ids for training).
+      benchmark: every case the doctor may meet (the patient finds a case by query id).
+      patient: anything with `reply(case, question)`.
+      sampling: per-turn sampling (default 128 new tokens at temperature 0.7).
+      agent_kwargs: other `AgentSpec` fields (`max_context_tokens`, `final_turn_tokens`).
+    """
+    by_id = {b.case.case_id: b for b in benchmark}
+
+    def respond(trajectories):
+        return [
+            patient.reply(by_id[t.query_id].case, t.messages[-1]["content"]) for t in trajectories
+        ]
+
+    return agents.AgentSpec(
+        "doctor", doctor, system_prompt=SYSTEM_PROMPT, responder=respond,
+        end_phrases=(END,), answer_after_end=True, max_turns=max_turns,
+        early_stop_prompt=DIAGNOSIS_PROMPT,
+        sampling=sampling or SamplingParams(max_new_tokens=128, temperature=0.7), **agent_kwargs,
+    )  # fmt: skip
+
+
+def queries(benchmark: Sequence[BenchmarkCase]) -> list[agents.Query]:
+    """One interview per case: the case's opening line (age, sex, chief complaint)."""
+    return [
+        agents.Query(b.case.case_id, _prompt(b), {"disease": b.case.disease}) for b in benchmark
+    ]
+
+
 def run(
     doctor,
     benchmark: Sequence[BenchmarkCase],
@@ -181,23 +223,8 @@ def run(
         raise ValueError("dialogue.run: the default patient and judge need the graph.")
     patient = patient or KnowledgePatient(graph, matcher)
     judge = judge or RubricJudge(graph, matcher)
-    by_id = {b.case.case_id: b for b in benchmark}
-
-    def respond(trajectories):
-        return [
-            patient.reply(by_id[t.query_id].case, t.messages[-1]["content"]) for t in trajectories
-        ]
-
-    agent = agents.AgentSpec(
-        "doctor", doctor, system_prompt=SYSTEM_PROMPT, responder=respond,
-        end_phrases=(END,), answer_after_end=True, max_turns=max_turns,
-        early_stop_prompt=DIAGNOSIS_PROMPT,
-        sampling=SamplingParams(max_new_tokens=128, temperature=0.7),
-    )  # fmt: skip
-    queries = [
-        agents.Query(b.case.case_id, _prompt(b), {"disease": b.case.disease}) for b in benchmark
-    ]
-    trajectories = agents.run_episodes(agent, queries)
+    agent = doctor_agent(doctor, benchmark, patient, max_turns=max_turns)
+    trajectories = agents.run_episodes(agent, queries(benchmark))
     scores = [
         score_case(judge, b, t, max_turns) for b, t in zip(benchmark, trajectories, strict=True)
     ]
@@ -341,11 +368,17 @@ def cases_from_xlsx(records: Sequence[Mapping[str, Any]]) -> list[BenchmarkCase]
     return out
 
 
+def case_label(case_id: str) -> str:
+    """The name the doctor knows the patient by: a digest of the case id, which for
+    synthetic cases is "<OMIM id>#<seed>" and would give the diagnosis away."""
+    return hashlib.sha256(case_id.encode("utf-8")).hexdigest()[:8]
+
+
 def _prompt(bench: BenchmarkCase) -> str:
     c = bench.case
     if bench.record:  # The released file gives no demographics apart from the record.
-        return f"Patient {c.case_id}: {c.chief_complaint}"
-    return f"Patient {c.case_id}, {c.age:g} years old, {c.sex}: {c.chief_complaint}"
+        return f"Patient {case_label(c.case_id)}: {c.chief_complaint}"
+    return f"Patient {case_label(c.case_id)}, {c.age:g} years old, {c.sex}: {c.chief_complaint}"
 
 
 def summarise(scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
