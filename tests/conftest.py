@@ -20,6 +20,28 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the run: the xdist workers and every
+    subprocess they start (run_train.py, notebooks) reuse each other's compiled programs
+    instead of compiling the same tiny models again. It lives under the run's pytest
+    temporary root (xdist workers share its parent), so every run starts cold."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "jax_compilation_cache"
+    path.mkdir(exist_ok=True)
+    settings = {
+        "jax_compilation_cache_dir": str(path),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
+    yield path
+
+
 @pytest.fixture
 def x64():
     """Runs the test with float64 enabled, and turns it off again afterwards."""
