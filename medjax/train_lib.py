@@ -40,8 +40,6 @@ from flax import nnx
 
 from medjax import losses, partitioning, sampling
 from medjax import store as store_lib
-from medjax.envs import research
-from medjax.eval import research as eval_research
 from medjax.llm import JaxPolicyBackend
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models import tokenizer as tokenizer_lib
@@ -70,10 +68,14 @@ class SFTStage:
       optimizer: called as `optimizer(total_steps=steps)` (bind `optim.make_optimizer`).
       num_microbatches: gradient accumulation (exact: see `medjax.training.steps`).
       save_every: checkpoint interval in steps (and always at the end).
+      heldout_every: every this many steps (and at the last) the policy is evaluated on
+        the held-out records (greedy, as before and after each stage) and the results are
+        logged as `heldout/<key>` with the step's metrics: learning curves. 0: never.
       keep_checkpoints: how many to keep.
-      role: whose chats: "researcher" (the expert's, as they are), or M-GRPO's "main"
-        (delegates the question and answers with what the sub-agent found) or "searcher"
-        (the sub-agent's search); see `rl.role_chats`.
+      role: whose chats: None, the task's own agent (the expert's chats as they are); for
+        the research task also M-GRPO's "main" (delegates the question and answers with
+        what the sub-agent found) or "searcher" (the sub-agent's search); see
+        `rl.role_chats`.
     """
 
     name: str = "sft"
@@ -84,12 +86,13 @@ class SFTStage:
     num_microbatches: int = 1
     save_every: int = 50
     keep_checkpoints: int = 2
-    role: str = "researcher"
+    heldout_every: int = 0
+    role: str | None = None
 
     def __post_init__(self):
-        if self.role not in rl.ROLES:
+        if self.role is not None and self.role not in rl.ROLES:
             raise TrainError(
-                f"SFTStage {self.name!r}: role {self.role!r} is not one of {rl.ROLES}."
+                f"SFTStage {self.name!r}: role {self.role!r} is not None or one of {rl.ROLES}."
             )
 
 
@@ -119,7 +122,7 @@ class RLStage:
         or, False, the sub-agent is its own model with `sub_optimizer`.
       sub_optimizer: M-GRPO with distinct models (None: `optimizer`).
       sub_target_count: M-GRPO's d (fixed shapes); None: the 0.99 quantile per step.
-      save_every, keep_checkpoints: as in SFTStage.
+      save_every, keep_checkpoints, heldout_every: as in SFTStage.
       decoupled: M-GRPO with the main and sub-agent trainers in separate processes
         (`medjax.training.decoupled.Decoupled`: this process's role, the shared store, the
         sub-agent's endpoint); None: both in this process.
@@ -144,6 +147,7 @@ class RLStage:
     sub_target_count: int | None = 2
     save_every: int = 5
     keep_checkpoints: int = 2
+    heldout_every: int = 0
     decoupled: decoupled_lib.Decoupled | None = None
 
     def __post_init__(self):
@@ -184,38 +188,19 @@ def _check_run_dir(run_dir: str, stages: Sequence[Any]) -> bool:
     return True
 
 
-@dataclasses.dataclass
-class _Data:
-    chats: list[dict[str, Any]]  # Expert chats (med_kg_qa_trajectories train).
-    records: list[dict[str, Any]]  # Their questions as reward records.
-    eval_records: list[dict[str, Any]]
-
-
-def _load_data(task: rl.ResearchTask) -> _Data:
-    from medjax import datasets
-    from medjax.datasets import med_kg_qa
-
-    name, _, config = task.dataset.partition("/")
-    if name != "med_kg_qa":
-        raise TrainError(f"ResearchTask.dataset {task.dataset!r}: expected med_kg_qa[/config].")
-    suffix = f"/{config}" if config else ""
+def _load_data(task, env) -> rl.TaskData:
     try:
-        chats = datasets.load(f"med_kg_qa_trajectories{suffix}", "train", task.data_dir)
-        held_out = datasets.load(task.dataset, task.eval_split, task.data_dir)
+        loaded = task.load(env)
     except (ValueError, KeyError) as e:
-        raise TrainError(f"dataset {task.dataset!r}: {e}") from None
-    chats = [med_kg_qa.to_trajectory(chats[i]) for i in range(len(chats))]
-    eval_records = [med_kg_qa.to_record(held_out[i]) for i in range(len(held_out))]
-    available = len(eval_records)
-    eval_records = eval_records[: task.num_eval_questions]
-    if not chats:
-        raise TrainError(f"dataset med_kg_qa_trajectories{suffix} (train) is empty.")
-    if not eval_records:
+        raise TrainError(str(e)) from None
+    if not loaded.chats:
+        raise TrainError(f"{type(task).__name__}.dataset {task.dataset!r}: no expert chats.")
+    if not loaded.eval_records:
         raise TrainError(
-            f"no held-out questions: {task.dataset} split {task.eval_split!r} has {available}"
-            f" and ResearchTask.num_eval_questions is {task.num_eval_questions}."
+            f"no held-out questions: {task.dataset} split {task.eval_split!r} gives none with"
+            f" {type(task).__name__}.num_eval_questions is {task.num_eval_questions}."
         )
-    return _Data(chats, [data.research_record(c) for c in chats], eval_records)
+    return loaded
 
 
 def _tokenizer(run_dir, init_from, chats, vocab_size: int, fresh: bool, chat_template):
@@ -268,9 +253,8 @@ def _save_policy(graphdef, params, tokenizer, path: str) -> None:
 
 
 def evaluate_policy(task, env, model, tokenizer, records, *, seed: int = 0) -> dict:
-    """Greedy episodes of the task's agent on `records` (`medjax.eval.research`)."""
-    agent = task.agent(env, JaxPolicyBackend(model, tokenizer, seed=seed), greedy=True)
-    return eval_research.evaluate_agent(agent, records, reward_config=task.reward)
+    """Greedy episodes of the task's agent on `records` (`task.evaluate`)."""
+    return task.evaluate(env, JaxPolicyBackend(model, tokenizer, seed=seed), records)
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,9 +264,9 @@ def evaluate_policy(task, env, model, tokenizer, records, *, seed: int = 0) -> d
 @dataclasses.dataclass
 class _Run:
     run_dir: str
-    task: rl.ResearchTask
+    task: Any  # rl.ResearchTask, consultation.ConsultationTask
     env: Any
-    data: _Data
+    data: rl.TaskData
     tokenizer: Any
     mesh: Any
     seed: int
@@ -369,12 +353,22 @@ def _restore(ckpt: checkpoints.Checkpointer, state, writer, name: str):
     return state, int(meta["step"]), meta
 
 
+def _heldout(run: _Run, stage, step: int, model_fn) -> dict[str, float]:
+    """`heldout/<key>` of a greedy held-out evaluation on `stage.heldout_every` steps."""
+    every = stage.heldout_every
+    if not every or (step % every and step != stage.steps):
+        return {}
+    result = evaluate_policy(run.task, run.env, model_fn(), run.tokenizer, run.data.eval_records,
+                             seed=run.seed)  # fmt: skip
+    return {f"heldout/{k}": float(result[k]) for k in run.task.result_keys if k in result}
+
+
 def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
     tx = stage.optimizer(total_steps=stage.steps)
     graphdef, state = steps.create_state(model, tx, run.seed, run.mesh)
     rows = [
         data.chat_ids(run.tokenizer, messages, max_observation_chars=run.task.max_observation_chars)
-        for messages in rl.role_chats(run.task, run.env, run.data.chats, stage.role)
+        for messages in run.task.sft_chats(run.env, run.data.chats, stage.role)
     ]
     stream = data.IndexStream(len(rows), stage.batch_size, run.seed)
     step_fn = steps.make_train_step(
@@ -403,9 +397,12 @@ def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
             "num_tokens": m["num_tokens"], "tokens_per_s": tokens / elapsed,
             "time/update_s": elapsed, "compile/train_step": step_fn._cache_size(),
         }  # fmt: skip
+        final = step + 1 == stage.steps
+        scalars.update(
+            _heldout(run, stage, step + 1, functools.partial(nnx.merge, graphdef, state.params))
+        )
         writer.write(step + 1, scalars)
         bad.update(float(m["update_skipped"]), step + 1, last_good)
-        final = step + 1 == stage.steps
         if ckpt.should_save(step + 1, final):
             ckpt.save(step + 1, state, {"step": step + 1, "data_step": step + 1})
             last_good = step + 1
@@ -632,7 +629,7 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
             ids, mask = data.chat_ids(
                 tok, c["messages"], max_observation_chars=task.max_observation_chars
             )
-            references.append((ids, mask, rl.reference_reward(c, task.reward)))
+            references.append((ids, mask, task.reference_reward(c)))
     stream = data.IndexStream(len(run.data.records), stage.prompts_per_step, run.seed)
     ckpt, writer = _stage_outputs(
         run, stage, ("reward/mean", "reward/correct", "reward/answered", "update/grad_norm")
@@ -658,24 +655,30 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
         sub_backend = (
             None if sub is None else JaxPolicyBackend(sub.model(), tok, seed=step_seed + 1)
         )
-        trajs = rl.rollout(
-            task, run.env, backend, records, num_generations=stage.num_generations,
-            sub_backend=sub_backend, hierarchical=stage.algorithm == "mgrpo",
-            remote_sub_agent=None if main_side is None else main_side.client,
-        )  # fmt: skip
+        hierarchy = {}
+        if stage.algorithm == "mgrpo":
+            hierarchy = dict(
+                sub_backend=sub_backend, hierarchical=True,
+                remote_sub_agent=None if main_side is None else main_side.client,
+            )  # fmt: skip
+        trajs = task.rollout(
+            run.env, backend, records, num_generations=stage.num_generations, **hierarchy
+        )
         t_rollout = time.perf_counter() - t0 - t_wait
         extra = {}
         if stage.algorithm == "grpo":
-            batch, stats = rl.grpo_batch(
-                trajs, records, stage.num_generations, task.reward, pad_id=pad_id,
+            rewards, stats = task.score(run.env, trajs, records, stage.num_generations)
+            batch, more = rl.grpo_batch(
+                trajs, rewards, stage.num_generations, pad_id=pad_id,
                 scale=stage.advantage_scale, ddof=stage.advantage_ddof,
             )  # fmt: skip
+            stats.update(more)
             jobs = [(policy, batch)]
         elif stage.algorithm == "grao":
+            rewards, stats = task.score(run.env, trajs, records, stage.num_generations)
             refs = [references[i] for i in stream[step]]
-            batch, stats = rl.grao_batch(
-                trajs, records, refs, stage.num_generations, task.reward, pad_id=pad_id
-            )
+            batch, more = rl.grao_batch(trajs, rewards, refs, pad_id=pad_id)
+            stats.update(more)
             jobs = [(policy, batch)]
         elif main_side is not None:
             main, terms, main_rewards, stats = rl.mgrpo_main_batch(
@@ -708,8 +711,9 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
             "compile/sampler_total": sampling.compile_count(),
             "compile/train_step": policy.step_fn._cache_size(),
         }  # fmt: skip
-        writer.write(step + 1, scalars)
         final = step + 1 == stage.steps
+        scalars.update(_heldout(run, stage, step + 1, policy.model))
+        writer.write(step + 1, scalars)
         if ckpt.should_save(step + 1, final):
             saved = (policy.state,) if sub is None else (policy.state, sub.state)
             ckpt.save(step + 1, saved, {"step": step + 1, "data_step": step + 1})
@@ -869,13 +873,8 @@ def _evaluate_point(run: _Run, point: str, model, evaluate: bool) -> dict | None
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
-    print(
-        f"eval {point}: accuracy {result['accuracy']:.3f}, mean reward"
-        f" {result['mean_reward']:.4f}, answered {result['answered']:.3f}, format valid"
-        f" {result['format_valid']:.3f}, expert NLL {result['expert_nll']:.3f}"
-        f" ({len(run.data.eval_records)} held-out questions)",
-        flush=True,
-    )
+    shown = ", ".join(f"{k} {result[k]:.4g}" for k in run.task.result_keys)
+    print(f"eval {point}: {shown} ({len(run.data.eval_records)} held-out records)", flush=True)
     return result
 
 
@@ -884,12 +883,12 @@ def expert_nll(run: _Run, model) -> float:
     tokens only, observations cut as in rollouts): how well the policy imitates the expert
     on questions it never trained on."""
     if run.heldout_rows is None:
-        chats = research.expert_trajectories(run.env, run.data.eval_records)
+        chats = run.task.expert_chats(run.env, run.data.eval_records)
         run.heldout_rows = [
             data.chat_ids(
-                run.tokenizer, t.messages, max_observation_chars=run.task.max_observation_chars
+                run.tokenizer, messages, max_observation_chars=run.task.max_observation_chars
             )
-            for t in chats
+            for messages in chats
         ]
     rows = run.heldout_rows
     width = data.bucket(max(len(ids) for ids, _ in rows))
@@ -904,11 +903,7 @@ def expert_nll(run: _Run, model) -> float:
     return float(-(logps * mask).sum() / mask.sum())
 
 
-def _write_results(run_dir: str, results: dict[str, dict], stages) -> dict:
-    keys = (
-        "accuracy", "mean_reward", "answered", "format_valid", "format_errors",
-        "mean_tool_calls", "expert_nll",
-    )  # fmt: skip
+def _write_results(run_dir: str, results: dict[str, dict], stages, keys) -> dict:
     table = {p: {k: r[k] for k in keys} for p, r in results.items()}
     lines = ["| point | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for point, row in table.items():
@@ -958,7 +953,7 @@ def train(
     run_dir: str | None = None,
     *,
     stages: Sequence[SFTStage | RLStage] = (),
-    task: rl.ResearchTask | None = None,
+    task: Any = None,
     model: ModelConfig | None = None,
     init_from: str | None = None,
     tokenizer_vocab_size: int = 2048,
@@ -976,7 +971,8 @@ def train(
     Args:
       run_dir: the run's folder: new, empty, or a previous run of the same command.
       stages: `SFTStage`s and `RLStage`s, run in order.
-      task: the research task (data, agent budgets, reward); default `ResearchTask()`.
+      task: the task (data, agent budgets, reward): `rl.ResearchTask` (the default) or
+        `consultation.ConsultationTask` (the MedDialogRubrics doctor).
       model: a ModelConfig to train from scratch (its vocab_size becomes the tokenizer's).
       init_from: a Hugging Face folder (weights and tokenizer) to start from instead.
       tokenizer_vocab_size: from scratch, a byte-level BPE of this size is trained on the
@@ -1005,6 +1001,21 @@ def train(
     if len(set(names)) != len(names):
         raise TrainError(f"train: stage names repeat: {names}.")
     task = task or rl.ResearchTask()
+    for stage in stages:
+        if isinstance(stage, SFTStage) and stage.role not in task.roles:
+            raise TrainError(
+                f"SFTStage {stage.name!r}: role {stage.role!r} is not one of"
+                f" {type(task).__name__}'s roles {task.roles}."
+            )
+        if (
+            isinstance(stage, RLStage)
+            and stage.algorithm == "mgrpo"
+            and not hasattr(task, "sub_agent")
+        ):
+            raise TrainError(
+                f"RLStage {stage.name!r}: M-GRPO needs a task with a sub-agent (ResearchTask),"
+                f" not {type(task).__name__}."
+            )
     run_dir = os.path.abspath(run_dir)
     resuming = _check_run_dir(run_dir, stages)
     folders = [("init_from", init_from)]
@@ -1012,7 +1023,8 @@ def train(
     for name, path in folders:
         if path is not None and not os.path.exists(os.path.join(path, "config.json")):
             raise TrainError(f"{name} {path}: not a Hugging Face model folder (no config.json).")
-    loaded = _load_data(task)
+    env = task.environment()
+    loaded = _load_data(task, env)
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
         if not resuming:
@@ -1022,7 +1034,6 @@ def train(
         run_dir, init_from, loaded.chats, tokenizer_vocab_size, not resuming, chat_template
     )
     mesh = partitioning.make_mesh(*mesh_shape)
-    env = research.build_environment()
     run = _Run(run_dir, task, env, loaded, tokenizer, mesh, seed, max_bad_steps, interactive,
                operative_config)  # fmt: skip
     policy = _init_model(model, init_from, tokenizer, seed, mesh, jnp.dtype(dtype))
@@ -1050,4 +1061,4 @@ def train(
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 results[p] = json.load(f)
-    return _write_results(run_dir, results, stages)
+    return _write_results(run_dir, results, stages, task.result_keys)

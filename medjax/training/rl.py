@@ -1,8 +1,9 @@
 """From rollouts to training batches: rewards, advantages and rows for each RL algorithm.
 
-    trajs = rollout(task, env, backend, records, num_generations=G)
-    batch, stats = grpo_batch(trajs, records, G, task.reward)      # GRPO family
-    batch, stats = grao_batch(trajs, records, references, ...)      # GRAO (+ expert answers)
+    trajs = task.rollout(env, backend, records, num_generations=G)
+    rewards, reward_stats = task.score(env, trajs, records, G)
+    batch, stats = grpo_batch(trajs, rewards, G)                    # GRPO family
+    batch, stats = grao_batch(trajs, rewards, references)           # GRAO (+ expert answers)
     main, sub, stats = mgrpo_batches(trajs, records, K, d, key)     # M-GRPO, both agents
     # Decoupled M-GRPO: mgrpo_main_batch in the main trainer, mgrpo_sub_batch in the sub one.
 
@@ -27,6 +28,22 @@ from medjax.sampling import SamplingParams
 from medjax.training import data as data_lib
 
 
+@dataclasses.dataclass
+class TaskData:
+    """What a task gives the trainer.
+
+    Attributes:
+      chats: the expert's chats, one per training record (`{"messages": [...], ...}`): SFT
+        data and GRAO's reference answers.
+      records: the training records (questions, cases), `records[i]` answered by `chats[i]`.
+      eval_records: the held-out records.
+    """
+
+    chats: list[dict[str, Any]]
+    records: list[Any]
+    eval_records: list[Any]
+
+
 @dataclasses.dataclass(frozen=True)
 class ResearchTask:
     """The MedResearcher task as the trainer runs it: data, agent budgets and reward.
@@ -47,6 +64,12 @@ class ResearchTask:
       temperature: sampling temperature of rollouts (log-probs are taken at it).
       top_p: nucleus sampling of rollouts.
       reward: the composite reward's weights.
+
+    Every task the trainer runs has the methods below (`environment`, `load`, `sft_chats`,
+    `rollout`, `score`, `reference_reward`, `evaluate`, `expert_chats`) and the attributes
+    `roles` (the agent roles SFT can train; None is the task's own agent) and
+    `result_keys` (the evaluation's columns in results.md); `training.consultation` holds
+    the other one.
     """
 
     dataset: str = "med_kg_qa/tiny"
@@ -62,6 +85,67 @@ class ResearchTask:
     temperature: float = 1.0
     top_p: float = 1.0
     reward: research.RewardConfig = dataclasses.field(default_factory=research.RewardConfig)
+
+    roles = (None, "researcher", "main", "searcher")
+    result_keys = (
+        "accuracy", "mean_reward", "answered", "format_valid", "format_errors",
+        "mean_tool_calls", "expert_nll",
+    )  # fmt: skip
+
+    def environment(self) -> research.ResearchEnvironment:
+        return research.build_environment()
+
+    def load(self, env: research.ResearchEnvironment) -> TaskData:
+        """The expert's chats (`med_kg_qa_trajectories` train) with their questions, and
+        the held-out questions (`eval_split`, the first `num_eval_questions`)."""
+        del env  # The questions carry everything.
+        from medjax import datasets
+        from medjax.datasets import med_kg_qa
+
+        name, _, config = self.dataset.partition("/")
+        if name != "med_kg_qa":
+            raise ValueError(f"ResearchTask.dataset {self.dataset!r}: expected med_kg_qa[/config].")
+        suffix = f"/{config}" if config else ""
+        try:
+            chats = datasets.load(f"med_kg_qa_trajectories{suffix}", "train", self.data_dir)
+            held_out = datasets.load(self.dataset, self.eval_split, self.data_dir)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"dataset {self.dataset!r}: {e}") from None
+        chats = [med_kg_qa.to_trajectory(chats[i]) for i in range(len(chats))]
+        eval_records = [med_kg_qa.to_record(held_out[i]) for i in range(len(held_out))]
+        if not chats:
+            raise ValueError(f"dataset med_kg_qa_trajectories{suffix} (train) is empty.")
+        records = [data_lib.research_record(c) for c in chats]
+        return TaskData(chats, records, eval_records[: self.num_eval_questions])
+
+    def sft_chats(self, env, chats, role: str | None) -> list[list[dict[str, str]]]:
+        return role_chats(self, env, chats, role or "researcher")
+
+    def rollout(self, env, backend, records, *, num_generations: int, **hierarchy):
+        """G episodes per record, query-major (`hierarchy`: `agent`'s M-GRPO keywords)."""
+        agent = self.agent(env, backend, **hierarchy)
+        return agents.run_episodes(agent, research.queries(records), num_rollouts=num_generations)
+
+    def score(self, env, trajs, records, num_generations: int):
+        """(rewards [N] float32, the step's reward statistics): `research.score`."""
+        del env
+        terms = score_episodes(trajs, records, num_generations, self.reward)
+        return np.array([t.total for t in terms], np.float32), reward_stats(terms)
+
+    def reference_reward(self, chat) -> float:
+        """GRAO's R(y): the reward `research.score` gives the expert's chat."""
+        return reference_reward(chat, self.reward)
+
+    def evaluate(self, env, backend, records) -> dict[str, Any]:
+        """Greedy episodes on `records` (`medjax.eval.research`)."""
+        from medjax.eval import research as eval_research
+
+        agent = self.agent(env, backend, greedy=True)
+        return eval_research.evaluate_agent(agent, records, reward_config=self.reward)
+
+    def expert_chats(self, env, records) -> list[list[dict[str, str]]]:
+        """The scripted expert's chats for `records` (held-out expert NLL)."""
+        return [t.messages for t in research.expert_trajectories(env, records)]
 
     def tools(self, env: research.ResearchEnvironment) -> list[agents.Tool]:
         tools = env.tools()
@@ -157,18 +241,6 @@ def role_chats(
     return out
 
 
-def rollout(
-    task, env, backend, records, *, num_generations, sub_backend=None, hierarchical=False,
-    remote_sub_agent=None,
-):  # fmt: skip
-    """G episodes per record, query-major."""
-    agent = task.agent(
-        env, backend, sub_backend=sub_backend, hierarchical=hierarchical,
-        remote_sub_agent=remote_sub_agent,
-    )  # fmt: skip
-    return agents.run_episodes(agent, research.queries(records), num_rollouts=num_generations)
-
-
 def _mean(values) -> float:
     values = list(values)
     return float(np.mean(values)) if values else 0.0
@@ -246,19 +318,19 @@ def episode_rows(
 
 
 def grpo_batch(
-    trajs, records, num_generations: int, reward: research.RewardConfig, *, pad_id: int,
-    scale: str = "group", ddof: int = 1,
+    trajs, rewards: np.ndarray, num_generations: int, *, pad_id: int, scale: str = "group",
+    ddof: int = 1,
 ):  # fmt: skip
-    """Rows of the G episodes per record with group-relative advantages."""
-    terms = score_episodes(trajs, records, num_generations, reward)
-    rewards = np.array([t.total for t in terms], np.float32)
+    """Rows of the G episodes per record with group-relative advantages of `rewards`
+    (`task.score`'s)."""
     adv = np.asarray(
-        losses.group_advantages(rewards, num_generations, scale=scale, ddof=ddof), np.float32
-    )
+        losses.group_advantages(np.asarray(rewards, np.float32), num_generations, scale=scale,
+                                ddof=ddof),
+        np.float32,
+    )  # fmt: skip
     batch = episode_rows(trajs, pad_id=pad_id)
     batch["advantages"] = adv
-    stats = {**reward_stats(terms), **advantage_stats(adv), **episode_stats(trajs)}
-    return batch, stats
+    return batch, {**advantage_stats(adv), **episode_stats(trajs)}
 
 
 def reference_reward(example: Mapping[str, Any], reward: research.RewardConfig) -> float:
@@ -272,16 +344,13 @@ def reference_reward(example: Mapping[str, Any], reward: research.RewardConfig) 
     return research.score(traj, data_lib.research_record(example), reward).total
 
 
-def grao_batch(
-    trajs, records, references, num_generations: int, reward: research.RewardConfig, *,
-    pad_id: int,
-):  # fmt: skip
-    """Rows of the G episodes per record plus each record's expert chat as GRAO's reference
-    answer y. `references`: per record, (ids, mask, reward) of the expert chat."""
-    terms = score_episodes(trajs, records, num_generations, reward)
+def grao_batch(trajs, rewards: np.ndarray, references, *, pad_id: int):
+    """Rows of the G episodes per record (`rewards`: `task.score`'s) plus each record's
+    expert chat as GRAO's reference answer y. `references`: per record, (ids, mask, reward)
+    of the expert chat."""
     batch = episode_rows(trajs, pad_id=pad_id)
     del batch["old_logps"]
-    batch["rewards"] = np.array([t.total for t in terms], np.float32)
+    batch["rewards"] = np.asarray(rewards, np.float32)
     ref = data_lib.pad_rows(
         [(ids, mask) for ids, mask, _ in references],
         data_lib.bucket(max(len(ids) for ids, _, _ in references)),
@@ -291,7 +360,7 @@ def grao_batch(
         batch[f"ref_{k}"] = v
     batch["ref_rewards"] = np.array([r for _, _, r in references], np.float32)
     stats = {
-        **reward_stats(terms), **episode_stats(trajs),
+        **episode_stats(trajs),
         "reference/reward_mean": float(batch["ref_rewards"].mean()),
         "reference/length_mean": _mean(len(ids) for ids, _, _ in references),
     }  # fmt: skip

@@ -88,6 +88,25 @@ def test_every_algorithm_runs_and_writes_its_run_directory(
         assert records[-1]["update/kl_mean"] >= 0  # A reference model was scored.
 
 
+def test_the_doctor_task_trains_with_heldout_curves(env, tmp_path):
+    """MedDialogRubrics' doctor (consultation.gin): SFT on the oracle's interviews, then GRAO
+    with held-out evaluations every step; results use the benchmark's columns."""
+    run_dir = tmp_path / "run"
+    run(env, "consultation", run_dir, "train_lib.RLStage.heldout_every=1")
+    sft = metrics.read_jsonl(run_dir / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in sft] == [1, 2] and all(np.isfinite(r["loss"]) for r in sft)
+    records = metrics.read_jsonl(run_dir / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert 0 <= r["heldout/coverage"] <= 1 and r["heldout/turns"] <= 3
+        assert 0 <= r["reward/coverage"] <= 1 and r["reference/reward_mean"] > 0
+        assert np.isfinite(r["update/loss"]) and r["update/grad_norm"] > 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list(results) == ["before", "after_sft", "after_rl"]
+    assert results["after_rl"]["coverage"] == records[-1]["heldout/coverage"]
+    assert "| point | mean_reward | coverage |" in (run_dir / "results.md").read_text()
+
+
 def test_resume_after_sigkill_reproduces_the_uninterrupted_metrics(env, tmp_path):
     bindings = ("train_lib.RLStage.steps=4", "train_lib.train.evaluate=False")
     straight = tmp_path / "straight"
