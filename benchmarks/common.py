@@ -1,40 +1,11 @@
-"""What every benchmark records beside its times: the machine and the versions."""
+"""What every benchmark records beside its times: the machine and the versions
+(`medjax.reproductions.provenance`), and a timer."""
 
-import importlib.metadata
-import os
-import platform
 import time
 
+from medjax.reproductions.provenance import machine, versions
 
-def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    import jax
-
-    return {
-        "cpu": model,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-    }
-
-
-def versions(*packages: str) -> dict:
-    out = {}
-    for name in packages:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+__all__ = ["machine", "timed", "versions"]
 
 
 def timed(fn) -> float:

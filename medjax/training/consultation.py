@@ -30,7 +30,7 @@ from medjax.eval import dialogue
 from medjax.sampling import SamplingParams
 from medjax.training import rl
 
-EXPERTS = ("oracle", "checklist")
+EXPERTS = ("oracle", "checklist", "random")
 
 
 @dataclasses.dataclass
@@ -60,7 +60,8 @@ class ConsultationTask:
       temperature: sampling temperature of rollouts (log-probs are taken at it).
       top_p: nucleus sampling of rollouts.
       expert: the scripted doctor whose interviews are the SFT chats and GRAO's references:
-        "oracle" or "checklist".
+        "oracle", "checklist" or "random" (`eval.dialogue.BASELINES`); a tuple mixes them,
+        case i taking expert[i % len(expert)].
       coverage_weight: weight of the weighted rubric coverage in the reward.
       diagnosis_weight: weight of a correct diagnosis in the reward.
     """
@@ -76,7 +77,7 @@ class ConsultationTask:
     max_context_tokens: int | None = 1024
     temperature: float = 1.0
     top_p: float = 1.0
-    expert: str = "oracle"
+    expert: str | tuple[str, ...] = "oracle"
     coverage_weight: float = 1.0
     diagnosis_weight: float = 0.0
 
@@ -94,7 +95,8 @@ class ConsultationTask:
             raise ValueError(
                 f"ConsultationTask.dataset {self.dataset!r}: expected med_dialog_rubrics[/config]."
             )
-        if self.expert not in EXPERTS:
+        experts = (self.expert,) if isinstance(self.expert, str) else tuple(self.expert)
+        if not experts or any(e not in EXPERTS for e in experts):
             raise ValueError(f"ConsultationTask.expert {self.expert!r} is not one of {EXPERTS}.")
 
     # -- data ------------------------------------------------------------------------------
@@ -132,10 +134,13 @@ class ConsultationTask:
         return rl.TaskData(chats, train, held_out)
 
     def _expert_interviews(self, env, records):
-        doctor = dialogue.BASELINES[self.expert](records, env.graph)
-        trajs = agents.run_episodes(
-            self._agent(env, doctor, greedy=True), dialogue.queries(records)
-        )
+        experts = (self.expert,) if isinstance(self.expert, str) else tuple(self.expert)
+        trajs = [None] * len(records)
+        for k, name in enumerate(experts):
+            mine = records[k :: len(experts)]
+            doctor = dialogue.BASELINES[name](mine, env.graph)
+            agent = self._agent(env, doctor, greedy=True)
+            trajs[k :: len(experts)] = agents.run_episodes(agent, dialogue.queries(mine))
         return trajs, self._scores(env, trajs, records, 1)
 
     def expert_chats(

@@ -1,0 +1,109 @@
+"""Arms compared over seeds: curves read from run directories, the spread over seeds, the
+verdict on a paper's claim, and the plots.
+
+The verdict rule is fixed before any number is seen. A claim "A > B" is judged on the
+paired differences d_s = A_s - B_s over the seeds s (arms of one seed share their starting
+policy): it *holds* when mean(d) > 0 and mean(d) > std(d) (sample std; with 3 seeds about a
+one-sided paired t of 1.7 or more), is *reversed* when mean(d) < 0 and -mean(d) > std(d),
+and is *within noise* otherwise. A finding made of several claims is *reproduced* when every
+claim holds, *not reproduced* when any is reversed, and *inconclusive* otherwise.
+"""
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from medjax.training import metrics
+
+HOLDS, REVERSED, NOISE = "holds", "reversed", "within noise"
+
+
+def curve(run_dir: str, stage: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every record of `stage`'s metrics.jsonl that has `key`."""
+    path = os.path.join(run_dir, stage, "metrics.jsonl")
+    return [(int(r["step"]), float(r[key])) for r in metrics.read_jsonl(path) if key in r]
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std (0 for one value), min, max and the values themselves."""
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": values}
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """The claim "a > b" on paired per-seed values (the module's rule)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"compare: need paired values, got {len(a)} and {len(b)}.")
+    d = spread([x - y for x, y in zip(a, b, strict=True)])
+    if len(a) > 1 and d["mean"] > 0 and d["mean"] > d["std"]:
+        outcome = HOLDS
+    elif len(a) > 1 and d["mean"] < 0 and -d["mean"] > d["std"]:
+        outcome = REVERSED
+    else:
+        outcome = NOISE
+    return {"outcome": outcome, "mean_difference": d["mean"], "std_difference": d["std"]}
+
+
+def verdict(outcomes: Sequence[str]) -> str:
+    """A finding's verdict from its claims' outcomes."""
+    if outcomes and all(o == HOLDS for o in outcomes):
+        return "reproduced"
+    if any(o == REVERSED for o in outcomes):
+        return "not reproduced"
+    return "inconclusive"
+
+
+def judge(
+    values: Mapping[str, Sequence[float]], claims: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """Every claim (better, worse) on `values` (arm -> per-seed values) and the verdict."""
+    judged = {f"{a} > {b}": compare(values[a], values[b]) for a, b in claims}
+    return {"claims": judged, "verdict": verdict([c["outcome"] for c in judged.values()])}
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+
+
+def publish(out_dir: str, to: str, names: Sequence[str]) -> None:
+    """Copies a comparison's results (not its run directories) to `to`."""
+    os.makedirs(to, exist_ok=True)
+    for name in names:
+        shutil.copyfile(os.path.join(out_dir, name), os.path.join(to, name))
+
+
+def plot_curves(
+    curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
+    *,
+    ylabel: str,
+    title: str,
+    ax=None,
+):
+    """One line per arm: the mean over seeds at each step, shaded from min to max."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.6))
+    for arm, by_seed in curves.items():
+        steps = sorted({s for points in by_seed.values() for s, _ in points})
+        rows = [dict(points) for points in by_seed.values()]
+        at = [[r[s] for r in rows if s in r] for s in steps]
+        mean = [sum(v) / len(v) for v in at]
+        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=arm)
+        ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], alpha=0.15,
+                        color=line.get_color())  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
