@@ -75,7 +75,7 @@ class SFTStage:
       role: whose chats: None, the task's own agent (the expert's chats as they are); for
         the research task also M-GRPO's "main" (delegates the question and answers with
         what the sub-agent found) or "searcher" (the sub-agent's search); see
-        `rl.role_chats`.
+        `rl.role_chats`. A tuple of roles trains one model on all their chats, mixed.
     """
 
     name: str = "sft"
@@ -87,13 +87,18 @@ class SFTStage:
     save_every: int = 50
     keep_checkpoints: int = 2
     heldout_every: int = 0
-    role: str | None = None
+    role: str | tuple[str | None, ...] | None = None
+
+    @property
+    def roles(self) -> tuple[str | None, ...]:
+        return tuple(self.role) if isinstance(self.role, (tuple, list)) else (self.role,)
 
     def __post_init__(self):
-        if self.role is not None and self.role not in rl.ROLES:
-            raise TrainError(
-                f"SFTStage {self.name!r}: role {self.role!r} is not None or one of {rl.ROLES}."
-            )
+        for role in self.roles:
+            if role is not None and role not in rl.ROLES:
+                raise TrainError(
+                    f"SFTStage {self.name!r}: role {role!r} is not None or one of {rl.ROLES}."
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +127,17 @@ class RLStage:
         or, False, the sub-agent is its own model with `sub_optimizer`.
       sub_optimizer: M-GRPO with distinct models (None: `optimizer`).
       sub_target_count: M-GRPO's d (fixed shapes); None: the 0.99 quantile per step.
+      sub_alignment: M-GRPO's trajectory alignment (Eq. 11: every rollout gives exactly d
+        sub-trajectories, copied or dropped at random). False: each rollout's own
+        sub-trajectories as they are (rows padded to the most of any rollout), the
+        ablation the paper compares against.
+      train_sub: M-GRPO with distinct models: False freezes the sub-agent (the paper's
+        "main-only" baseline: only the main agent learns).
+      sub_init_from: M-GRPO with distinct models: a Hugging Face folder for the sub-agent's
+        starting policy; None: the previous RL stage's sub-agent, else a copy of the
+        stage's starting policy.
+      hops: research task: train only on questions of (min, max) hops (a curriculum is
+        one stage per range); None: all.
       save_every, keep_checkpoints, heldout_every: as in SFTStage.
       decoupled: M-GRPO with the main and sub-agent trainers in separate processes
         (`medjax.training.decoupled.Decoupled`: this process's role, the shared store, the
@@ -145,6 +161,10 @@ class RLStage:
     shared_model: bool = True
     sub_optimizer: Callable[..., optax.GradientTransformation] | None = None
     sub_target_count: int | None = 2
+    sub_alignment: bool = True
+    train_sub: bool = True
+    sub_init_from: str | None = None
+    hops: tuple[int, int] | None = None
     save_every: int = 5
     keep_checkpoints: int = 2
     heldout_every: int = 0
@@ -160,6 +180,14 @@ class RLStage:
                 f"RLStage {self.name!r}: decoupled trainers are for algorithm 'mgrpo', not"
                 f" {self.algorithm!r}."
             )
+        distinct = self.algorithm == "mgrpo" and not self.shared_model and self.decoupled is None
+        if (not self.train_sub or self.sub_init_from) and not distinct:
+            raise TrainError(
+                f"RLStage {self.name!r}: train_sub and sub_init_from are for M-GRPO with"
+                " distinct models in one process (algorithm='mgrpo', shared_model=False)."
+            )
+        if self.hops is not None and (len(self.hops) != 2 or self.hops[0] > self.hops[1]):
+            raise TrainError(f"RLStage {self.name!r}: hops {self.hops!r} is not (min, max).")
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,9 +280,17 @@ def _save_policy(graphdef, params, tokenizer, path: str) -> None:
 # Evaluation.
 
 
-def evaluate_policy(task, env, model, tokenizer, records, *, seed: int = 0) -> dict:
-    """Greedy episodes of the task's agent on `records` (`task.evaluate`)."""
-    return task.evaluate(env, JaxPolicyBackend(model, tokenizer, seed=seed), records)
+def evaluate_policy(
+    task, env, model, tokenizer, records, *, seed: int = 0, sub_model=None,
+    hierarchical: bool = False,
+) -> dict:  # fmt: skip
+    """Greedy episodes of the task's agent on `records` (`task.evaluate`); `hierarchical`:
+    M-GRPO's main agent over its sub-agent (`sub_model`, default `model`)."""
+    backend = JaxPolicyBackend(model, tokenizer, seed=seed)
+    if not hierarchical:
+        return task.evaluate(env, backend, records)
+    sub = backend if sub_model is None else JaxPolicyBackend(sub_model, tokenizer, seed=seed)
+    return task.evaluate(env, backend, records, sub_backend=sub, hierarchical=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,13 +389,17 @@ def _restore(ckpt: checkpoints.Checkpointer, state, writer, name: str):
     return state, int(meta["step"]), meta
 
 
-def _heldout(run: _Run, stage, step: int, model_fn) -> dict[str, float]:
-    """`heldout/<key>` of a greedy held-out evaluation on `stage.heldout_every` steps."""
+def _heldout(run: _Run, stage, step: int, model_fn, sub_fn=None) -> dict[str, float]:
+    """`heldout/<key>` of a greedy held-out evaluation on `stage.heldout_every` steps
+    (M-GRPO stages evaluate the main agent over the sub-agent)."""
     every = stage.heldout_every
     if not every or (step % every and step != stage.steps):
         return {}
-    result = evaluate_policy(run.task, run.env, model_fn(), run.tokenizer, run.data.eval_records,
-                             seed=run.seed)  # fmt: skip
+    result = evaluate_policy(
+        run.task, run.env, model_fn(), run.tokenizer, run.data.eval_records, seed=run.seed,
+        sub_model=None if sub_fn is None else sub_fn(),
+        hierarchical=getattr(stage, "algorithm", None) == "mgrpo",
+    )  # fmt: skip
     return {f"heldout/{k}": float(result[k]) for k in run.task.result_keys if k in result}
 
 
@@ -368,7 +408,8 @@ def _run_sft(run: _Run, stage: SFTStage, model: DecoderLM) -> DecoderLM:
     graphdef, state = steps.create_state(model, tx, run.seed, run.mesh)
     rows = [
         data.chat_ids(run.tokenizer, messages, max_observation_chars=run.task.max_observation_chars)
-        for messages in run.task.sft_chats(run.env, run.data.chats, stage.role)
+        for role in stage.roles
+        for messages in run.task.sft_chats(run.env, run.data.chats, role)
     ]
     stream = data.IndexStream(len(rows), stage.batch_size, run.seed)
     step_fn = steps.make_train_step(
@@ -597,7 +638,11 @@ class _MainSide:
         })  # fmt: skip
 
 
-def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, DecoderLM | None]:
+def _run_rl(
+    run: _Run, stage: RLStage, model: DecoderLM, sub_model: DecoderLM | None = None
+) -> tuple[DecoderLM, DecoderLM | None]:
+    """One RL stage from `model` (and M-GRPO's distinct sub-agent from `sub_model`, else
+    `stage.sub_init_from` or a copy of `model`); returns the trained (policy, sub policy)."""
     if stage.decoupled is not None and stage.decoupled.role == "sub":
         return _run_sub(run, stage, model), None
     task, tok = run.task, run.tokenizer
@@ -612,7 +657,11 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
     sub = None
     if stage.algorithm == "mgrpo" and not stage.shared_model and main_side is None:
         sub_tx = (stage.sub_optimizer or stage.optimizer)(total_steps=total)
-        copy = nnx.merge(nnx.split(model, nnx.Param)[0], _params_copy(model))
+        if stage.sub_init_from:
+            start_sub = checkpoint_lib.from_pretrained(stage.sub_init_from, mesh=run.mesh)
+        else:
+            start_sub = sub_model if sub_model is not None else model
+        copy = nnx.merge(nnx.split(start_sub, nnx.Param)[0], _params_copy(start_sub))
         sub = _Policy(run, copy, sub_tx, loss_fn, stage.num_microbatches, temperature)
     reference = None
     if stage.kl_beta and stage.algorithm == "grpo":
@@ -630,7 +679,8 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
                 tok, c["messages"], max_observation_chars=task.max_observation_chars
             )
             references.append((ids, mask, task.reference_reward(c)))
-    stream = data.IndexStream(len(run.data.records), stage.prompts_per_step, run.seed)
+    pool = _stage_records(run, stage)
+    stream = data.IndexStream(len(pool), stage.prompts_per_step, run.seed)
     ckpt, writer = _stage_outputs(
         run, stage, ("reward/mean", "reward/correct", "reward/answered", "update/grad_norm")
     )
@@ -648,7 +698,9 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
         run.write_config()
         compiles_before = sampling.compile_count()
         t0 = time.perf_counter()
-        records = [run.data.records[i] for i in stream[step]]
+        picked = [pool[i] for i in stream[step]]
+        records = [run.data.records[i] for i in picked]
+        hops = [r["hops"] for r in records if isinstance(r, Mapping) and "hops" in r]
         step_seed = _step_seed(base_key, step)
         t_wait = 0.0 if main_side is None else main_side.before_step(step, step_seed + 1)
         backend = JaxPolicyBackend(policy.model(), tok, seed=step_seed)
@@ -676,7 +728,7 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
             jobs = [(policy, batch)]
         elif stage.algorithm == "grao":
             rewards, stats = task.score(run.env, trajs, records, stage.num_generations)
-            refs = [references[i] for i in stream[step]]
+            refs = [references[i] for i in picked]
             batch, more = rl.grao_batch(trajs, rewards, refs, pad_id=pad_id)
             stats.update(more)
             jobs = [(policy, batch)]
@@ -691,17 +743,20 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
             main, subs, stats = rl.mgrpo_batches(
                 trajs, records, stage.num_generations, stage.sub_target_count,
                 _sub_alignment_key(base_key, step), reward=task.reward, pad_id=pad_id,
+                align=stage.sub_alignment,
             )  # fmt: skip
             if sub is None:
                 width = max(main["input_ids"].shape[1], subs["input_ids"].shape[1])
                 both = [_widen(main, width, pad_id), _widen(subs, width, pad_id)]
                 jobs = [(policy, {k: np.concatenate([b[k] for b in both]) for k in main})]
             else:
-                jobs = [(policy, main), (sub, subs)]
+                jobs = [(policy, main), (sub, subs)] if stage.train_sub else [(policy, main)]
         update_metrics, t_scoring, t_update = _score_and_update(
             run, stage, jobs, reference, bad, step, last_good
         )
         elapsed = time.perf_counter() - t0
+        if hops:
+            extra["data/hops_mean"] = float(np.mean(hops))
         scalars = {
             **stats, **update_metrics, **extra,
             "tokens_per_s": stats["generated_tokens"] / max(t_rollout, 1e-9),
@@ -712,7 +767,8 @@ def _run_rl(run: _Run, stage: RLStage, model: DecoderLM) -> tuple[DecoderLM, Dec
             "compile/train_step": policy.step_fn._cache_size(),
         }  # fmt: skip
         final = step + 1 == stage.steps
-        scalars.update(_heldout(run, stage, step + 1, policy.model))
+        scalars.update(_heldout(run, stage, step + 1, policy.model,
+                                None if sub is None else sub.model))  # fmt: skip
         writer.write(step + 1, scalars)
         if ckpt.should_save(step + 1, final):
             saved = (policy.state,) if sub is None else (policy.state, sub.state)
@@ -798,7 +854,7 @@ def _run_sub(run: _Run, stage: RLStage, model: DecoderLM) -> DecoderLM:
             batch, stats = rl.mgrpo_sub_batch(
                 got.subs, got.owner, got.correct, record["num_rollouts"], stage.sub_target_count,
                 _sub_alignment_key(base_key, step), pad_id=tok.pad_token_id,
-                shaping=task.reward,
+                shaping=task.reward, align=stage.sub_alignment,
             )  # fmt: skip
             update_metrics, t_scoring, t_update = _score_and_update(
                 run, stage, [(policy, batch)], None, bad, step, last_good
@@ -839,6 +895,17 @@ def _run_sub(run: _Run, stage: RLStage, model: DecoderLM) -> DecoderLM:
     return policy.model()
 
 
+def _stage_records(run: _Run, stage: RLStage) -> list[int]:
+    """Indices of the training records the stage draws from (`stage.hops`)."""
+    if stage.hops is None:
+        return list(range(len(run.data.records)))
+    low, high = stage.hops
+    pool = [i for i, r in enumerate(run.data.records) if low <= r.get("hops", -1) <= high]
+    if not pool:
+        raise TrainError(f"RLStage {stage.name!r}: no training question has {low}-{high} hops.")
+    return pool
+
+
 def _widen(batch: Mapping[str, np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
     out = {}
     for k, v in batch.items():
@@ -857,7 +924,9 @@ def _stage_done(run_dir: str, stage) -> bool:
     return os.path.exists(os.path.join(run_dir, stage.name, "export", "config.json"))
 
 
-def _evaluate_point(run: _Run, point: str, model, evaluate: bool) -> dict | None:
+def _evaluate_point(
+    run: _Run, point: str, model, evaluate: bool, sub_model=None, hierarchical: bool = False
+) -> dict | None:
     if not evaluate:
         return None
     path = os.path.join(run.run_dir, "eval", f"{point}.json")
@@ -865,8 +934,10 @@ def _evaluate_point(run: _Run, point: str, model, evaluate: bool) -> dict | None
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     t0 = time.perf_counter()
-    result = evaluate_policy(run.task, run.env, model, run.tokenizer, run.data.eval_records,
-                             seed=run.seed)  # fmt: skip
+    result = evaluate_policy(
+        run.task, run.env, model, run.tokenizer, run.data.eval_records, seed=run.seed,
+        sub_model=sub_model, hierarchical=hierarchical,
+    )  # fmt: skip
     result["expert_nll"] = expert_nll(run, model)
     result["time_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
@@ -1002,9 +1073,10 @@ def train(
         raise TrainError(f"train: stage names repeat: {names}.")
     task = task or rl.ResearchTask()
     for stage in stages:
-        if isinstance(stage, SFTStage) and stage.role not in task.roles:
+        bad_roles = [r for r in getattr(stage, "roles", ()) if r not in task.roles]
+        if bad_roles:
             raise TrainError(
-                f"SFTStage {stage.name!r}: role {stage.role!r} is not one of"
+                f"SFTStage {stage.name!r}: role {bad_roles[0]!r} is not one of"
                 f" {type(task).__name__}'s roles {task.roles}."
             )
         if (
@@ -1038,21 +1110,32 @@ def train(
                operative_config)  # fmt: skip
     policy = _init_model(model, init_from, tokenizer, seed, mesh, jnp.dtype(dtype))
     points = ["before"] + [f"after_{s.name}" for s in stages]
+    sub_policy = None  # M-GRPO's distinct sub-agent, carried from one RL stage to the next.
+    # Each point evaluates the agent of the stage it follows (the first: of the first stage).
+    modes = [getattr(s, "algorithm", None) == "mgrpo" for s in stages]
+    modes = [modes[0], *modes]
     for i, stage in enumerate(stages):
         export = os.path.join(run_dir, stage.name, "export")
         if _stage_done(run_dir, stage):
             policy = checkpoint_lib.from_pretrained(export, mesh=mesh, dtype=jnp.dtype(dtype))
+            if isinstance(stage, RLStage):
+                sub_export = export + "_sub"
+                sub_policy = (
+                    checkpoint_lib.from_pretrained(sub_export, mesh=mesh, dtype=jnp.dtype(dtype))
+                    if os.path.exists(os.path.join(sub_export, "config.json"))
+                    else None
+                )
             print(f"{stage.name}: finished earlier; loaded {export}", flush=True)
             continue
-        _evaluate_point(run, points[i], policy, evaluate)
+        _evaluate_point(run, points[i], policy, evaluate, sub_policy, modes[i])
         if isinstance(stage, SFTStage):
             policy = _run_sft(run, stage, policy)
         else:
-            policy, sub_policy = _run_rl(run, stage, policy)
+            policy, sub_policy = _run_rl(run, stage, policy, sub_policy)
             if sub_policy is not None:
                 _save_policy(*nnx.split(sub_policy, nnx.Param), tokenizer, export + "_sub")
         _save_policy(*nnx.split(policy, nnx.Param), tokenizer, export)
-    _evaluate_point(run, points[-1], policy, evaluate)
+    _evaluate_point(run, points[-1], policy, evaluate, sub_policy, modes[-1])
     if not evaluate or jax.process_index() != 0:
         return {}
     results = {}

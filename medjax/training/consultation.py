@@ -201,8 +201,10 @@ class ConsultationTask:
         """GRAO's R(y): the reward of the expert's own interview (scored in `load`)."""
         return chat["reward"]
 
-    def evaluate(self, env, backend, records) -> dict[str, Any]:
+    def evaluate(self, env, backend, records, **hierarchy) -> dict[str, Any]:
         """Greedy interviews of the held-out cases: the benchmark's summary and mean reward."""
+        if hierarchy.get("hierarchical"):
+            raise ValueError("ConsultationTask: the doctor has no sub-agent to evaluate.")
         trajs = agents.run_episodes(
             self._agent(env, backend, greedy=True), dialogue.queries(records)
         )

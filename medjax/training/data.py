@@ -131,4 +131,5 @@ def research_record(example: Mapping[str, Any]) -> dict[str, Any]:
         "id": example["id"],
         "question": example["question"],
         "answer": {"name": example["answer_name"], "aliases": list(example["answer_aliases"])},
+        "hops": int(example["hops"]),
     }

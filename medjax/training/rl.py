@@ -136,11 +136,16 @@ class ResearchTask:
         """GRAO's R(y): the reward `research.score` gives the expert's chat."""
         return reference_reward(chat, self.reward)
 
-    def evaluate(self, env, backend, records) -> dict[str, Any]:
-        """Greedy episodes on `records` (`medjax.eval.research`)."""
+    def evaluate(
+        self, env, backend, records, *, sub_backend=None, hierarchical: bool = False
+    ) -> dict[str, Any]:
+        """Greedy episodes on `records` (`medjax.eval.research`): the researcher, or M-GRPO's
+        main agent over its sub-agent (`sub_backend`, default `backend`)."""
         from medjax.eval import research as eval_research
 
-        agent = self.agent(env, backend, greedy=True)
+        agent = self.agent(
+            env, backend, greedy=True, sub_backend=sub_backend, hierarchical=hierarchical
+        )
         return eval_research.evaluate_agent(agent, records, reward_config=self.reward)
 
     def expert_chats(self, env, records) -> list[list[dict[str, str]]]:
@@ -193,7 +198,9 @@ class ResearchTask:
         if remote_sub_agent is not None:
             delegate = agents.remote_delegate_tool(remote_sub_agent)
         else:
-            delegate = agents.delegate_tool(self.sub_agent(env, sub_backend or backend))
+            delegate = agents.delegate_tool(
+                self.sub_agent(env, sub_backend or backend, greedy=greedy)
+            )
         return agents.AgentSpec(
             "main", backend, system_prompt=research.SYSTEM_PROMPT, tools=[delegate],
             max_turns=self.max_turns, **self._common(greedy),
@@ -400,6 +407,7 @@ def mgrpo_sub_batch(
     subs: Sequence[agents.Trajectory], owner: np.ndarray, correct: np.ndarray,
     num_rollouts: int, target_count: int | None, key: jax.Array, *, pad_id: int,
     sub_weights=None, quantile: float = 0.99, shaping: research.RewardConfig | None = None,
+    align: bool = True,
 ):  # fmt: skip
     """The sub-agent's aligned rows, from the main rollouts' correctness only.
 
@@ -408,8 +416,11 @@ def mgrpo_sub_batch(
     `error_penalty` terms of its own episode (0 by default). Each rollout is aligned to d
     sub-trajectories (`target_count`, or the `quantile` of the counts when None), and sub
     advantages pool the d*K of each query (Eq. 11-13). Rollouts that delegated nothing give
-    all-padding rows (advantage 0, mask 0). This is everything the sub trainer needs from
-    the main one, which is why decoupled trainers exchange only these statistics.
+    all-padding rows (advantage 0, mask 0). `align` False skips Eq. 11: each rollout keeps
+    its own sub-trajectories once, rows padded (mask 0) to a power of two at least the
+    largest count, and the advantages pool the query's real sub-trajectories. This is
+    everything the sub trainer needs from the main one, which is why decoupled trainers
+    exchange only these statistics.
 
     Args:
       subs: the sub-trajectories, grouped by rollout in call order.
@@ -423,9 +434,19 @@ def mgrpo_sub_batch(
     total = len(correct)
     owner = np.asarray(owner, np.int32)
     counts = np.bincount(owner, minlength=total) if len(owner) else np.zeros(total, np.int64)
-    d = target_count or max(losses.choose_target_count(counts, quantile), 1)
-    align = losses.align_sub_trajectories(owner, d, key, num_rollouts=total)
-    index = np.asarray(align.indices).reshape(-1)
+    if align:
+        d = target_count or max(losses.choose_target_count(counts, quantile), 1)
+        aligned = losses.align_sub_trajectories(owner, d, key, num_rollouts=total)
+        index = np.asarray(aligned.indices).reshape(-1)
+        duplicated, dropped = float(aligned.num_duplicated), float(aligned.num_dropped)
+    else:  # Every rollout's own sub-trajectories once, rows padded with -1 to a bucket.
+        d = data_lib.bucket(max(int(counts.max(initial=0)), 1), minimum=1)
+        index = np.full((total, d), -1, np.int64)
+        for r in range(total):
+            own = np.flatnonzero(owner == r)
+            index[r, : len(own)] = own
+        index = index.reshape(-1)
+        duplicated = dropped = 0.0
     sub_fmt = np.array(
         [float(s.finish_reason == "answer" and s.format_errors == 0) for s in subs], np.float32
     )
@@ -454,9 +475,9 @@ def mgrpo_sub_batch(
         "sub/reward_mean": float(sub_rewards[index >= 0].mean()) if (index >= 0).any() else 0.0,
         "sub/target_count": float(d),
         "sub/count_mean": float(np.mean(counts)) if len(counts) else 0.0,
-        "sub/rollouts_without_subs": float((np.asarray(align.rollout_valid) == 0).sum()),
-        "sub/duplicated": float(align.num_duplicated),
-        "sub/dropped": float(align.num_dropped),
+        "sub/rollouts_without_subs": float((counts == 0).sum()),
+        "sub/duplicated": duplicated,
+        "sub/dropped": dropped,
         **advantage_stats(batch["advantages"][index >= 0], prefix="sub/"),
         **episode_stats(subs, prefix="sub/"),
     }  # fmt: skip
@@ -466,7 +487,7 @@ def mgrpo_sub_batch(
 def mgrpo_batches(
     trajs, records, num_rollouts: int, target_count: int | None, key: jax.Array, *,
     reward: research.RewardConfig, pad_id: int, main_weights=losses.mgrpo.MAIN_REWARD_WEIGHTS,
-    sub_weights=None, quantile: float = 0.99,
+    sub_weights=None, quantile: float = 0.99, align: bool = True,
 ):  # fmt: skip
     """M-GRPO rows for the main agent and the aligned sub-agent rows, in one process:
     `mgrpo_main_batch`, then `mgrpo_sub_batch` on the sub-trajectories the rollouts hold.
@@ -481,6 +502,6 @@ def mgrpo_batches(
     correct = np.array([t.correct for t in terms], np.float32)
     sub, sub_stats = mgrpo_sub_batch(
         subs, owner, correct, num_rollouts, target_count, key, pad_id=pad_id,
-        sub_weights=sub_weights, quantile=quantile, shaping=reward,
+        sub_weights=sub_weights, quantile=quantile, shaping=reward, align=align,
     )  # fmt: skip
     return main, sub, {**stats, **sub_stats}

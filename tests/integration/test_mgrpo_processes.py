@@ -258,3 +258,31 @@ def test_sigkill_of_either_process_loses_and_repeats_nothing(env, policy, redis_
         f" statistics, {sum(len(r['sub_ids']) for p in published for r in p['rollouts'])}"
         " sub-trajectories referenced"
     )
+
+
+def test_main_only_training_freezes_the_sub_agent(env, policy, tmp_path):
+    """The co-training baselines' switches (one process, distinct models): a frozen
+    sub-agent started from its own folder, no trajectory alignment, hard questions only,
+    and held-out evaluations of the main agent over its sub-agent."""
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        command(
+            "mgrpo_distinct", run_dir, env, policy, None, "train_lib.RLStage.steps=2",
+            "train_lib.RLStage.train_sub=False", f"train_lib.RLStage.sub_init_from='{policy}'",
+            "train_lib.RLStage.sub_alignment=False", "train_lib.RLStage.hops=(4, 6)",
+            "train_lib.RLStage.heldout_every=2",
+        ),
+        cwd=ROOT, env=env["env"], capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    records = metrics.read_jsonl(run_dir / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["sub/duplicated"] == r["sub/dropped"] == 0 for r in records)
+    assert all(4 <= r["data/hops_mean"] <= 6 for r in records)
+    assert "heldout/accuracy" in records[1] and "heldout/accuracy" not in records[0]
+    start, frozen = weights(policy), weights(run_dir / "rl" / "export_sub")
+    assert start.keys() == frozen.keys()
+    for k in start:
+        np.testing.assert_array_equal(start[k], frozen[k], err_msg=k)
+    main = weights(run_dir / "rl" / "export")
+    assert any(not np.array_equal(start[k], main[k]) for k in start)

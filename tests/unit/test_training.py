@@ -250,3 +250,45 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_with_no_old_records(t
     ckpt.close()
     records = metrics.read_jsonl(tmp_path / "rl" / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in records] == [(1, 2.0)]
+
+
+def test_sub_rows_without_alignment_keep_each_rollout_own_subs():
+    """M-GRPO's no-alignment ablation: every sub-trajectory once, in its rollout's row
+    block, padding elsewhere; R_S and the pooled z-scores by hand."""
+    from medjax import agents
+    from medjax.training import rl
+
+    def sub(i, answered):
+        return agents.Trajectory(
+            f"s{i}", 0, "searcher", token_ids=[10 + i, 20 + i], loss_mask=[0, 1],
+            logps=[0.0, -1.0], answer="x" if answered else None,
+            finish_reason="answer" if answered else "no_answer",
+        )  # fmt: skip
+
+    subs = [sub(0, True), sub(1, True), sub(2, False), sub(3, True)]
+    owner = np.array([0, 0, 0, 2])  # Rollout 0 called three times, rollout 2 once.
+    correct = np.array([1, 0, 0, 1], np.float32)  # 2 queries x K=2 rollouts.
+    batch, stats = rl.mgrpo_sub_batch(
+        subs, owner, correct, 2, None, jax.random.key(0), pad_id=3, sub_weights=(0.1, 0.9),
+        align=False,
+    )  # fmt: skip
+    # d = 4 (3 rounded up to a power of two): rows [s0 s1 s2 pad | pad x4 | s3 pad x3 | pad x4].
+    first = batch["input_ids"][:, 0].reshape(4, 4).tolist()
+    assert first == [[10, 11, 12, 3], [3] * 4, [13, 3, 3, 3], [3] * 4]
+    assert batch["loss_mask"].sum(axis=1).reshape(4, 4).tolist() == [
+        [1, 1, 1, 0], [0] * 4, [1, 0, 0, 0], [0] * 4,
+    ]  # fmt: skip
+    # R_S = 0.1 format + 0.9 its rollout's correctness (0 when the format is invalid):
+    # query 0: s0 1.0, s1 1.0, s2 0 -> mean 2/3, population std sqrt(2)/3; query 1: s3 alone.
+    z = (1 - 2 / 3) / (np.sqrt(2) / 3)
+    np.testing.assert_allclose(
+        batch["advantages"].reshape(4, 4),
+        [[z, z, -2 * z, 0], [0] * 4, [0] * 4, [0] * 4], atol=1e-5,
+    )  # fmt: skip
+    assert stats["sub/duplicated"] == stats["sub/dropped"] == 0
+    assert stats["sub/target_count"] == 4 and stats["sub/rollouts_without_subs"] == 2
+    aligned, stats = rl.mgrpo_sub_batch(
+        subs, owner, correct, 2, 2, jax.random.key(0), pad_id=3, sub_weights=(0.1, 0.9)
+    )
+    assert aligned["loss_mask"].sum(axis=1).reshape(4, 2).sum(axis=1).tolist() == [2, 0, 2, 0]
+    assert stats["sub/duplicated"] == 1 and stats["sub/dropped"] == 1
