@@ -12,6 +12,8 @@ grain reads directly (`grain.MapDataset.source(src)`; see `med_kg_qa`). Names ar
 `tfds.builder("med_kg_qa/tiny", data_dir=...)` works too.
 """
 
+import fcntl
+import os
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -77,7 +79,16 @@ def load(
             raise FileNotFoundError(
                 f"medjax.datasets: {name} is not prepared in {b.data_dir} (build=False)."
             )
-        b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        # Processes that start together (decoupled M-GRPO's two trainers) build one at a
+        # time: TFDS's final rename fails for all but the first.
+        folder = os.path.dirname(b.data_dir)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, ".medjax_build.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            b = builder(name, data_dir=data_dir)
+            if not b.is_prepared():
+                config = tfds.download.DownloadConfig(try_download_gcs=False)
+                b.download_and_prepare(download_config=config)
     return b.as_data_source(split=split)
 
 

@@ -127,8 +127,10 @@ def _configs() -> list[QuestionsConfig]:
 
 
 @functools.cache
+@functools.cache
 def knowledge_graph() -> graph_lib.KnowledgeGraph:
-    """The graph of the bundled HPO release, built once per process (a few seconds)."""
+    """The graph of the bundled HPO release, built once per process (a few seconds) and
+    shared: callers only read it."""
     return graph_lib.KnowledgeGraph(hpo.load())
 
 

@@ -19,6 +19,7 @@ answers.
 """
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,15 @@ from medjax.sampling import SamplingParams
 from medjax.training import rl
 
 EXPERTS = ("oracle", "checklist", "random")
+
+
+@functools.cache
+def _knowledge():
+    """The HPO graph and its concept matcher (seconds to build), once per process."""
+    from medjax.datasets import med_dialog_rubrics
+
+    graph = med_dialog_rubrics.knowledge_graph()
+    return graph, patient_lib.ConceptMatcher(graph)
 
 
 @dataclasses.dataclass
@@ -102,10 +112,7 @@ class ConsultationTask:
     # -- data ------------------------------------------------------------------------------
 
     def environment(self) -> ConsultationEnvironment:
-        from medjax.datasets import med_dialog_rubrics
-
-        graph = med_dialog_rubrics.knowledge_graph()
-        matcher = patient_lib.ConceptMatcher(graph)
+        graph, matcher = _knowledge()
         return ConsultationEnvironment(
             graph, patient_lib.KnowledgePatient(graph, matcher),
             dialogue.RubricJudge(graph, matcher),

@@ -14,6 +14,7 @@ finish reasons.
 """
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,6 +27,14 @@ from medjax.agents import tools as tools_lib
 from medjax.envs import research
 from medjax.sampling import SamplingParams
 from medjax.training import data as data_lib
+
+
+@functools.cache
+def _research_environment() -> research.ResearchEnvironment:
+    """The graph, corpus and BM25 index (read-only), built or loaded once per process."""
+    from medjax.datasets import med_kg_qa
+
+    return research.build_environment(med_kg_qa.knowledge_graph())
 
 
 @dataclasses.dataclass
@@ -93,7 +102,7 @@ class ResearchTask:
     )  # fmt: skip
 
     def environment(self) -> research.ResearchEnvironment:
-        return research.build_environment()
+        return _research_environment()
 
     def load(self, env: research.ResearchEnvironment) -> TaskData:
         """The expert's chats (`med_kg_qa_trajectories` train) with their questions, and

@@ -9,6 +9,7 @@ writes nothing under the home folder.
 
 import dataclasses
 import hashlib
+import os
 import re
 
 import grain
@@ -169,3 +170,24 @@ def test_trajectories_answer_train_questions_correctly(data_dir, sources, expect
         assert final is not None and final.group(1).strip() == t["answer"]
         assert research.exact_match(t["answer"], record.answer["aliases"])
         assert (t["answer_name"], t["hops"]) == (record.answer["name"], record.hops)
+
+
+def test_processes_building_one_dataset_together_both_succeed(tmp_path):
+    """Two processes that start at once on an empty data folder (decoupled M-GRPO's two
+    trainers): one builds, the other waits for it; both read the same data."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from medjax import datasets;"
+        " print(len(datasets.load('med_kg_qa/tiny', 'train', sys.argv[1])))"
+    )
+    env = {**os.environ, "MEDJAX_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "tfds")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0].split()[-1] == outs[1][0].split()[-1] != "0"

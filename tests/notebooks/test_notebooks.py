@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_is_stripped_and_runs(path, tmp_path, monkeypatch):
+def test_notebook_is_stripped_and_runs(path, tmp_path, tmp_path_factory, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     for cell in nb.cells:
@@ -22,6 +22,9 @@ def test_notebook_is_stripped_and_runs(path, tmp_path, monkeypatch):
                 f"{path.name}: commit notebooks with outputs stripped"
             )
     monkeypatch.setenv("MEDJAX_NOTEBOOK_TINY", "1")
+    # Datasets, the HPO cache and run folders go to the test's own folders.
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "notebook_tfds"))
+    monkeypatch.setenv("MEDJAX_CACHE", str(tmp_path_factory.getbasetemp() / "notebook_cache"))
     # The kernel is a fresh process: it must not inherit the test run's 8 fake devices.
     monkeypatch.setenv("XLA_FLAGS", "")
     client = NotebookClient(
