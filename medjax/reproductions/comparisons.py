@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from medjax.models.config import ModelConfig
 from medjax.training import metrics
 
 HOLDS, REVERSED, NOISE = "holds", "reversed", "within noise"
@@ -67,11 +68,47 @@ def judge(
     return {"claims": judged, "verdict": verdict([c["outcome"] for c in judged.values()])}
 
 
+def print_verdict(results: Mapping[str, Any]) -> None:
+    """The claims of `judge` and the verdict, one line each."""
+    for claim, c in results["claims"].items():
+        print(f"{claim:34s} {c['outcome']} (mean difference {c['mean_difference']:+.4f})")
+    print(f"verdict: {results['verdict']}")
+
+
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
+
+
+def model_config(setting) -> ModelConfig:
+    """The comparisons' Qwen2-shaped model from a setting's `hidden_size`,
+    `intermediate_size`, `num_layers`, `num_heads`, `num_kv_heads` and
+    `tokenizer_vocab_size` (trained from scratch; the vocabulary becomes the tokenizer's)."""
+    return ModelConfig(
+        family="qwen2", vocab_size=setting.tokenizer_vocab_size,
+        hidden_size=setting.hidden_size, intermediate_size=setting.intermediate_size,
+        num_layers=setting.num_layers, num_heads=setting.num_heads,
+        num_kv_heads=setting.num_kv_heads, qkv_bias=True, tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )  # fmt: skip
+
+
+def parser(doc: str, settings: Mapping[str, Any], arms: Sequence[str] | None = None):
+    """The command line every comparison takes: --setting, --seeds, --out, --data-dir,
+    --publish (and --arms)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--setting", choices=sorted(settings), default="cpu")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    if arms is not None:
+        p.add_argument("--arms", nargs="+", default=list(arms), choices=arms)
+    p.add_argument("--out", required=True, help="folder for the runs and results.json")
+    p.add_argument("--data-dir", default=None, help="TFDS folder (default TFDS's)")
+    p.add_argument("--publish", default=None, help="also copy results.json and the plot here")
+    return p
 
 
 def publish(out_dir: str, to: str, names: Sequence[str]) -> None:

@@ -25,7 +25,6 @@ The verdict follows `comparisons` on the final held-out coverage.
         --out /tmp/repro/grpo_vs_grao --publish docs/reproductions/grpo_vs_grao
 """
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -97,12 +96,7 @@ class Setting:
         )  # fmt: skip
 
     def model(self) -> ModelConfig:
-        return ModelConfig(
-            family="qwen2", vocab_size=self.tokenizer_vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_layers=self.num_layers,
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qkv_bias=True,
-            tie_word_embeddings=True, max_position_embeddings=4096,
-        )  # fmt: skip
+        return comparisons.model_config(self)
 
 
 SETTINGS = {
@@ -259,13 +253,7 @@ def plot(results: dict[str, Any], path: str | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--out", required=True, help="folder for the runs and results.json")
-    parser.add_argument("--data-dir", default=None, help="TFDS folder (default TFDS's)")
-    parser.add_argument("--publish", default=None, help="also copy results.json and the plot here")
+    parser = comparisons.parser(__doc__, SETTINGS, ARMS)
     args = parser.parse_args(argv)
     results = run(SETTINGS[args.setting], args.seeds, args.out, arms=args.arms,
                   data_dir=args.data_dir)  # fmt: skip
@@ -273,9 +261,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         comparisons.publish(args.out, args.publish, ("results.json", "grpo_vs_grao.png"))
     for arm, s in results["final"].items():
         print(f"{arm:22s} final held-out coverage {s['mean']:.4f} +- {s['std']:.4f} {s['values']}")
-    for claim, c in results["claims"].items():
-        print(f"{claim:34s} {c['outcome']} (mean difference {c['mean_difference']:+.4f})")
-    print(f"verdict: {results['verdict']} ({results['seconds']:.0f} s)")
+    comparisons.print_verdict(results)
+    print(f"{results['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ training reward over the second half of stage 2.
         --out /tmp/repro/mgrpo_cotraining --publish docs/reproductions/mgrpo_cotraining
 """
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -108,12 +107,7 @@ class Setting:
         )  # fmt: skip
 
     def model(self) -> ModelConfig:
-        return ModelConfig(
-            family="qwen2", vocab_size=self.tokenizer_vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_layers=self.num_layers,
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qkv_bias=True,
-            tie_word_embeddings=True, max_position_embeddings=4096,
-        )  # fmt: skip
+        return comparisons.model_config(self)
 
     def rl_stage(self, name: str, algorithm: str, steps: int, hops, **kwargs):
         common = dict(
@@ -281,13 +275,7 @@ def plot(results: dict[str, Any], path: str | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--out", required=True, help="folder for the runs and results.json")
-    parser.add_argument("--data-dir", default=None, help="TFDS folder (default TFDS's)")
-    parser.add_argument("--publish", default=None, help="also copy results.json and the plot")
+    parser = comparisons.parser(__doc__, SETTINGS, ARMS)
     args = parser.parse_args(argv)
     results = run(SETTINGS[args.setting], args.seeds, args.out, arms=args.arms,
                   data_dir=args.data_dir)  # fmt: skip
@@ -295,9 +283,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         comparisons.publish(args.out, args.publish, ("results.json", "mgrpo_cotraining.png"))
     for arm, s in results["stage2_reward"].items():
         print(f"{arm:14s} stage-2 reward {s['mean']:+.4f} +- {s['std']:.4f} {s['values']}")
-    for claim, c in results["claims"].items():
-        print(f"{claim:30s} {c['outcome']} (mean difference {c['mean_difference']:+.4f})")
-    print(f"verdict: {results['verdict']} ({results['seconds']:.0f} s)")
+    comparisons.print_verdict(results)
+    print(f"{results['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ guided) or with any configured backend (`eval_lib.make_backend`: `openai:BASE_UR
         --publish docs/reproductions/patient_guidance
 """
 
-import argparse
 import dataclasses
 import os
 import random
@@ -224,16 +223,11 @@ def plot(results: Mapping[str, Any], path: str | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", required=True)
+    parser = comparisons.parser(__doc__, SETTINGS)
     parser.add_argument("--doctors", default=None, help="a grpo_vs_grao output folder")
     parser.add_argument("--patient-backend", default=None,
                         help="also measure this LLM patient: openai:BASE_URL:MODEL or"
                         " checkpoint:DIR")  # fmt: skip
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--publish", default=None, help="also copy results.json and the plot")
     args = parser.parse_args(argv)
     results = run(
         SETTINGS[args.setting], args.seeds, args.out, doctors_from=args.doctors,
@@ -245,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         row = results["stand_in"]["configurations"][name]
         print(f"{name:20s}", "  ".join(f"{m} {row[m]['mean']:.4f}+-{row[m]['std']:.4f}"
                                        for m in MEASURES))  # fmt: skip
-    print("verdict (stand-in):", results["stand_in"]["verdict"])
+    comparisons.print_verdict(results["stand_in"])
     for name, s in results["coverage_by_turn"].items():
         print(f"{name:24s} coverage {s['coverage']:.4f} turns {s['turns']:.1f}")
 

@@ -138,3 +138,15 @@ def test_the_trainer_refuses_what_the_doctor_task_cannot_do(tmp_path):
     with pytest.raises(train_lib.TrainError, match="role 'searcher' is not one of"):
         train_lib.train(str(run_dir), task=task, stages=[train_lib.SFTStage(role="searcher")])
     assert not run_dir.exists()
+
+
+def test_mixed_experts_take_turns_by_case(tiny):
+    _, env, data = tiny
+    task = consultation.ConsultationTask(
+        data_dir=None, max_turns=4, expert=("checklist", "random")
+    )
+    trajs, scores = task._expert_interviews(env, data.records)
+    firsts = [t.messages[2]["content"] for t in trajs]
+    assert all(q == dialogue.CHECKLIST[0] for q in firsts[0::2])  # The checklist's first.
+    assert all(q.startswith("Do you have ") for q in firsts[1::2])  # Random findings.
+    assert len(scores) == len(data.records)
