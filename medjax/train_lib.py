@@ -1001,12 +1001,11 @@ def _plot_rewards(run_dir: str, stage: str) -> str | None:
     points = [(r["step"], r["reward/mean"]) for r in records if "reward/mean" in r]
     if not points:
         return None
-    import matplotlib
+    # A Figure of its own, not pyplot's: no global backend switched under a notebook.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     xs, ys = zip(*points, strict=True)
     ax.plot(xs, ys, marker="o", markersize=3)
     ax.set_xlabel("RL step")
@@ -1016,7 +1015,6 @@ def _plot_rewards(run_dir: str, stage: str) -> str | None:
     fig.tight_layout()
     path = os.path.join(run_dir, f"{stage}_reward_per_step.png")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

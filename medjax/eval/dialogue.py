@@ -506,12 +506,11 @@ def write_report(
 
 
 def _plots(out: pathlib.Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
-    import matplotlib
+    # Figures of their own, not pyplot's: no global backend switched under a notebook.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, s in summary.items():
         curve = s["coverage_by_turn"]
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
@@ -520,9 +519,9 @@ def _plots(out: pathlib.Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "coverage_by_turn.png", dpi=100)
-    plt.close(fig)
     dims = ("coverage", "precision", "recall", "f1", "diagnosis_accuracy")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     width = 0.8 / max(len(summary), 1)
     for k, (name, s) in enumerate(summary.items()):
         ax.bar([d + k * width for d in range(len(dims))], [s[d] for d in dims], width, label=name)
@@ -530,4 +529,3 @@ def _plots(out: pathlib.Path, summary: Mapping[str, Mapping[str, Any]]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "scores.png", dpi=100)
-    plt.close(fig)

@@ -183,3 +183,25 @@ def test_corrupt_event_file_raises_naming_the_file(tmp_path, where):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=re.escape(path.name) + ".*offset"):
         metrics.read_event_scalars(tmp_path)
+
+
+def test_reward_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    """train_lib's plot (and the dialogue report's) must not switch pyplot's backend: in a
+    notebook that would silence every later plt.show()."""
+    import matplotlib
+
+    from medjax import train_lib
+
+    with metrics.MetricsWriter(tmp_path, subdir="rl", interactive=False) as writer:
+        writer.start(0)
+        for step in (1, 2):
+            writer.write(step, {"reward/mean": 0.1 * step})
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        path = train_lib._plot_rewards(str(tmp_path), "rl")
+        assert matplotlib.get_backend() == "svg"
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)
