@@ -19,17 +19,35 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# The slowest tests (subprocess trainers, notebooks) go first, so that the two xdist workers
+# share them out early and the quick ones fill the end, instead of one worker finishing a
+# long test alone while the other idles.
+_FIRST = ("tests/integration/", "tests/notebooks/")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid
+        return next((i for i, p in enumerate(_FIRST) if path.startswith(p)), len(_FIRST))
+
+    items.sort(key=rank)  # Stable: the order within each group is kept.
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory):
+    """The run's temporary root that every xdist worker sees (a worker's own base temp is a
+    child of it): for what workers build once and share, under a lock."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
 
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
+def compilation_cache(shared_tmp):
     """One persistent XLA compilation cache for the run: the xdist workers and every
     subprocess they start (run_train.py, notebooks) reuse each other's compiled programs
     instead of compiling the same tiny models again. It lives under the run's pytest
     temporary root (xdist workers share its parent), so every run starts cold."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    path = root / "jax_compilation_cache"
+    path = shared_tmp / "jax_compilation_cache"
     path.mkdir(exist_ok=True)
     settings = {
         "jax_compilation_cache_dir": str(path),

@@ -364,7 +364,7 @@ def _save(data: HpoData, path: pathlib.Path) -> None:
         "gene_symbols": [data.gene_symbols[g] for g in data.gene_ids],
     }
     arrays = {f"a_{k}": getattr(data.annotations, k) for k in Annotations.__dataclass_fields__}
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # Writers in parallel don't mix.
     np.savez(
         tmp,
         strings=np.frombuffer(json.dumps(strings).encode(), np.uint8),

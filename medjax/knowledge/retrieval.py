@@ -34,6 +34,7 @@ Choices:
 """
 
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -382,7 +383,8 @@ class BM25Index:
         """Loads the index in `cache_dir` if it was built with `key` and the same parameters;
         otherwise builds it from `documents` and saves it there.
 
-        Not safe for two processes writing the same `cache_dir` at once.
+        Processes sharing `cache_dir` take turns under a file lock (`<cache_dir>.lock`): one
+        builds, the others then load what it saved.
 
         Args:
           documents: the corpus (only read when the index is built).
@@ -395,14 +397,18 @@ class BM25Index:
         """
         docs = tuple(documents)
         key = corpus_fingerprint(docs, k1=k1, b=b) if key is None else key
-        meta = _read_meta(pathlib.Path(cache_dir))
-        wanted = {"k1": float(k1), "b": float(b), "method": "lucene"}
-        stored = meta.get("format"), meta.get("key"), meta.get("params")
-        if stored == (_FORMAT, key, wanted):
-            return cls.load(cache_dir)
-        index = cls(docs, k1=k1, b=b)
-        index.save(cache_dir, key=key)
-        return index
+        directory = pathlib.Path(cache_dir)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{directory}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            meta = _read_meta(directory)
+            wanted = {"k1": float(k1), "b": float(b), "method": "lucene"}
+            stored = meta.get("format"), meta.get("key"), meta.get("params")
+            if stored == (_FORMAT, key, wanted):
+                return cls.load(cache_dir)
+            index = cls(docs, k1=k1, b=b)
+            index.save(cache_dir, key=key)
+            return index
 
 
 def _read_meta(directory: pathlib.Path) -> dict[str, Any]:

@@ -155,6 +155,7 @@ def base_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | None)
     stage = train_lib.SFTStage(
         name="base", steps=setting.base_steps, batch_size=setting.base_batch_size,
         max_length=2048, save_every=setting.base_steps, keep_checkpoints=1,
+        heldout_every=setting.base_steps,  # The arms' step 0.
         optimizer=functools.partial(
             optim.make_optimizer, learning_rate=setting.base_learning_rate, schedule="cosine",
             warmup_steps=max(setting.base_steps // 15, 1), final_fraction=0.1,
@@ -163,7 +164,7 @@ def base_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | None)
     train_lib.train(
         run_dir, task=setting.task(BASE_EXPERTS, data_dir), model=setting.model(), stages=[stage],
         tokenizer_vocab_size=setting.tokenizer_vocab_size, seed=seed, mesh_shape=(1, 1, 1),
-        interactive=False,
+        evaluate=False, interactive=False,
     )  # fmt: skip
     return os.path.join(run_dir, "base", "export")
 
@@ -187,8 +188,8 @@ def run(
     for seed in seeds:
         seed_dir = os.path.join(out_dir, f"seed{seed}")
         base = base_policy(setting, seed, os.path.join(seed_dir, "base"), data_dir)
-        base_eval = _read_eval(os.path.join(seed_dir, "base"), "after_base")
-        base_scores[str(seed)] = base_eval
+        (_, base_coverage), *_ = comparisons.curve(os.path.join(seed_dir, "base"), "base", METRIC)
+        base_scores[str(seed)] = base_coverage
         for arm in arms:
             arm_dir = os.path.join(seed_dir, arm)
             train_lib.train(
@@ -196,7 +197,7 @@ def run(
                 stages=[arm_stage(arm, setting)], seed=seed, mesh_shape=(1, 1, 1),
                 evaluate=False, interactive=False,
             )  # fmt: skip
-            points = [(0, base_eval["coverage"]), *comparisons.curve(arm_dir, "arm", METRIC)]
+            points = [(0, base_coverage), *comparisons.curve(arm_dir, "arm", METRIC)]
             curves[arm][str(seed)] = points
             key = "loss" if arm == "sft" else "reward/mean"
             rewards[arm][str(seed)] = comparisons.curve(arm_dir, "arm", key)
@@ -208,9 +209,7 @@ def run(
         "seeds": list(seeds),
         "metric": f"{METRIC}: greedy interviews of {setting.num_eval_cases} validation cases",
         "base": {
-            "heldout_coverage": comparisons.spread(
-                [base_scores[str(s)]["coverage"] for s in seeds]
-            ),
+            "heldout_coverage": comparisons.spread([base_scores[str(s)] for s in seeds]),
         },
         "final": {arm: comparisons.spread(v) for arm, v in final.items()},
         **comparisons.judge(final, claims),
@@ -223,13 +222,6 @@ def run(
     comparisons.write_json(os.path.join(out_dir, "results.json"), results)
     plot(results, os.path.join(out_dir, "grpo_vs_grao.png"))
     return results
-
-
-def _read_eval(run_dir: str, point: str) -> dict[str, Any]:
-    import json
-
-    with open(os.path.join(run_dir, "eval", f"{point}.json"), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def plot(results: dict[str, Any], path: str | None = None):

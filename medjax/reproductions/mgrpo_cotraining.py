@@ -184,7 +184,7 @@ def stage1_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | Non
     train_lib.train(
         run_dir, task=setting.task(data_dir), model=setting.model(), stages=[base, stage1],
         tokenizer_vocab_size=setting.tokenizer_vocab_size, seed=seed, mesh_shape=(1, 1, 1),
-        interactive=False,
+        evaluate=False, interactive=False,
     )  # fmt: skip
     return run_dir
 

@@ -139,6 +139,8 @@ def coverage_by_turn(
 def trained_doctors(runs: str, arms: Sequence[str] = ("grao", "grpo", "sft")) -> dict[str, str]:
     """{"<arm> (seed s)": export folder} of a `grpo_vs_grao` output folder."""
     found = {}
+    if not os.path.isdir(runs):
+        return found
     for seed_dir in sorted(os.listdir(runs)):
         for arm in arms:
             export = os.path.join(runs, seed_dir, arm, "arm", "export")

@@ -11,6 +11,7 @@ Both processes start from one tiny policy the fixture teaches to call `delegate`
 initialised at random never calls a tool, so no request would reach the sub-agent).
 """
 
+import fcntl
 import json
 import os
 import pathlib
@@ -40,10 +41,19 @@ UNTIMED = ("time", "tokens_per_s", "compile", "decoupled")
 
 
 @pytest.fixture(scope="module")
-def policy(env, tmp_path_factory):
+def policy(env, shared_tmp):
     """A 0.1M-parameter policy that delegates: SFT on chats where the main agent delegates
-    and then answers, and the searcher answers or fails (a Hugging Face folder)."""
-    path = tmp_path_factory.mktemp("delegating_policy")
+    and then answers, and the searcher answers or fails (a Hugging Face folder). Built
+    once per run: xdist workers that get tests of this module share it."""
+    path = shared_tmp / "delegating_policy"
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").exists():
+            _train_delegating_policy(env, path)
+    return str(path)
+
+
+def _train_delegating_policy(env, path):
     chats = datasets.load("med_kg_qa_trajectories/tiny", "train", env["data_dir"])
     chats = [med_kg_qa.to_trajectory(chats[i]) for i in range(len(chats))]
     texts = [m["content"] for c in chats for m in c["messages"]]
@@ -86,9 +96,10 @@ def policy(env, tmp_path_factory):
     for _ in range(60):
         state, m = step_fn(state, batch)
     assert float(m["loss"]) < 0.5, float(m["loss"])  # The chats are learnt.
-    checkpoint_lib.save_pretrained(nnx.merge(graphdef, state.params), path)
-    tok.save_pretrained(path)
-    return str(path)
+    tmp = path.with_name(path.name + ".tmp")
+    checkpoint_lib.save_pretrained(nnx.merge(graphdef, state.params), tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
 
 
 def command(config, run_dir, env, policy, store_url, *bindings):
@@ -147,16 +158,14 @@ def assert_applied_equals_published(s: store.Store, sub_run: pathlib.Path, num_s
 
 def test_two_processes_compute_what_one_process_computes(env, policy, tmp_path):
     one = tmp_path / "one"
-    out = subprocess.run(
-        command("mgrpo_distinct", one, env, policy, None), cwd=ROOT, env=env["env"],
-        capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-4000:]
     url = f"file://{tmp_path / 'store'}"
+    # The one-process run goes alongside: the lockstep pair leaves a core idle by turns.
+    alone = start("mgrpo_distinct", one, env, policy, None)
     sub = start("mgrpo_sub", tmp_path / "sub", env, policy, url)
     main = start("mgrpo_main", tmp_path / "main", env, policy, url)
     finish(main, tmp_path / "main")
     finish(sub, tmp_path / "sub")
+    finish(alone, one)
 
     reference = learning(one / "rl" / "metrics.jsonl")
     main_records = learning(tmp_path / "main" / "rl" / "metrics.jsonl")

@@ -142,9 +142,7 @@ def test_the_trainer_refuses_what_the_doctor_task_cannot_do(tmp_path):
 
 def test_mixed_experts_take_turns_by_case(tiny):
     _, env, data = tiny
-    task = consultation.ConsultationTask(
-        data_dir=None, max_turns=4, expert=("checklist", "random")
-    )
+    task = consultation.ConsultationTask(data_dir=None, max_turns=4, expert=("checklist", "random"))
     trajs, scores = task._expert_interviews(env, data.records)
     firsts = [t.messages[2]["content"] for t in trajs]
     assert all(q == dialogue.CHECKLIST[0] for q in firsts[0::2])  # The checklist's first.

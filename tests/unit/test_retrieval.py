@@ -323,6 +323,29 @@ def test_cached_rebuilds_a_torn_cache(tmp_path):
     assert BM25Index.cached(CORPUS[6:], tmp_path, key="v1").documents == CORPUS[6:]
 
 
+def test_cached_waits_for_the_process_that_holds_the_build_lock(tmp_path):
+    """Two trainers started together share one cache folder: while one holds the lock (is
+    building), another process waits, then loads what was saved instead of writing too."""
+    import fcntl
+
+    cache = tmp_path / "bm25"
+    code = (
+        "import sys; from medjax.knowledge.retrieval import BM25Index, Document;"
+        " docs = [Document('X:1', 'Fever', 'Raised temperature.', 'phenotype')];"
+        " print(len(BM25Index.cached(docs, sys.argv[1], key='v1').documents))"
+    )
+    with open(f"{cache}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(cache)],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=8)  # Blocked on the lock: nothing written meanwhile.
+        assert not cache.exists()
+        BM25Index(CORPUS[:6]).save(cache, key="v1")  # The lock holder's build.
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.split()[-1] == "6"  # It loaded, not rebuilt.
+
+
 def test_fingerprint_depends_on_documents_and_params():
     fp = retrieval.corpus_fingerprint
     assert fp(CORPUS, k1=1.5, b=0.75) == fp(list(CORPUS), k1=1.5, b=0.75)
