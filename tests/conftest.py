@@ -19,19 +19,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# The slowest tests (subprocess trainers, notebooks) go first, so that the two xdist workers
-# share them out early and the quick ones fill the end, instead of one worker finishing a
-# long test alone while the other idles.
-_FIRST = ("tests/integration/", "tests/notebooks/")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        path = item.nodeid
-        return next((i for i, p in enumerate(_FIRST) if path.startswith(p)), len(_FIRST))
-
-    items.sort(key=rank)  # Stable: the order within each group is kept.
-
 
 @pytest.fixture(scope="session")
 def shared_tmp(tmp_path_factory):
