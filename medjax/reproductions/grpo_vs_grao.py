@@ -27,6 +27,7 @@ The verdict follows `comparisons` on the final held-out coverage.
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -188,7 +189,7 @@ def run(
     for seed in seeds:
         seed_dir = os.path.join(out_dir, f"seed{seed}")
         base = base_policy(setting, seed, os.path.join(seed_dir, "base"), data_dir)
-        (_, base_coverage), *_ = comparisons.curve(os.path.join(seed_dir, "base"), "base", METRIC)
+        base_coverage = _base_coverage(os.path.join(seed_dir, "base"))
         base_scores[str(seed)] = base_coverage
         for arm in arms:
             arm_dir = os.path.join(seed_dir, arm)
@@ -222,6 +223,16 @@ def run(
     comparisons.write_json(os.path.join(out_dir, "results.json"), results)
     plot(results, os.path.join(out_dir, "grpo_vs_grao.png"))
     return results
+
+
+def _base_coverage(run_dir: str) -> float:
+    """The base policy's held-out coverage: logged at its last SFT step, or (runs made
+    before the base was evaluated that way) its run's `after_base` evaluation."""
+    logged = comparisons.curve(run_dir, "base", METRIC)
+    if logged:
+        return logged[-1][1]
+    with open(os.path.join(run_dir, "eval", "after_base.json"), encoding="utf-8") as f:
+        return float(json.load(f)["coverage"])
 
 
 def plot(results: dict[str, Any], path: str | None = None):
