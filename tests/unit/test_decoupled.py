@@ -243,3 +243,11 @@ def test_bad_configurations_name_the_field():
         train_lib.RLStage(algorithm="grpo", decoupled=decoupled.Decoupled())
     with pytest.raises(train_lib.TrainError, match="role 'doctor'"):
         train_lib.SFTStage(role="doctor")
+    with pytest.raises(train_lib.TrainError, match="role 'nurse'"):
+        train_lib.SFTStage(role=(None, "nurse"))
+    with pytest.raises(train_lib.TrainError, match="train_sub and sub_init_from are for M-GRPO"):
+        train_lib.RLStage(algorithm="mgrpo", train_sub=False)  # One shared model.
+    with pytest.raises(train_lib.TrainError, match="train_sub and sub_init_from are for M-GRPO"):
+        train_lib.RLStage(algorithm="grpo", sub_init_from="/models/sub")
+    with pytest.raises(train_lib.TrainError, match=r"hops \(5, 3\) is not \(min, max\)"):
+        train_lib.RLStage(hops=(5, 3))
