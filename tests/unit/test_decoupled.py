@@ -251,3 +251,16 @@ def test_bad_configurations_name_the_field():
         train_lib.RLStage(algorithm="grpo", sub_init_from="/models/sub")
     with pytest.raises(train_lib.TrainError, match=r"hops \(5, 3\) is not \(min, max\)"):
         train_lib.RLStage(hops=(5, 3))
+
+
+def test_stage_hops_select_records_and_an_empty_range_names_the_stage():
+    from types import SimpleNamespace
+
+    from medjax import train_lib
+
+    run = SimpleNamespace(data=SimpleNamespace(records=[{"hops": 2}, {"hops": 5}, {}, {"hops": 3}]))
+    assert train_lib._stage_records(run, train_lib.RLStage()) == [0, 1, 2, 3]
+    assert train_lib._stage_records(run, train_lib.RLStage(hops=(2, 3))) == [0, 3]
+    assert train_lib._stage_records(run, train_lib.RLStage(hops=(4, 6))) == [1]
+    with pytest.raises(train_lib.TrainError, match=r"RLStage 'hard': no training question has 7-9"):
+        train_lib._stage_records(run, train_lib.RLStage(name="hard", hops=(7, 9)))
