@@ -71,7 +71,10 @@ class Setting:
     num_eval_questions: int | None = None
     max_turns: int = 3
     sub_turns: int = 3
-    max_new_tokens: int = 80
+    # The main agent's delegate call restates the question: up to 219 tokens in the expert
+    # chats of med_kg_qa/tiny (BPE of 2,048). A first run with 80 truncated every call, and
+    # no rollout of stage 1 or 2 delegated.
+    max_new_tokens: int = 256
     final_turn_tokens: int = 40
     max_context_tokens: int = 1536
     max_observation_chars: int = 150
@@ -196,6 +199,14 @@ def _tail_mean(points: Sequence[tuple[int, float]]) -> float:
     return sum(tail) / len(tail)
 
 
+def _delegation(run_dir: str, setting: Setting) -> float:
+    """The share of stage 2's rollouts in which the main agent called its sub-agent (without
+    delegation, co-training, main-only and no alignment are one run)."""
+    without = comparisons.curve(run_dir, "arm", "sub/rollouts_without_subs")
+    rollouts = setting.prompts_per_step * setting.num_generations * len(without)
+    return 1.0 - sum(v for _, v in without) / max(rollouts, 1)
+
+
 def run(
     setting: Setting,
     seeds: Sequence[int],
@@ -209,6 +220,7 @@ def run(
     t0 = time.perf_counter()
     rewards = {arm: {} for arm in arms}
     heldout = {arm: {} for arm in arms}
+    delegation = {arm: {} for arm in arms if arm != "single-agent"}
     for seed in seeds:
         seed_dir = os.path.join(out_dir, f"seed{seed}")
         stage1 = stage1_policy(setting, seed, os.path.join(seed_dir, "stage1"), data_dir)
@@ -221,6 +233,8 @@ def run(
                 evaluate=False, interactive=False,
             )  # fmt: skip
             rewards[arm][str(seed)] = comparisons.curve(arm_dir, "arm", REWARD)
+            if arm in delegation:
+                delegation[arm][str(seed)] = _delegation(arm_dir, setting)
             heldout[arm][str(seed)] = {
                 k: comparisons.curve(arm_dir, "arm", f"heldout/{k}")
                 for k in ("accuracy", "mean_reward")
@@ -242,6 +256,10 @@ def run(
         "metric": f"mean {REWARD} over the second half of stage 2 (sampled episodes)",
         "stage2_reward": {arm: comparisons.spread(v) for arm, v in tail.items()},
         "heldout_final": final,
+        "delegation": {
+            arm: comparisons.spread([per_seed[str(s)] for s in seeds])
+            for arm, per_seed in delegation.items()
+        },
         **comparisons.judge(tail, claims),
         "training_curves": rewards,
         "heldout_curves": heldout,
@@ -283,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         comparisons.publish(args.out, args.publish, ("results.json", "mgrpo_cotraining.png"))
     for arm, s in results["stage2_reward"].items():
         print(f"{arm:14s} stage-2 reward {s['mean']:+.4f} +- {s['std']:.4f} {s['values']}")
+    for arm, s in results["delegation"].items():
+        print(f"{arm:14s} rollouts that delegated {s['mean']:.3f} {s['values']}")
     comparisons.print_verdict(results)
     print(f"{results['seconds']:.0f} s")
 

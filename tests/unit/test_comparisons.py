@@ -1,0 +1,68 @@
+"""The reproductions' verdict rule and the numbers they read from run directories, on
+hand-computed cases."""
+
+import json
+
+import pytest
+
+from medjax.reproductions import comparisons, mgrpo_cotraining
+
+
+def test_spread_is_mean_and_sample_std():
+    s = comparisons.spread([1.0, 2.0, 4.0])
+    # mean 7/3; squared deviations 16/9 + 1/9 + 25/9 = 42/9, over n - 1 = 2: 7/3.
+    assert s["mean"] == pytest.approx(7 / 3)
+    assert s["std"] == pytest.approx((7 / 3) ** 0.5)
+    assert (s["min"], s["max"], s["values"]) == (1.0, 4.0, [1.0, 2.0, 4.0])
+    assert comparisons.spread([0.5])["std"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "a, b, outcome, mean",
+    [
+        # d = (0.2, 0.3, 0.1): mean 0.2 > std 0.1.
+        ([0.3, 0.5, 0.4], [0.1, 0.2, 0.3], comparisons.HOLDS, 0.2),
+        ([0.1, 0.2, 0.3], [0.3, 0.5, 0.4], comparisons.REVERSED, -0.2),
+        # d = (0.3, -0.1, 0.1): mean 0.1, std 0.2: within noise although A wins on average.
+        ([0.4, 0.1, 0.2], [0.1, 0.2, 0.1], comparisons.NOISE, 0.1),
+        # Identical runs (d = 0): within noise, never "holds".
+        ([0.2, 0.3, 0.4], [0.2, 0.3, 0.4], comparisons.NOISE, 0.0),
+        # One seed cannot decide, however large the difference.
+        ([0.9], [0.1], comparisons.NOISE, 0.8),
+    ],
+)
+def test_compare_judges_paired_differences(a, b, outcome, mean):
+    c = comparisons.compare(a, b)
+    assert c["outcome"] == outcome
+    assert c["mean_difference"] == pytest.approx(mean)
+
+
+def test_verdicts_and_unpaired_values():
+    H, R, N = comparisons.HOLDS, comparisons.REVERSED, comparisons.NOISE
+    assert comparisons.verdict([H, H]) == "reproduced"
+    assert comparisons.verdict([H, N]) == "inconclusive"
+    assert comparisons.verdict([H, R]) == "not reproduced"
+    assert comparisons.verdict([]) == "inconclusive"
+    judged = comparisons.judge({"x": [2, 3, 4], "y": [1, 1, 1]}, [("x", "y"), ("y", "x")])
+    assert [c["outcome"] for c in judged["claims"].values()] == [H, R]
+    assert judged["verdict"] == "not reproduced"
+    with pytest.raises(ValueError, match="need paired values, got 3 and 2"):
+        comparisons.compare([1, 2, 3], [1, 2])
+
+
+def test_mgrpo_reads_stage2_reward_tail_and_delegation(tmp_path):
+    (tmp_path / "arm").mkdir()
+    rows = [
+        {"step": 1, "reward/mean": 0.1, "sub/rollouts_without_subs": 16.0},
+        {"step": 2, "reward/mean": 0.2, "sub/rollouts_without_subs": 12.0},
+        {"step": 3, "reward/mean": 0.4, "sub/rollouts_without_subs": 0.0},
+        {"step": 4, "heldout/mean_reward": 0.3},
+    ]
+    (tmp_path / "arm" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    setting = mgrpo_cotraining.SETTINGS["cpu"]  # 4 questions x 4 rollouts per step.
+    # 48 rollouts in 3 steps, 28 without a sub-agent call.
+    assert mgrpo_cotraining._delegation(str(tmp_path), setting) == pytest.approx(20 / 48)
+    reward = comparisons.curve(str(tmp_path), "arm", "reward/mean")
+    assert reward == [(1, 0.1), (2, 0.2), (3, 0.4)]
+    assert mgrpo_cotraining._tail_mean(reward) == pytest.approx(0.3)  # Steps 2 and 3.
+    assert mgrpo_cotraining._tail_mean([(1, 0.5)]) == 0.5
