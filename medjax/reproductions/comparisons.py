@@ -124,8 +124,10 @@ def plot_curves(
     ylabel: str,
     title: str,
     ax=None,
+    colors: Mapping[str, str] | None = None,
 ):
-    """One line per arm: the mean over seeds at each step, shaded from min to max."""
+    """One line per arm: the mean over seeds at each step, shaded from min to max.
+    `colors`: arm -> matplotlib colour, to keep an arm's colour across panels."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -135,7 +137,8 @@ def plot_curves(
         rows = [dict(points) for points in by_seed.values()]
         at = [[r[s] for r in rows if s in r] for s in steps]
         mean = [sum(v) / len(v) for v in at]
-        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=arm)
+        color = (colors or {}).get(arm)
+        (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=arm, color=color)
         ax.fill_between(steps, [min(v) for v in at], [max(v) for v in at], alpha=0.15,
                         color=line.get_color())  # fmt: skip
     ax.set_xlabel("step")

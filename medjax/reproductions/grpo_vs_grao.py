@@ -241,14 +241,14 @@ def plot(results: dict[str, Any], path: str | None = None):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     seeds = len(results["seeds"])
+    colors = {arm: f"C{i}" for i, arm in enumerate(results["curves"])}
     comparisons.plot_curves(
-        results["curves"], ylabel="held-out weighted rubric coverage", ax=left,
+        results["curves"], ylabel="held-out weighted rubric coverage", ax=left, colors=colors,
         title=f"held-out coverage (greedy; {seeds} seeds, min-max shaded)",
     )  # fmt: skip
     rl = {a: c for a, c in results["training_curves"].items() if a != "sft"}
-    comparisons.plot_curves(
-        rl, ylabel="mean training reward", title="training reward (sampled)", ax=right
-    )
+    comparisons.plot_curves(rl, ylabel="mean training reward", title="training reward (sampled)",
+                            ax=right, colors=colors)  # fmt: skip
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=110)
