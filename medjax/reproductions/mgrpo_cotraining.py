@@ -127,7 +127,7 @@ class Setting:
 
 
 SETTINGS = {
-    # The report's setting: about 40 minutes per seed on 2 CPU cores.
+    # The report's setting: 69 minutes for seed 1 on 2 CPU cores shared with four other runs.
     "cpu": Setting(),
     # The notebook's CI setting: the whole protocol in a few minutes, numbers meaningless.
     "tiny": Setting(
