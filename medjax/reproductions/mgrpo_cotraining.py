@@ -203,8 +203,10 @@ def _delegation(run_dir: str, setting: Setting) -> float:
     """The share of stage 2's rollouts in which the main agent called its sub-agent (without
     delegation, co-training, main-only and no alignment are one run)."""
     without = comparisons.curve(run_dir, "arm", "sub/rollouts_without_subs")
+    if not without:
+        raise ValueError(f"{run_dir}/arm/metrics.jsonl has no sub/rollouts_without_subs.")
     rollouts = setting.prompts_per_step * setting.num_generations * len(without)
-    return 1.0 - sum(v for _, v in without) / max(rollouts, 1)
+    return 1.0 - sum(v for _, v in without) / rollouts
 
 
 def run(

@@ -66,3 +66,10 @@ def test_mgrpo_reads_stage2_reward_tail_and_delegation(tmp_path):
     assert reward == [(1, 0.1), (2, 0.2), (3, 0.4)]
     assert mgrpo_cotraining._tail_mean(reward) == pytest.approx(0.3)  # Steps 2 and 3.
     assert mgrpo_cotraining._tail_mean([(1, 0.5)]) == 0.5
+
+
+def test_mgrpo_delegation_without_sub_records_names_the_file(tmp_path):
+    (tmp_path / "arm").mkdir()
+    (tmp_path / "arm" / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.1}\n')
+    with pytest.raises(ValueError, match=r"arm/metrics.jsonl has no sub/rollouts_without_subs"):
+        mgrpo_cotraining._delegation(str(tmp_path), mgrpo_cotraining.SETTINGS["cpu"])
