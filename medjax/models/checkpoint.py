@@ -10,7 +10,7 @@ import json
 import os
 import pathlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -151,11 +151,11 @@ def from_pretrained(
     mesh: Mesh | None = None,
     rules: partitioning.Rules = partitioning.DEFAULT_RULES,
 ) -> DecoderLM:
-    """Loads a Hugging Face Llama 3 / Qwen2 / Qwen3 folder as a DecoderLM.
+    """Loads a Hugging Face Llama 3 / Qwen2 / Qwen3 folder, or a GGUF file, as a DecoderLM.
 
     Args:
       path: folder with config.json and model.safetensors (or sharded files with
-        model.safetensors.index.json).
+        model.safetensors.index.json), or a `.gguf` file (see `gguf_checkpoint.from_gguf`).
       dtype: activations' dtype; also the parameters' unless `param_dtype` is given.
       param_dtype: parameters' dtype.
       mesh: place parameters sharded on this mesh by `rules`; None for the default device.
@@ -168,17 +168,17 @@ def from_pretrained(
     """
     folder = pathlib.Path(path)
     param_dtype = dtype if param_dtype is None else param_dtype
+    if folder.suffix == ".gguf" and not folder.is_dir():
+        from medjax.models import gguf_checkpoint  # Imports the gguf library only when needed.
+
+        return gguf_checkpoint.from_gguf(
+            folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules
+        )
     config = load_config(folder, dtype=dtype, param_dtype=param_dtype)
     opened: dict[pathlib.Path, dict[str, np.ndarray]] = {}
     files = _checkpoint_files(folder, opened)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
-    flat = nnx.to_flat_state(state)
-    expected = set()
-    for path_tuple, variable in flat:
-        name, transposed = _hf_name(path_tuple)
-        expected.add(name)
-        shape = variable.get_value().shape
-        hf_shape = shape[::-1] if transposed else shape
+
+    def tensor(name: str, hf_shape: tuple[int, ...]) -> np.ndarray:
         if name not in files:
             raise CheckpointError(f"{folder}: missing tensor {name!r} (expected shape {hf_shape}).")
         file = files[name]
@@ -193,21 +193,9 @@ def from_pretrained(
             raise CheckpointError(
                 f"{file}: tensor {name!r} has shape {tuple(source.shape)}; expected {hf_shape}."
             )
-        source = source.T if transposed else source
-        if mesh is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        else:
-            axes = variable.get_metadata()["logical_axes"]
-            sharding = partitioning.sharding_for(shape, axes, mesh, rules)
-        variable.set_value(
-            jax.make_array_from_callback(
-                # A copy, never a view of the memory map: jax on CPU may alias host memory,
-                # and the file may be rewritten while the model lives.
-                shape,
-                sharding,
-                lambda idx, s=source: np.array(s[idx], dtype=param_dtype),
-            )
-        )
+        return source
+
+    model, expected = build_model(config, tensor, mesh=mesh, rules=rules)
     unexpected = sorted(
         n
         for n in files
@@ -223,7 +211,47 @@ def from_pretrained(
         raise CheckpointError(
             f"{folder}: unexpected tensors not in a {config.family} model: {listed}."
         )
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return model
+
+
+def build_model(
+    config: ModelConfig,
+    tensor: Callable[[str, tuple[int, ...]], np.ndarray],
+    *,
+    mesh: Mesh | None = None,
+    rules: partitioning.Rules = partitioning.DEFAULT_RULES,
+) -> tuple[DecoderLM, set[str]]:
+    """A DecoderLM whose parameters come from `tensor(hf_name, hf_shape)`.
+
+    `tensor` returns each parameter in the Hugging Face layout (torch's [out, in] for linear
+    weights) with exactly `hf_shape`, or raises CheckpointError naming it. Each parameter is
+    placed on `mesh` by `rules` (the default device without a mesh), every device taking only
+    its own shard. Returns the model and the set of Hugging Face names it read.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
+    flat = nnx.to_flat_state(state)
+    expected = set()
+    for path_tuple, variable in flat:
+        name, transposed = _hf_name(path_tuple)
+        expected.add(name)
+        shape = variable.get_value().shape
+        source = tensor(name, shape[::-1] if transposed else shape)
+        source = source.T if transposed else source
+        if mesh is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            axes = variable.get_metadata()["logical_axes"]
+            sharding = partitioning.sharding_for(shape, axes, mesh, rules)
+        variable.set_value(
+            jax.make_array_from_callback(
+                # A copy, never a view of the memory map: jax on CPU may alias host memory,
+                # and the file may be rewritten while the model lives.
+                shape,
+                sharding,
+                lambda idx, s=source: np.array(s[idx], dtype=config.param_dtype),
+            )
+        )
+    return nnx.merge(graphdef, nnx.from_flat_state(flat)), expected
 
 
 def _hf_tensors(model: DecoderLM, dtype) -> Iterator[tuple[str, np.ndarray]]:

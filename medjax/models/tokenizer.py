@@ -73,7 +73,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> transformers.PreTrainedToken
     Args:
       path: a local folder written by `save_pretrained`, holding `tokenizer.json` and/or
         `tokenizer_config.json` (and `chat_template.jinja` where the template is kept apart, as
-        transformers 5 does). Hub ids are not accepted, cached or not.
+        transformers 5 does), or a `.gguf` file, whose metadata describes its tokenizer (see
+        `gguf_checkpoint.gguf_tokenizer`). Hub ids are not accepted, cached or not.
 
     Returns:
       The tokenizer `transformers.AutoTokenizer` builds for the folder: for folders written from
@@ -83,6 +84,10 @@ def load_tokenizer(path: str | os.PathLike[str]) -> transformers.PreTrainedToken
       FileNotFoundError: `path` is not a folder, or holds none of `TOKENIZER_FILES`.
     """
     folder = os.fspath(path)
+    if folder.endswith(".gguf") and os.path.isfile(folder):
+        from medjax.models import gguf_checkpoint  # Imports the gguf library only when needed.
+
+        return gguf_checkpoint.gguf_tokenizer(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"load_tokenizer: {folder!r} is not a directory.")
     if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):

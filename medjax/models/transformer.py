@@ -142,6 +142,13 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_cache
 
 
+def silu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(x) through exp: XLA's CPU logistic goes through a fast tanh approximation
+    whose error compounds over depth (SmolLM2-135M's logits against a float64 forward:
+    1.26e-4 with jax.nn.silu, 8.2e-5 with this form; PyTorch's, 5.9e-5)."""
+    return x / (1 + jnp.exp(-x))
+
+
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
@@ -151,7 +158,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
