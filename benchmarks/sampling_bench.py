@@ -3,6 +3,7 @@
 dynamic KV cache) on the same weights and prompts, in one run.
 
     python benchmarks/sampling_bench.py           # writes benchmarks/results/sampling.json
+    python benchmarks/sampling_bench.py --model smollm2   # -> results/sampling_smollm2.json
 
 Case `batch`: P = 16 prompts of Tp = 128 random (all real) tokens, exactly N = 128 new tokens
 each (no EOS, so no row stops early), greedy and sampled (temperature 1, no top-k / top-p).
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from common import machine, timed, versions
+from common import MODELS, machine, smollm2_models, timed, versions
 from forward_bench import HF_CONFIG
 
 from medjax import models, sampling
@@ -123,12 +124,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--model", choices=MODELS, default="random")
+    parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     start_all = time.perf_counter()
 
-    hf_model, model = build_models()
+    if args.model == "smollm2":
+        hf_model, model, description = smollm2_models()
+    else:
+        hf_model, model = build_models()
+        description = {"params": model.config.num_params, **HF_CONFIG}
+    out = args.out or RESULTS.with_name(
+        "sampling.json" if args.model == "random" else f"sampling_{args.model}.json"
+    )
     config = model.config
     p, tp, n, g = args.prompts, args.prompt_length, args.new_tokens, args.group
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (p, tp), dtype=np.int32)
@@ -209,7 +218,7 @@ def main() -> None:
 
     result = {
         "benchmark": "generation, float32, KV cache: sampling.sample vs transformers generate",
-        "model": {"params": config.num_params, **HF_CONFIG},
+        "model": description,
         "machine": machine(),
         "versions": versions("jax", "jaxlib", "flax", "torch", "transformers", "numpy"),
         "settings": {
@@ -234,8 +243,8 @@ def main() -> None:
         "cases": cases,
         "total_runtime_s": time.perf_counter() - start_all,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"{'case':26s} {'medjax tok/s':>13s} {'hf tok/s':>10s} {'speedup':>8s}")
     for name in ("batch_greedy", "batch_sampled"):

@@ -139,17 +139,19 @@ def evaluate(
 
 
 def load_policy(path: str | os.PathLike, *, seed: int = 0):
-    """A `JaxPolicyBackend` of the Hugging Face folder `path` (weights and tokenizer).
+    """A `JaxPolicyBackend` of the Hugging Face folder `path` (weights and tokenizer) or of
+    a GGUF file.
 
     Raises:
-      CheckpointError: `path` is not a folder, lacks config.json or tokenizer files, or its
-        tensors do not match its config; the message names the folder.
+      CheckpointError: `path` is neither a folder nor a .gguf file, lacks config.json or
+        tokenizer files, or its tensors do not match its config; the message names it.
     """
     from medjax.llm import JaxPolicyBackend
     from medjax.models import checkpoint as checkpoint_lib
     from medjax.models import tokenizer as tokenizer_lib
 
-    if not pathlib.Path(path).is_dir():
+    is_gguf = pathlib.Path(path).suffix == ".gguf" and pathlib.Path(path).is_file()
+    if not (pathlib.Path(path).is_dir() or is_gguf):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is not a directory; expected a Hugging Face model folder"
             " (config.json, *.safetensors, tokenizer files)."

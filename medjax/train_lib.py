@@ -1043,7 +1043,8 @@ def train(
       task: the task (data, agent budgets, reward): `rl.ResearchTask` (the default) or
         `consultation.ConsultationTask` (the MedDialogRubrics doctor).
       model: a ModelConfig to train from scratch (its vocab_size becomes the tokenizer's).
-      init_from: a Hugging Face folder (weights and tokenizer) to start from instead.
+      init_from: a Hugging Face folder (weights and tokenizer) or a GGUF file to start from
+        instead (e.g. `medjax.models.smollm2.gguf_path()`).
       tokenizer_vocab_size: from scratch, a byte-level BPE of this size is trained on the
         expert chats and saved in `run_dir/tokenizer`.
       chat_template: None keeps the checkpoint's template; "chatml" replaces it with
@@ -1091,8 +1092,10 @@ def train(
     folders = [("init_from", init_from)]
     folders += [(f"{s.name}.reference", getattr(s, "reference", None)) for s in stages]
     for name, path in folders:
-        if path is not None and not os.path.exists(os.path.join(path, "config.json")):
-            raise TrainError(f"{name} {path}: not a Hugging Face model folder (no config.json).")
+        if path is not None and not checkpoint_lib.is_checkpoint(path):
+            raise TrainError(
+                f"{name} {path}: not a Hugging Face model folder (no config.json) nor a .gguf file."
+            )
     env = task.environment()
     loaded = _load_data(task, env)
     if jax.process_index() == 0:

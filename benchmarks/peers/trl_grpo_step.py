@@ -94,24 +94,47 @@ class StepClock(transformers.TrainerCallback):
         self.end.append(time.perf_counter())
 
 
+def word_tokens(tokenizer) -> list[str]:
+    """The vocabulary's " word" tokens (byte-level "Ġ" + lowercase letters): a prompt made
+    of them encodes back to exactly those tokens, so prompts have exactly prompt_length ids.
+    rl_step_bench.py draws medjax's prompts from the same pool."""
+    vocab = tokenizer.get_vocab()
+    return sorted(t for t in vocab if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower())
+
+
 def build_trainer(args, workdir: str, clock: StepClock, phases: dict):
     torch.manual_seed(args.seed)
     model_dir = os.path.join(workdir, "model")
-    model = transformers.Qwen2ForCausalLM(qwen2_config(args.vocab))
+    rng = torch.Generator().manual_seed(args.seed + 1)
+    shape = (args.prompts * args.steps, args.prompt_length)
+    if args.gguf:  # A real checkpoint: transformers' own GGUF loading, float32.
+        folder, name = os.path.split(args.gguf)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tokenizer.padding_side = "left"
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32
+        )
+        # A plain model with the dequantised weights: transformers neither saves nor trains
+        # a model that is flagged as loaded from a quantised GGUF file.
+        config = loaded.config
+        del config.quantization_config
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        pool = word_tokens(tokenizer)
+        picks = torch.randint(0, len(pool), shape, generator=rng)
+        prompts = ["".join(pool[i] for i in row.tolist()).replace("Ġ", " ") for row in picks]
+    else:
+        model = transformers.Qwen2ForCausalLM(qwen2_config(args.vocab))
+        model.generation_config.pad_token_id = PAD_ID
+        model.generation_config.eos_token_id = EOS_ID
+        tokenizer = word_tokenizer(args.vocab)
+        ids = torch.randint(3, args.vocab, shape, generator=rng)
+        prompts = [" ".join(f"w{t}" for t in row.tolist()) for row in ids]
     num_params = sum(p.numel() for p in model.parameters())
-    model.generation_config.pad_token_id = PAD_ID
-    model.generation_config.eos_token_id = EOS_ID
-    tokenizer = word_tokenizer(args.vocab)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-
-    rng = torch.Generator().manual_seed(args.seed + 1)
-    ids = torch.randint(
-        3, args.vocab, (args.prompts * args.steps, args.prompt_length), generator=rng
-    )
-    dataset = Dataset.from_dict(
-        {"prompt": [" ".join(f"w{t}" for t in row.tolist()) for row in ids]}
-    )
+    dataset = Dataset.from_dict({"prompt": prompts})
 
     config = trl.GRPOConfig(
         output_dir=os.path.join(workdir, "out"),
@@ -182,6 +205,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gguf", help="a GGUF checkpoint (model and tokenizer) to train")
     parser.add_argument(
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,

@@ -7,6 +7,7 @@ logits = model(input_ids)                      # [B, T, V] float32
 from medjax.models.checkpoint import (
     CheckpointError,
     from_pretrained,
+    is_checkpoint,
     load_config,
     read_safetensors,
     save_pretrained,
@@ -23,6 +24,7 @@ __all__ = [
     "RopeScaling",
     "from_hf_config",
     "from_pretrained",
+    "is_checkpoint",
     "load_config",
     "read_safetensors",
     "save_pretrained",

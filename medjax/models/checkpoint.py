@@ -132,6 +132,13 @@ def _checkpoint_files(
     return names
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is what `from_pretrained` loads: a folder with config.json or a .gguf
+    file."""
+    path = pathlib.Path(path)
+    return (path / "config.json").is_file() or (path.suffix == ".gguf" and path.is_file())
+
+
 def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     """ModelConfig from `path`/config.json; `overrides` replace fields (e.g. dtype)."""
     config_file = pathlib.Path(path) / "config.json"

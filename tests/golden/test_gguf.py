@@ -290,3 +290,17 @@ def test_tokenizer_errors_name_the_field(tmp_path):
         write_gguf(path, source, "llama", tokenizer=add)
         with pytest.raises(models.CheckpointError, match=message):
             tokenizer_lib.load_tokenizer(path)
+
+
+def test_a_gguf_file_is_a_checkpoint_wherever_a_folder_is(tmp_path):
+    from medjax import eval_lib
+
+    _, add = byte_level_tokenizer(add_bos=False)
+    path = tmp_path / "policy.gguf"
+    write_gguf(path, hf_model("qwen2"), "qwen2", tokenizer=add)
+    assert models.is_checkpoint(path) and not models.is_checkpoint(tmp_path)
+    (tmp_path / "other.bin").write_bytes(b"")
+    assert not models.is_checkpoint(tmp_path / "other.bin")
+    backend = eval_lib.load_policy(path)  # What run_eval.py --checkpoint loads.
+    assert backend.tokenizer.eos_token == "<|im_end|>"
+    assert backend.model.config.family == "qwen2"
