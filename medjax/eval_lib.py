@@ -154,7 +154,7 @@ def load_policy(path: str | os.PathLike, *, seed: int = 0):
     if not (pathlib.Path(path).is_dir() or is_gguf):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is not a directory; expected a Hugging Face model folder"
-            " (config.json, *.safetensors, tokenizer files)."
+            " (config.json, *.safetensors, tokenizer files) or a .gguf file."
         )
     try:
         model = checkpoint_lib.from_pretrained(path)
