@@ -150,8 +150,7 @@ def load_policy(path: str | os.PathLike, *, seed: int = 0):
     from medjax.models import checkpoint as checkpoint_lib
     from medjax.models import tokenizer as tokenizer_lib
 
-    is_gguf = pathlib.Path(path).suffix == ".gguf" and pathlib.Path(path).is_file()
-    if not (pathlib.Path(path).is_dir() or is_gguf):
+    if not (pathlib.Path(path).is_dir() or checkpoint_lib.is_gguf(path)):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is not a directory; expected a Hugging Face model folder"
             " (config.json, *.safetensors, tokenizer files) or a .gguf file."

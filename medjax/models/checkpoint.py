@@ -132,11 +132,17 @@ def _checkpoint_files(
     return names
 
 
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether `path` names a GGUF file (which may not exist): the loaders' dispatch rule."""
+    path = pathlib.Path(path)
+    return path.suffix == ".gguf" and not path.is_dir()
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is what `from_pretrained` loads: a folder with config.json or a .gguf
     file."""
     path = pathlib.Path(path)
-    return (path / "config.json").is_file() or (path.suffix == ".gguf" and path.is_file())
+    return (path / "config.json").is_file() or (is_gguf(path) and path.is_file())
 
 
 def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
@@ -175,7 +181,7 @@ def from_pretrained(
     """
     folder = pathlib.Path(path)
     param_dtype = dtype if param_dtype is None else param_dtype
-    if folder.suffix == ".gguf" and not folder.is_dir():
+    if is_gguf(folder):
         from medjax.models import gguf_checkpoint  # Imports the gguf library only when needed.
 
         return gguf_checkpoint.from_gguf(

@@ -26,6 +26,8 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from medjax.models import checkpoint
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
@@ -81,10 +83,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> transformers.PreTrainedToken
       `train_bpe`, a `TokenizersBackend` (transformers 5's name for `PreTrainedTokenizerFast`).
 
     Raises:
-      FileNotFoundError: `path` is not a folder, or holds none of `TOKENIZER_FILES`.
+      FileNotFoundError: `path` is neither a folder nor a .gguf file that exists, or holds
+        none of `TOKENIZER_FILES`.
     """
     folder = os.fspath(path)
-    if folder.endswith(".gguf") and os.path.isfile(folder):
+    if checkpoint.is_gguf(folder):
         from medjax.models import gguf_checkpoint  # Imports the gguf library only when needed.
 
         return gguf_checkpoint.gguf_tokenizer(folder)
