@@ -79,12 +79,14 @@ def load_xlsx(path: str | os.PathLike, *, sheet: str | None = None) -> list[dict
 
     Raises:
       FileNotFoundError: no file at `path`.
-      ValueError: not a readable .xlsx, no such sheet, or required columns missing (named,
-        with the header found).
+      ValueError: not a readable .xlsx, no such sheet, required columns missing (named,
+        with the header found) or repeated, or a case row with an empty diagnosis or no
+        must-ask item (named by row and column).
       ImportError: openpyxl is not installed.
     """
     try:
         import openpyxl
+        from openpyxl.utils import get_column_letter
     except ImportError as e:  # An optional dependency: only this reader needs it.
         raise ImportError(
             "meddialog_xlsx needs openpyxl: pip install openpyxl (or medjax[meddialog])."
@@ -111,6 +113,14 @@ def load_xlsx(path: str | os.PathLike, *, sheet: str | None = None) -> list[dict
                 f"meddialog_xlsx: {path!r} (sheet {ws.title!r}) lacks column(s) {named};"
                 f" header row: {[h for h in header if h]}."
             )
+        where = f"meddialog_xlsx: {path!r} (sheet {ws.title!r})"
+        for column in COLUMNS:
+            found = [get_column_letter(i + 1) for i, h in enumerate(header) if h == column]
+            if len(found) > 1:  # Which one holds the data is anyone's guess.
+                raise ValueError(
+                    f"{where} row 1: column {column} ({ENGLISH[column]}) appears"
+                    f" {len(found)} times (columns {', '.join(found)}); keep one."
+                )
         index = {column: header.index(column) for column in COLUMNS}
         out = []
         for number, values in enumerate(rows, start=2):
@@ -121,6 +131,18 @@ def load_xlsx(path: str | os.PathLike, *, sheet: str | None = None) -> list[dict
             record: dict[str, Any] = {COLUMNS[c]: get[c] for c in COLUMNS if c != "问诊要点"}
             record["must_ask"] = split_items(get["问诊要点"])
             record["row"] = number
+            # The diagnosis is the answer and the must-ask points the rubric: a case without
+            # either would be scored against nothing.
+            for column, empty in (
+                ("诊断", not record["diagnosis"]),
+                ("问诊要点", not record["must_ask"]),
+            ):
+                if empty:
+                    raise ValueError(
+                        f"{where} row {number}, column {get_column_letter(index[column] + 1)}"
+                        f" ({column}, {ENGLISH[column]}): no {ENGLISH[column]} in"
+                        f" {get[column][:60]!r}; every case needs one."
+                    )
             out.append(record)
         return out
     finally:

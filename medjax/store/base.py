@@ -9,7 +9,7 @@ _PART = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 class InvalidKeyError(ValueError):
-    """A key that is not "/"-separated parts of [A-Za-z0-9_.-] (no "." or ".." parts)."""
+    """A key that is not "/"-separated parts of [A-Za-z0-9_.-], none starting with "."."""
 
 
 class StoreCorruptError(ValueError):
@@ -17,15 +17,20 @@ class StoreCorruptError(ValueError):
 
 
 def check_key(key: str, *, prefix: bool = False) -> str:
-    """`key` if valid; a prefix may be empty or end in "/"."""
+    """`key` if valid; a prefix may be empty or end in "/".
+
+    A part may not start with "." (which also rules out "." and ".."): the file store keeps
+    its temporary and lock files under such names, so no key can collide with them or be
+    hidden among them, and every backend takes the same keys.
+    """
     body = key[:-1] if prefix and key.endswith("/") else key
     if prefix and body == "":
         return key
     parts = body.split("/")
-    if not all(_PART.match(p) and p not in (".", "..") for p in parts):
+    if not all(_PART.match(p) and not p.startswith(".") for p in parts):
         raise InvalidKeyError(
             f"store: invalid key {key!r}: use '/'-separated parts of letters, digits, '_', '.'"
-            " and '-' (no empty, '.' or '..' parts)."
+            " and '-', none empty or starting with '.' (names the file store keeps for itself)."
         )
     return key
 
