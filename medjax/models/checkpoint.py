@@ -4,6 +4,12 @@ Reading memory-maps each safetensors file and builds every parameter with
 `jax.make_array_from_callback`, so each device reads only its own shard of each tensor and no
 host ever holds a full copy per device. Only safetensors are read: pickle files (.bin, .pt)
 are never opened.
+
+Every file is checked before it is mapped: the header must be JSON whose tensors tile the data
+exactly (no overlap, no hole, nothing past the end), weights must be floating point, and
+config.json, the index and every weight file must resolve inside the checkpoint folder (see
+`_checkpoint_root`). Each failure is one CheckpointError line naming the file and the tensor
+or field.
 """
 
 import json
@@ -36,6 +42,9 @@ _DTYPES = {
     "BOOL": np.bool_,
 }
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+# The reference reader's limit; a larger length means a corrupt file, not a big model.
+_MAX_HEADER_BYTES = 100 << 20
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Buffers some exporters write that are not parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -45,22 +54,135 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message names the file and tensor."""
 
 
+def _no_duplicates(path: pathlib.Path):
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path}: the header names {key!r} twice.")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_header(path: pathlib.Path) -> tuple[int, int, dict]:
+    """(header length, bytes of data after the header, header dict) of a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(
+                    f"{path}: truncated: {size} bytes, shorter than the 8-byte header length."
+                )
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise CheckpointError(
+                    f"{path}: header length {header_len} exceeds the {size - 8} bytes that"
+                    " follow it; the file is truncated or not safetensors."
+                )
+            if header_len > _MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: header length {header_len} is over {_MAX_HEADER_BYTES} bytes;"
+                    " the file is corrupt or not safetensors."
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}).") from None
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates(path))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both.
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the header is not valid JSON ({e}).") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: the header is JSON {type(header).__name__}, not an object of tensors."
+        )
+    return header_len, size - 8 - header_len, header
+
+
+def _check_tensor(path: pathlib.Path, name: str, info, data_size: int) -> tuple[int, int]:
+    """The [start, end) byte range of tensor `name`, its header entry `info` validated."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise CheckpointError(
+            f"{path}: tensor {name!r} needs dtype, shape and data_offsets in the header."
+        )
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}.")
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}; not a list of sizes.")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(n) for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets {offsets!r}; not [start, end] with"
+            " 0 <= start <= end."
+        )
+    start, end = offsets
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets [{start}, {end}] past the {data_size}"
+            " bytes of data; the file is truncated or its header is corrupt."
+        )
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+    if end - start != nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {end - start} bytes but {dtype} of shape"
+            f" {tuple(shape)} needs {nbytes}."
+        )
+    return start, end
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Memory-mapped, zero-copy numpy views of every tensor in one .safetensors file."""
+    """Memory-mapped, zero-copy numpy views of every tensor in one .safetensors file.
+
+    Raises:
+      CheckpointError: the file is unreadable, truncated, or its header is not JSON, names an
+        unsupported dtype, or gives byte ranges that overlap, leave holes or run past the end
+        (the safetensors format requires the tensors to tile the data exactly); the message
+        names the file and the tensor.
+    """
     path = pathlib.Path(path)
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    out = {}
+    header_len, data_size, header = _read_header(path)
+    spans = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
-        start, end = info["data_offsets"]
-        out[name] = data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
+        if name != "__metadata__":
+            spans.append((*_check_tensor(path, name, info, data_size), name))
+    previous_end, previous = 0, None
+    # Sorted by (start, end), so an empty tensor at a neighbour's start sorts first.
+    for start, end, name in sorted(spans):
+        if start < previous_end:
+            raise CheckpointError(
+                f"{path}: tensors {previous!r} and {name!r} overlap (bytes {start} to"
+                f" {min(end, previous_end)} of the data belong to both)."
+            )
+        if start > previous_end:
+            raise CheckpointError(
+                f"{path}: bytes {previous_end} to {start} of the data, before tensor {name!r},"
+                " belong to no tensor."
+            )
+        previous_end, previous = end, name
+    if previous_end != data_size:
+        raise CheckpointError(
+            f"{path}: the last {data_size - previous_end} bytes of data belong to no tensor."
+        )
+    if data_size:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    else:  # numpy cannot map zero bytes.
+        data = np.zeros(0, np.uint8)
+    return {
+        name: data[start:end].view(_DTYPES[header[name]["dtype"]]).reshape(header[name]["shape"])
+        for start, end, name in spans
+    }
 
 
 def write_safetensors(
@@ -106,15 +228,64 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return "model." + ".".join(parts), transposed
 
 
+def _checkpoint_root(folder: pathlib.Path) -> pathlib.Path:
+    """The folder every file of the checkpoint `folder` must resolve inside.
+
+    That is the folder itself, symlinks resolved: an index entry or a symlink that leads
+    elsewhere would make a downloaded checkpoint read whatever file it names (another model's
+    weights, a device that never ends) while looking self-contained. The one exception is a
+    Hugging Face cache snapshot (<repo>/snapshots/<revision>/), whose files are symlinks into
+    <repo>/blobs/: there the root is <repo>.
+    """
+    resolved = folder.resolve()
+    if resolved.parent.name == "snapshots" and (resolved.parent.parent / "blobs").is_dir():
+        return resolved.parent.parent
+    return resolved
+
+
+def _resolve_inside(file: pathlib.Path, root: pathlib.Path) -> str | None:
+    """Why `file` may not be read (outside `root`, missing, not a regular file), or None."""
+    resolved = file.resolve()
+    if not resolved.is_relative_to(root):
+        return f"resolves to {resolved}, outside the checkpoint folder {root}"
+    if not resolved.exists():
+        return "does not exist"
+    if not resolved.is_file():
+        return "is not a regular file"
+    return None
+
+
 def _checkpoint_files(
     folder: pathlib.Path, opened: dict[pathlib.Path, dict[str, np.ndarray]]
 ) -> dict[str, pathlib.Path]:
     """Tensor name -> file that holds it, from the index or from every *.safetensors (whose
     memory maps are kept in `opened`, so no file is mapped twice)."""
+    root = _checkpoint_root(folder)
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
+    if index.exists() or index.is_symlink():
+        if problem := _resolve_inside(index, root):
+            raise CheckpointError(f"{index}: {problem}.")
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a JSON object ({e}).") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' is missing or not an object.")
+        files = {}
+        checked: dict[str, str | None] = {}
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or not file.endswith(".safetensors"):
+                raise CheckpointError(
+                    f"{index}: tensor {name!r} maps to {file!r}, not a .safetensors file."
+                )
+            if file not in checked:
+                checked[file] = _resolve_inside(folder / file, root)
+            if checked[file]:
+                raise CheckpointError(
+                    f"{index}: tensor {name!r} maps to {file!r}, which {checked[file]}."
+                )
+            files[name] = folder / file
+        return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -127,6 +298,8 @@ def _checkpoint_files(
         raise CheckpointError(f"{folder}: no *.safetensors files.")
     names = {}
     for file in files:
+        if problem := _resolve_inside(file, root):
+            raise CheckpointError(f"{file}: {problem}.")
         opened[file] = read_safetensors(file)
         names.update(dict.fromkeys(opened[file], file))
     return names
@@ -150,10 +323,17 @@ def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     config_file = pathlib.Path(path) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json; a Hugging Face model folder needs one.")
+    if problem := _resolve_inside(config_file, _checkpoint_root(pathlib.Path(path))):
+        raise CheckpointError(f"{config_file}: {problem}.")
     try:
-        return from_hf_config(json.loads(config_file.read_text()), **overrides)
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e}).") from None
+    try:
+        return from_hf_config(hf, **overrides)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: {e}") from e
+        # from_hf_config names "config.json" itself; here the full path replaces it.
+        raise CheckpointError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from e
 
 
 def from_pretrained(
@@ -176,8 +356,10 @@ def from_pretrained(
 
     Raises:
       FileNotFoundError: no config.json.
-      CheckpointError (a ValueError): pickle-only folder, missing or unexpected tensor, or a
-        shape that does not match the config; the message names the tensor and both shapes.
+      CheckpointError (a ValueError): pickle-only folder, a config.json field that is missing
+        or wrongly typed, a corrupt safetensors file or index, a file that resolves outside
+        the folder, a missing or unexpected tensor, a weight that is not floating point, or a
+        shape that does not match the config; one line naming the file and tensor or field.
     """
     folder = pathlib.Path(path)
     param_dtype = dtype if param_dtype is None else param_dtype
@@ -202,6 +384,11 @@ def from_pretrained(
                 f"{file}: the index lists {name!r} but the file does not hold it."
             )
         source = opened[file][name]
+        if _CODES[source.dtype] not in _FLOAT_CODES:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has dtype {_CODES[source.dtype]}; a weight must be"
+                f" floating point ({', '.join(_FLOAT_CODES)})."
+            )
         if tuple(source.shape) != hf_shape:
             raise CheckpointError(
                 f"{file}: tensor {name!r} has shape {tuple(source.shape)}; expected {hf_shape}."

@@ -100,29 +100,77 @@ class ModelConfig:
         return self.vocab_size * d + self.num_layers * layer + d + head
 
 
+_MISSING = object()
+
+
+def _field(hf: dict[str, Any], key: str, kind: str, default: Any = _MISSING, *, where: str = ""):
+    """hf[key] checked to be of `kind` ("count": int >= 1, "id": int >= 0, "positive": finite
+    number > 0, "bool"); a missing or null key gives `default`, or raises if there is none.
+
+    Null counts as missing because transformers writes null for "use the default".
+    """
+    name = where + key
+    value = hf.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise ValueError(f"config.json: {name!r} is missing.")
+        return default
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind == "positive":
+        number = is_int or isinstance(value, float)
+        ok, want = number and math.isfinite(value) and value > 0, "a positive number"
+    else:
+        minimum = 1 if kind == "count" else 0
+        ok, want = is_int and value >= minimum, f"an integer >= {minimum}"
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ValueError(
+            f"config.json: {name!r} must be {want}, got {shown} ({type(value).__name__})."
+        )
+    return float(value) if kind == "positive" else value
+
+
+def _section(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    value = hf.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"config.json: {key!r} must be an object, got {type(value).__name__}.")
+    return value or {}
+
+
 def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 layout).
 
     Raises:
-      ValueError: for a model_type other than llama, qwen2 or qwen3, or for a config that
-        enables what medjax does not implement (sliding-window attention, other RoPE types).
+      ValueError: for a model_type other than llama, qwen2 or qwen3, for a config that
+        enables what medjax does not implement (sliding-window attention, other RoPE types),
+        or for a missing, null or wrongly typed field; the message names the field.
     """
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json: must be a JSON object, got {type(hf).__name__}.")
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise ValueError(f"config.json: model_type {family!r} is not one of {FAMILIES}.")
-    if hf.get("use_sliding_window"):
+    if _field(hf, "use_sliding_window", "bool", False):
         raise ValueError("config.json: use_sliding_window=true is not supported.")
     # transformers 5 nests RoPE settings in rope_parameters; 4 had rope_theta + rope_scaling.
-    rope = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or rope
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope = _section(hf, "rope_parameters")
+    where = "rope_scaling." if hf.get("rope_scaling") else "rope_parameters."
+    scaling = _section(hf, "rope_scaling") or rope
+    if "rope_theta" in rope:
+        theta = _field(rope, "rope_theta", "positive", where="rope_parameters.")
+    else:
+        theta = _field(hf, "rope_theta", "positive", 10000.0)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "llama3":
         rope_scaling = RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            factor=_field(scaling, "factor", "positive", where=where),
+            low_freq_factor=_field(scaling, "low_freq_factor", "positive", where=where),
+            high_freq_factor=_field(scaling, "high_freq_factor", "positive", where=where),
+            original_max_position_embeddings=_field(
+                scaling, "original_max_position_embeddings", "count", where=where
+            ),
         )
     elif rope_type == "default":
         rope_scaling = None
@@ -130,28 +178,48 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> ModelConfig:
         raise ValueError(
             f"config.json: rope_type {rope_type!r} is not supported (default, llama3)."
         )
-    qkv_bias = family == "qwen2" or bool(hf.get("attention_bias", False))
-    if hf.get("mlp_bias"):
+    qkv_bias = family == "qwen2" or _field(hf, "attention_bias", "bool", False)
+    if _field(hf, "mlp_bias", "bool", False):
         raise ValueError("config.json: mlp_bias=true is not supported.")
+    num_heads = _field(hf, "num_attention_heads", "count")
+    num_kv_heads = _field(hf, "num_key_value_heads", "count", num_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"config.json: 'num_attention_heads' ({num_heads}) is not a multiple of"
+            f" 'num_key_value_heads' ({num_kv_heads})."
+        )
+    hidden_size = _field(hf, "hidden_size", "count")
+    head_dim = _field(hf, "head_dim", "count", None)
+    if head_dim is None and hidden_size % num_heads:
+        raise ValueError(
+            f"config.json: 'hidden_size' ({hidden_size}) is not a multiple of"
+            f" 'num_attention_heads' ({num_heads}) and 'head_dim' is not given."
+        )
+    eos = hf.get("eos_token_id")
+    if isinstance(eos, list):  # Some checkpoints end generation on any of several tokens.
+        for token in eos:
+            _field({"eos_token_id": token}, "eos_token_id", "id")
+    else:
+        _field(hf, "eos_token_id", "id", None)
     fields = dict(
         family=family,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"),
-        rope_theta=float(theta),
+        vocab_size=_field(hf, "vocab_size", "count"),
+        hidden_size=hidden_size,
+        intermediate_size=_field(hf, "intermediate_size", "count"),
+        num_layers=_field(hf, "num_hidden_layers", "count"),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rope_theta=theta,
         rope_scaling=rope_scaling,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=_field(hf, "rms_norm_eps", "positive", 1e-6),
         qkv_bias=qkv_bias,
         qk_norm=family == "qwen3",
-        tie_word_embeddings=hf.get("tie_word_embeddings", family != "llama"),
-        max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
+        tie_word_embeddings=_field(hf, "tie_word_embeddings", "bool", family != "llama"),
+        max_position_embeddings=_field(hf, "max_position_embeddings", "count", 32768),
+        bos_token_id=_field(hf, "bos_token_id", "id", None),
+        eos_token_id=eos,
+        pad_token_id=_field(hf, "pad_token_id", "id", None),
     )
     fields.update(overrides)
     return ModelConfig(**fields)
