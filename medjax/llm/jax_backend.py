@@ -3,7 +3,10 @@
 All prompts of one call are left-padded into one batch and sampled in a single jitted call,
 so a turn of the agent loop costs one sampler call however many episodes are live. Prompt
 lengths are bucketed to powers of two, so a long run compiles a bounded number of programs
-(`medjax.sampling.compile_count`).
+(`medjax.sampling.compile_count`). With `serving=True` (the chat server) the per-request values
+that the sampler takes as static arguments are kept from multiplying programs too: the
+temperature reaches the program as a traced value, and the step budget and the number of
+samples are rounded up to powers of two (each row still stops at its exact budget).
 
 Conversation continuation re-prefills the whole history each turn: the KV cache is not kept
 between calls. That is exact and keeps the sampler's memory bounded by one turn; the cost is
@@ -17,12 +20,39 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from medjax import sampling
 from medjax.llm import stops
 from medjax.llm.base import Generation, Message
 from medjax.models import tokenizer as tokenizer_lib
-from medjax.models.transformer import DecoderLM
+from medjax.models.transformer import DecoderLM, KVCache
+
+_MIN_STEP_BUCKET = 16
+
+
+class _TemperedLM(nnx.Module):
+    """`model` with its logits divided by a traced temperature, so that one sampler program
+    (run at temperature 1) serves every temperature. The log-probs equal those of a program
+    compiled for the temperature up to float32 rounding (a few 1e-7)."""
+
+    def __init__(self, model: DecoderLM, temperature: float):
+        self.lm = model
+        self.temperature = nnx.Variable(jnp.float32(temperature))
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        return self.lm.init_cache(batch_size, max_length, dtype)
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        return self.lm.logits(hidden_BxTxD) / self.temperature[...]
+
+    def __call__(self, input_ids: jax.Array, *, return_hidden: bool = False, **kwargs):
+        out = self.lm(input_ids, return_hidden=return_hidden, **kwargs)
+        if return_hidden:
+            return out
+        if isinstance(out, tuple):
+            return out[0] / self.temperature[...], out[1]
+        return out / self.temperature[...]
 
 
 class JaxPolicyBackend:
@@ -34,11 +64,27 @@ class JaxPolicyBackend:
       seed: seeds the PRNG; each call advances it, so calls differ and a run replays.
       row_buckets: pad each call's rows to a power of two (bounded compiles; the padding
         rows cost compute). False samples exactly the rows given.
+      serving: bound the programs that arbitrary request values compile (for a server): the
+        temperature is traced, the step budget is rounded up to a power of two (at least 16)
+        with each row held to its exact budget, the number of samples is rounded up to a
+        power of two (the extra samples are dropped), and top_k / top_p are normalised
+        (ignored when greedy; a top_k of at least the vocabulary is off). Greedy replies are
+        those of a non-serving backend; sampled ones come from the same distribution, but the
+        PRNG stream depends on the rounded shapes.
     """
 
-    def __init__(self, model: DecoderLM, tokenizer, *, seed: int = 0, row_buckets: bool = True):
+    def __init__(
+        self,
+        model: DecoderLM,
+        tokenizer,
+        *,
+        seed: int = 0,
+        row_buckets: bool = True,
+        serving: bool = False,
+    ):
         self.model = model
         self.row_buckets = row_buckets
+        self.serving = serving
         self.tokenizer = tokenizer
         self._key = jax.random.key(seed)
         self.calls = 0
@@ -88,28 +134,46 @@ class JaxPolicyBackend:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = prompt
             mask[row, width - len(prompt) :] = 1
+        model, samples, static = self.model, num_samples, params
+        steps = params.max_new_tokens
+        if self.serving:
+            # The values below are static in the sampler: rounded or normalised, they compile
+            # a bounded set of programs whatever the requests ask for.
+            steps = max(sampling.bucket_length(steps), _MIN_STEP_BUCKET)
+            samples = 1 << (num_samples - 1).bit_length()
+            off = params.greedy or params.top_k >= self.model.config.vocab_size
+            static = dataclasses.replace(
+                params,
+                temperature=1.0,
+                top_k=0 if off else params.top_k,
+                top_p=1.0 if params.greedy else params.top_p,
+            )
+            model = _TemperedLM(self.model, params.temperature)
         budget_of = np.full(rows, params.max_new_tokens, np.int32)
         if max_new_tokens is not None:
             budget_of[: len(prompts)] = np.minimum(max_new_tokens, params.max_new_tokens)
         budget_of[len(prompts) :] = 1
-        budget_of = np.repeat(budget_of, num_samples)
+        budget_of = np.repeat(budget_of, samples)
         # Stop strings become token-id stop sequences for the sampler (a static argument:
         # the strings themselves would only add compiled variants).
         sampler_params = dataclasses.replace(
-            params,
+            static,
+            max_new_tokens=steps,
             stop_strings=(),
             stop_sequences=params.stop_sequences
             + stops.stop_sequences(self.tokenizer, params.stop_strings),
         )
         self._key, key = jax.random.split(self._key)
         out = sampling.sample(
-            self.model, jnp.asarray(ids), jnp.asarray(mask), key, sampler_params,
-            num_samples=num_samples, buckets=None, max_new_tokens=jnp.asarray(budget_of),
+            model, jnp.asarray(ids), jnp.asarray(mask), key, sampler_params,
+            num_samples=samples, buckets=None, max_new_tokens=jnp.asarray(budget_of),
         )  # fmt: skip
         self.calls += 1
         tokens, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logps, out.lengths))
         results = []
-        for row in range(len(prompts) * num_samples):
+        for index in range(len(prompts) * num_samples):
+            # Sampled rows are prompt-major with `samples` rows per prompt.
+            row = index // num_samples * samples + index % num_samples
             n = int(lengths[row])
             token_ids = tokens[row, :n].tolist()
             cut = stops.stop_string_cut(self.tokenizer, token_ids, params.stop_strings)

@@ -4,33 +4,47 @@ python -m medjax.llm.serve --checkpoint /ckpt/qwen2.5-0.5b-instruct --port 8000
 backend = OpenAICompatibleBackend("http://127.0.0.1:8000/v1", "qwen2.5-0.5b-instruct")
 
 Endpoints: POST /v1/chat/completions (non-streaming) and GET /v1/models. Standard library
-only (`http.server.ThreadingHTTPServer`): a handler thread per request, and a lock that
+only (`http.server.ThreadingHTTPServer`): a handler thread per connection, and a lock that
 serialises the backend calls, since a JAX model is not meant to be called from several
 threads at once (a thread-safe backend, such as a remote proxy, can drop it). Binds 127.0.0.1
-unless told otherwise; with `--api-key-env VAR` and VAR set, every request needs
-`Authorization: Bearer $VAR` (the key is read per request, compared in constant time, and
-never logged).
+unless told otherwise; with `--api-key-env VAR`, every request needs `Authorization: Bearer
+$VAR` (the key is read per request, compared in constant time, and never logged; the server
+refuses to start when VAR is unset or empty, and answers 401 if it is emptied later).
+
+Limits, each an option of `make_server` and the CLI: a prompt must leave room for one token
+in the context, and an explicit max_tokens must fit in what the prompt leaves (400 otherwise,
+as OpenAI does; an omitted max_tokens is cut to fit); n is at most `max_n`; a client has
+`request_timeout_s` to send its whole request (a slow or stalled one gets 408 and is
+dropped); the listen backlog is `backlog`; and at most `max_sampling_variants` distinct
+(greedy, top_k, top_p, stop) combinations are served, since each compiles a sampler program.
+Every client error is a 4xx with an OpenAI-style JSON body naming the field.
 
 Requests map onto `SamplingParams`: max_tokens (or max_completion_tokens), temperature
-(0 means greedy), top_p, top_k (vLLM's extension; 0 or -1 is off), stop, n; the token-id
-fields (eos_ids, stop_sequences, pad_id) come from the server's `base_params`. Each distinct
-combination compiles one sampler program, as for any JaxPolicyBackend caller. `seed` is
-honoured where the server has a `backend_for_seed` (the CLI does: a fresh PRNG per seeded
-request, so the same seed and request give the same reply). Replies carry, per choice,
-`logprobs` when asked for and the backend gives them, and a medjax extension `token_ids`: the
-sampled ids, the stopping token included, so that a client can train on them. The reply text
-follows the backend's convention (a matched stop string is kept, an EOS token is not).
+(0 means greedy, at most 2), top_p, top_k (vLLM's extension; 0 or -1 is off), stop, n; the
+token-id fields (eos_ids, stop_sequences, pad_id) come from the server's `base_params`. The
+CLI's backend is a `JaxPolicyBackend(serving=True)`, in which any temperature, max_tokens and
+n share programs (traced or rounded up). `seed` is honoured where the server has a
+`backend_for_seed` (the CLI does: a fresh PRNG per seeded request, so the same seed and
+request give the same reply). Replies carry, per choice, `logprobs` when asked for and the
+backend gives them, and a medjax extension `token_ids`: the sampled ids, the stopping token
+included, so that a client can train on them. The reply text follows the backend's convention
+(a matched stop string is kept, an EOS token is not).
 """
 
 import argparse
 import contextlib
+import dataclasses
 import hmac
 import http.server
+import io
 import json
 import logging
+import math
 import os
 import pathlib
+import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -45,6 +59,11 @@ from medjax.sampling import SamplingParams
 logger = logging.getLogger("medjax.llm")
 
 _MAX_BODY_BYTES = 16 << 20
+_MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2].
+_SEED_RANGE = (-(1 << 63), 1 << 63)  # What jax.random.key accepts.
+# Each stop string becomes token-id sequences matched at every decode step of the program.
+_MAX_STOPS = 16
+_MAX_STOP_CHARS = 256
 
 
 class RequestError(ValueError):
@@ -89,13 +108,14 @@ def _content_text(content: Any, field: str) -> str:
 
 
 def parse_request(
-    body: Any, base_params: SamplingParams
+    body: Any, base_params: SamplingParams, *, max_n: int | None = None
 ) -> tuple[list[dict[str, str]], SamplingParams, int, bool, int | None]:
     """Validates a chat-completions body.
 
     Args:
       body: the decoded JSON.
       base_params: supplies the token-id fields and the default max_new_tokens.
+      max_n: the largest n served (None: no bound).
 
     Returns:
       (messages, params, n, logprobs, seed).
@@ -131,6 +151,8 @@ def parse_request(
         return value
 
     n = field("n", lambda v: _is_int(v) and v >= 1, "an integer >= 1", 1)
+    if max_n is not None and n > max_n:
+        raise RequestError(f"n must be at most {max_n} on this server, got {n}.", param="n")
     max_tokens = field(
         "max_completion_tokens",
         lambda v: _is_int(v) and v >= 1,
@@ -142,18 +164,34 @@ def parse_request(
             "max_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1",
             base_params.max_new_tokens,
         )  # fmt: skip
-    temperature = field("temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0", 1.0)
+    temperature = field(
+        "temperature",
+        lambda v: _is_number(v) and 0 <= v <= _MAX_TEMPERATURE,
+        f"a number in [0, {_MAX_TEMPERATURE:g}]",
+        1.0,
+    )
     top_p = field("top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)
     top_k = field("top_k", lambda v: _is_int(v) and v >= -1, "an integer >= -1", 0)
     stop = field(
         "stop",
         lambda v: (
-            isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) and s for s in v))
+            (
+                all(isinstance(s, str) and 0 < len(s) <= _MAX_STOP_CHARS for s in v)
+                if isinstance(v, list)
+                else isinstance(v, str) and 0 < len(v) <= _MAX_STOP_CHARS
+            )
+            and (not isinstance(v, list) or len(v) <= _MAX_STOPS)
         ),
-        "a string or a list of non-empty strings",
+        f"a non-empty string or a list of at most {_MAX_STOPS} such strings, each of at most"
+        f" {_MAX_STOP_CHARS} characters",
         [],
     )
-    seed = field("seed", _is_int, "an integer", None)
+    seed = field(
+        "seed",
+        lambda v: _is_int(v) and _SEED_RANGE[0] <= v < _SEED_RANGE[1],
+        "a 64-bit signed integer",
+        None,
+    )
     logprobs = field("logprobs", lambda v: isinstance(v, bool), "a boolean", False)
     params = SamplingParams(
         max_new_tokens=max_tokens,
@@ -168,6 +206,25 @@ def parse_request(
         pad_id=base_params.pad_id,
     )
     return messages, params, n, logprobs, seed
+
+
+def missing_api_key(name: str | None) -> str | None:
+    """Why a server asked to require the key in variable `name` must not start (the variable
+    is unset or empty), or None. Names the variable, never a value."""
+    if name is not None and not os.environ.get(name):
+        return (
+            f"the environment variable {name!r} is unset or empty; refusing to serve without"
+            " authentication."
+        )
+    return None
+
+
+def _sampling_variant(params: SamplingParams) -> tuple[Any, ...]:
+    """What of a request's params picks a compiled sampler program besides the values a
+    serving backend traces or rounds (temperature, max_tokens, n)."""
+    if params.greedy:
+        return (True, 0, 1.0, params.stop_strings)
+    return (False, params.top_k, params.top_p, params.stop_strings)
 
 
 class ChatCompletionServer(http.server.ThreadingHTTPServer):
@@ -190,7 +247,15 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
         api_key_env: str | None,
         serialize: bool,
         backend_for_seed: Callable[[int], TextBackend] | None,
+        context_length: int | None,
+        max_n: int | None,
+        max_sampling_variants: int | None,
+        request_timeout_s: float,
+        backlog: int,
+        max_body_bytes: int,
     ):
+        # Read by server_activate's listen(): the default of 5 resets connections under load.
+        self.request_queue_size = backlog
         super().__init__(address, _Handler)
         self.backend = backend
         self.model_name = model_name
@@ -198,8 +263,15 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
         self.tokenizer = tokenizer
         self.api_key_env = api_key_env
         self.backend_for_seed = backend_for_seed
+        self.context_length = context_length
+        self.max_n = max_n
+        self.max_sampling_variants = max_sampling_variants
+        self.request_timeout_s = request_timeout_s
+        self.max_body_bytes = max_body_bytes
         self.backend_lock = threading.Lock() if serialize else contextlib.nullcontext()
         self.created = int(time.time())
+        self._variants: set[tuple[Any, ...]] = set()
+        self._variants_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -213,7 +285,9 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
           RequestError: an invalid request (400) or an unknown model (404).
           Exception: whatever the backend raised.
         """
-        messages, params, n, want_logprobs, seed = parse_request(body, self.base_params)
+        messages, params, n, want_logprobs, seed = parse_request(
+            body, self.base_params, max_n=self.max_n
+        )
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise RequestError(
@@ -221,6 +295,9 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
                 param="model",
                 status=404,
             )
+        prompt_tokens = self._prompt_tokens(messages)
+        params = self._fit_context(body, params, prompt_tokens)
+        self._admit_variant(params)
         backend = self.backend
         if seed is not None and self.backend_for_seed is not None:
             backend = self.backend_for_seed(seed)
@@ -229,11 +306,6 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
         if len(generations) != n:
             raise RuntimeError(f"the backend returned {len(generations)} replies for n={n}.")
         choices = [self._choice(i, g, want_logprobs) for i, g in enumerate(generations)]
-        prompt_tokens = 0
-        if self.tokenizer is not None:
-            prompt_tokens = len(
-                tokenizer_lib.apply_chat_template(self.tokenizer, messages, tokenize=True)
-            )
         completion_tokens = sum(len(g.token_ids) for g in generations)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -247,6 +319,77 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    def _prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        """The prompt's length in tokens (0 without a tokenizer)."""
+        if self.tokenizer is None:
+            return 0
+        try:
+            ids = tokenizer_lib.apply_chat_template(self.tokenizer, messages, tokenize=True)
+        except Exception as e:
+            # A template may reject a conversation (an unknown role, an order it forbids).
+            reason = (str(e).splitlines() or [""])[0]
+            raise RequestError(
+                f"messages: the chat template rejected them: {type(e).__name__}: {reason}",
+                param="messages",
+            ) from None
+        return len(ids)
+
+    def _fit_context(
+        self, body: dict[str, Any], params: SamplingParams, prompt_tokens: int
+    ) -> SamplingParams:
+        """Checks the prompt and the reply budget against the context.
+
+        An explicit max_tokens that does not fit is refused, as OpenAI does (the client asked
+        for it); the server's default is cut to what the prompt leaves.
+        """
+        context = self.context_length
+        if context is None:
+            return params
+        if prompt_tokens >= context:
+            raise RequestError(
+                f"messages: the prompt is {prompt_tokens} tokens; the context is {context}"
+                " tokens and must leave room for at least one reply token.",
+                param="messages",
+            )
+        room = context - prompt_tokens
+        name = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k)), None)
+        if params.max_new_tokens <= room:
+            return params
+        if name is not None:
+            raise RequestError(
+                f"{name}: {params.max_new_tokens} new tokens after a prompt of {prompt_tokens}"
+                f" exceed the context of {context} tokens; ask for at most {room}.",
+                param=name,
+            )
+        return dataclasses.replace(params, max_new_tokens=room)
+
+    def _admit_variant(self, params: SamplingParams) -> None:
+        """Refuses a request that would compile a sampler program past the bound."""
+        if self.max_sampling_variants is None:
+            return
+        variant = _sampling_variant(params)
+        with self._variants_lock:
+            if variant in self._variants:
+                return
+            if len(self._variants) < self.max_sampling_variants:
+                self._variants.add(variant)
+                return
+            fields = ("temperature", "top_k", "top_p", "stop")
+            name = next(
+                (
+                    f
+                    for i, f in enumerate(fields)
+                    if all(v[i] != variant[i] for v in self._variants)
+                ),
+                "stop",
+            )
+        raise RequestError(
+            f"{name}: this server serves at most {self.max_sampling_variants} distinct"
+            " combinations of (temperature 0 or not, top_k, top_p, stop), each a compiled"
+            " program, and all are taken; reuse the values of an earlier request.",
+            param=name,
+        )
 
     def _choice(self, index: int, generation: Generation, want_logprobs: bool) -> dict[str, Any]:
         logprobs = None
@@ -272,42 +415,113 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def authorized(self, header: str | None) -> bool:
-        """Whether an Authorization header carries the key (always, when none is set)."""
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if not key:
+        """Whether an Authorization header carries the key (always, when no key variable is
+        configured; never, when the configured variable has been emptied since the start)."""
+        if self.api_key_env is None:
             return True
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            return False
         given = header or ""
         return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+
+
+class _RequestTimeoutError(Exception):
+    """The client did not send its whole request within the server's request timeout."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's input with one deadline for a whole request: a per-read timeout alone lets
+    a client that trickles a byte at a time hold a handler thread for ever."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.deadline = math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _RequestTimeoutError
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        except TimeoutError:
+            raise _RequestTimeoutError from None
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: ChatCompletionServer
     server_version = "medjax"
-    timeout = 120  # Seconds a silent client may hold a handler thread.
+    timeout = None  # The deadline reader bounds reads; see `handle_one_request`.
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        # The deadline covers a keep-alive connection's wait for the next request too.
+        self._reader.deadline = time.monotonic() + self.server.request_timeout_s
+        try:
+            super().handle_one_request()
+        except _RequestTimeoutError:
+            logger.debug("serve: %s timed out sending its request.", self.address_string())
+            self.close_connection = True
+            # The reply goes out only if the client sent a request line before stalling.
+            if getattr(self, "raw_requestline", b""):
+                self._send_error(
+                    408, f"the request was not received within {self.server.request_timeout_s:g}s."
+                )
+        except OSError as e:
+            logger.debug("serve: the connection of %s failed: %s", self.address_string(), e)
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         # Request lines go to the medjax logger, not stderr; headers are never logged.
         logger.debug("serve: %s %s", self.address_string(), format % args)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line or header, an unknown method),
+        as JSON; an unknown method is the client's error (405), not 501."""
+        if code == 501:
+            code, message = 405, f"method {self.command!r} is not allowed; use GET or POST."
+        elif code == 505:
+            code = 400
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # So that the status line and headers go out.
+        self._send_error(code, message or self.responses.get(code, ("error",))[0])
+
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         try:
+            # A reply gets the whole timeout, whatever the request's reading left.
+            self.connection.settimeout(self.server.request_timeout_s)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:
             logger.debug("serve: the client of %s left before the reply.", self.path)
+            self.close_connection = True
 
     def _send_error(self, status: int, message: str, *, param: str | None = None) -> None:
         kind = {401: "authentication_error", 404: "not_found_error"}.get(status)
         if kind is None:
             kind = "server_error" if status >= 500 else "invalid_request_error"
         error = {"message": message, "type": kind, "param": param, "code": status}
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        if status == 405:
+            headers["Allow"] = "GET, POST"
+        # The body may be unread: the connection cannot carry another request.
+        self.close_connection = True
         self._send_json(status, {"error": error}, headers)
 
     def _check_auth(self) -> bool:
@@ -331,6 +545,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         }
         self._send_json(200, {"object": "list", "data": [model]})
 
+    def _read_body(self) -> Any:
+        """The request's JSON body; RequestError for a missing, malformed or oversize one."""
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestError(
+                "Transfer-Encoding: not supported; send a Content-Length.", status=411
+            )
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            raise RequestError("Content-Length: required.", status=411)
+        if not re.fullmatch(r"[0-9]{1,15}", raw.strip()):
+            raise RequestError(f"Content-Length must be a non-negative integer, got {raw!r}.")
+        length = int(raw)
+        if length > self.server.max_body_bytes:
+            raise RequestError(
+                f"Content-Length: the body must be at most {self.server.max_body_bytes} bytes,"
+                f" got {length}.",
+                status=413,
+            )
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise RequestError(f"the body ended after {len(data)} of {length} bytes.")
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            reason = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
+            raise RequestError(f"the body is not valid JSON: {reason}.") from None
+
     def do_POST(self) -> None:
         if not self._check_auth():
             return
@@ -338,23 +579,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_error(404, f"no route POST {self.path}.")
             return
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._send_error(411, "a Content-Length header is required.")
-            return
-        if not 0 <= length <= _MAX_BODY_BYTES:
-            self._send_error(413, f"the body must be at most {_MAX_BODY_BYTES} bytes.")
-            return
-        try:
-            body = json.loads(self.rfile.read(length))
-        except (ValueError, UnicodeDecodeError) as e:
-            self._send_error(400, f"the body is not valid JSON: {e}.")
-            return
-        try:
+            body = self._read_body()
             reply = self.server.complete(body)
         except RequestError as e:
             self._send_error(e.status, str(e), param=e.param)
             return
+        except _RequestTimeoutError:
+            raise
         except Exception as e:
             logger.exception("serve: the backend failed on POST %s.", self.path)
             self._send_error(500, f"the backend failed: {type(e).__name__}: {e}")
@@ -373,6 +604,12 @@ def make_server(
     api_key_env: str | None = None,
     serialize: bool = True,
     backend_for_seed: Callable[[int], TextBackend] | None = None,
+    context_length: int | None = None,
+    max_n: int | None = 16,
+    max_sampling_variants: int | None = 16,
+    request_timeout_s: float = 30.0,
+    backlog: int = 256,
+    max_body_bytes: int = _MAX_BODY_BYTES,
 ) -> ChatCompletionServer:
     """Binds a chat-completions server; run it with `serve_forever()` (e.g. in a thread),
     stop it with `shutdown()` and `server_close()`.
@@ -384,17 +621,41 @@ def make_server(
       model_name: the id served at /v1/models; requests naming another model get 404.
       base_params: its eos_ids, stop_sequences and pad_id go into every request's params;
         its max_new_tokens is the default max_tokens.
-      tokenizer: renders tokens in `logprobs` and counts prompt tokens in `usage` (both are
-        left empty without it).
-      api_key_env: when set and that environment variable is non-empty, requests must carry
-        `Authorization: Bearer <its value>` (401 otherwise).
+      tokenizer: counts prompt tokens (for `usage` and the context check) and renders tokens
+        in `logprobs`; None takes the backend's `tokenizer` attribute where it has one
+        (without any, both are left empty and prompts are not checked).
+      api_key_env: names the environment variable holding the key that requests must carry
+        as `Authorization: Bearer <key>` (401 otherwise); unset or empty, the server refuses
+        to start (ValueError).
       serialize: hold a lock around backend calls (JAX models are not meant to be called
         concurrently); False only for thread-safe backends.
       backend_for_seed: builds the backend for a request that carries `seed`; None ignores
         the seed.
+      context_length: tokens of prompt plus reply the model takes; None takes the backend's
+        `model.config.max_position_embeddings` where it has one, else checks nothing.
+      max_n: the largest n served (400 beyond it); None: no bound.
+      max_sampling_variants: how many distinct (greedy, top_k, top_p, stop) combinations
+        are served (400 for a new one past it); None: no bound.
+      request_timeout_s: the time a client has to send a whole request (and, on a kept-alive
+        connection, to start the next one); a client that has not is answered 408 and
+        dropped.
+      backlog: the listen queue; connections past it are refused or reset.
+      max_body_bytes: the largest body accepted (413 beyond it).
     """
-    if api_key_env and not os.environ.get(api_key_env):
-        logger.warning("serve: %s is not set; serving without authentication.", api_key_env)
+    if reason := missing_api_key(api_key_env):
+        raise ValueError(f"api_key_env: {reason}")
+    if tokenizer is None:
+        tokenizer = getattr(backend, "tokenizer", None)
+    if context_length is None:
+        config = getattr(getattr(backend, "model", None), "config", None)
+        context_length = getattr(config, "max_position_embeddings", None)
+    if context_length is not None and tokenizer is None:
+        raise ValueError("context_length: checking prompts against it needs a tokenizer.")
+    for name, value in (("max_n", max_n), ("max_sampling_variants", max_sampling_variants)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {value}.")
+    if not request_timeout_s > 0:
+        raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}.")
     return ChatCompletionServer(
         (host, port),
         backend=backend,
@@ -404,6 +665,12 @@ def make_server(
         api_key_env=api_key_env,
         serialize=serialize,
         backend_for_seed=backend_for_seed,
+        context_length=context_length,
+        max_n=max_n,
+        max_sampling_variants=max_sampling_variants,
+        request_timeout_s=request_timeout_s,
+        backlog=backlog,
+        max_body_bytes=max_body_bytes,
     )
 
 
@@ -432,10 +699,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port.")
     parser.add_argument("--model-name", help="the served id (default: the folder's name).")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of unseeded requests.")
-    parser.add_argument("--api-key-env", help="require the key held in this variable.")
+    parser.add_argument(
+        "--api-key-env", help="require the key held in this variable (refuses to start unset)."
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument(
+        "--max-context", type=int, help="prompt + reply tokens (default: the checkpoint's)."
+    )
+    parser.add_argument("--max-n", type=int, default=16, help="the largest n served.")
+    parser.add_argument(
+        "--max-sampling-variants", type=int, default=16,
+        help="distinct (greedy, top_k, top_p, stop) combinations served.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--request-timeout", type=float, default=30.0,
+        help="seconds a client has to send a whole request.",
+    )  # fmt: skip
+    parser.add_argument("--backlog", type=int, default=256, help="the listen queue.")
     args = parser.parse_args(argv)
+    if reason := missing_api_key(args.api_key_env):  # Before loading the checkpoint.
+        sys.exit(f"medjax.llm.serve: --api-key-env: {reason}")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import jax.numpy as jnp
@@ -452,14 +736,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         pad_id=int(pad_id),
     )
     server = make_server(
-        JaxPolicyBackend(model, tokenizer, seed=args.seed),
+        JaxPolicyBackend(model, tokenizer, seed=args.seed, serving=True),
         host=args.host,
         port=args.port,
         model_name=args.model_name or pathlib.Path(args.checkpoint).resolve().name,
         base_params=base_params,
         tokenizer=tokenizer,
         api_key_env=args.api_key_env,
-        backend_for_seed=lambda seed: JaxPolicyBackend(model, tokenizer, seed=seed),
+        backend_for_seed=lambda seed: JaxPolicyBackend(model, tokenizer, seed=seed, serving=True),
+        context_length=args.max_context or model.config.max_position_embeddings,
+        max_n=args.max_n,
+        max_sampling_variants=args.max_sampling_variants,
+        request_timeout_s=args.request_timeout,
+        backlog=args.backlog,
     )
     # SIGTERM unwinds serve_forever like Ctrl-C does, so the socket is closed either way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
