@@ -59,6 +59,7 @@ from medjax.sampling import SamplingParams
 logger = logging.getLogger("medjax.llm")
 
 _MAX_BODY_BYTES = 16 << 20
+_GREEDY_BELOW = 1e-5  # Temperatures below this decode greedily (vLLM's _SAMPLING_EPS).
 _MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2].
 _SEED_RANGE = (-(1 << 63), 1 << 63)  # What jax.random.key accepts.
 # Each stop string becomes token-id sequences matched at every decode step of the program.
@@ -195,9 +196,11 @@ def parse_request(
     logprobs = field("logprobs", lambda v: isinstance(v, bool), "a boolean", False)
     params = SamplingParams(
         max_new_tokens=max_tokens,
-        # The API's temperature 0 is greedy decoding; the log-probs are then untempered.
-        temperature=float(temperature) if temperature > 0 else 1.0,
-        greedy=temperature == 0,
+        # The API's temperature 0 is greedy decoding; the log-probs are then untempered. As in
+        # vLLM, a temperature below _GREEDY_BELOW is greedy too: dividing logits by 1e-30
+        # overflows float32 and the log-probs would be NaN.
+        temperature=float(temperature) if temperature >= _GREEDY_BELOW else 1.0,
+        greedy=temperature < _GREEDY_BELOW,
         top_p=float(top_p),
         top_k=max(top_k, 0),
         stop_strings=tuple([stop] if isinstance(stop, str) else stop),

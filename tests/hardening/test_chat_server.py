@@ -191,6 +191,21 @@ def test_distinct_temperatures_and_budgets_compile_no_new_program(tok, tiny):
     assert all(a > b for a, b in itertools.pairwise(logps)), logps
 
 
+def test_a_vanishing_temperature_decodes_greedily_with_finite_logprobs(tok, tiny):
+    model, base = tiny
+    backend = llm.JaxPolicyBackend(model, tok, seed=0, serving=True)
+    body = {"messages": CHAT, "max_tokens": 4, "logprobs": True}
+    with serving(backend, base_params=base) as server:
+        replies = [chat(server, body | {"temperature": t}) for t in (0, 1e-30, 9e-6)]
+    assert [r[0] for r in replies] == [200, 200, 200]
+    choices = [r[1]["choices"][0] for r in replies]
+    # Logits divided by 1e-30 overflow float32: such temperatures are greedy, as in vLLM.
+    assert choices[1]["token_ids"] == choices[0]["token_ids"] == choices[2]["token_ids"]
+    for choice in choices:
+        logps = [c["logprob"] for c in choice["logprobs"]["content"]]
+        assert logps and all(-1e4 < lp <= 0 for lp in logps), logps
+
+
 def test_sampling_variants_and_n_are_bounded():
     recorder = Recorder()
     with serving(recorder, max_n=4, max_sampling_variants=2) as server:
