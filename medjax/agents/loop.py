@@ -249,6 +249,10 @@ class _Runner:
         spent; ends the episode where not even a final turn would fit."""
         turn = ep.traj.turns[-1]
         content, ep.observation = ep.observation, None
+        if content is not None:
+            # A tool's, patient's or sub-agent's text may hold lone surrogates, which neither
+            # the tokenizer nor `write_jsonl` can encode.
+            content = tools_lib.encodable(content)
         if ep.end_requested:  # The episode ended itself: only the answer is left.
             content = self.agent.early_stop_prompt
             if self._room(ep) is not None and self._room(ep) - len(self._user_ids(ep, content)) < 1:
