@@ -215,7 +215,9 @@ class _Runner:
 
     def _append_reply(self, ep: _Episode, gen) -> None:
         traj = ep.traj
-        traj.messages.append({"role": "assistant", "content": gen.text})
+        # A text backend (e.g. JSON over HTTP) can return lone surrogates, which no file or
+        # tokenizer takes; the parser still sees the raw text and refuses them in a call.
+        traj.messages.append({"role": "assistant", "content": tools_lib.encodable(gen.text)})
         if self.token_mode:
             n = len(gen.token_ids)
             traj.token_ids.extend(gen.token_ids)
@@ -301,7 +303,8 @@ class _Runner:
             for ep, gen in zip(live, gens, strict=True):
                 self._append_reply(ep, gen)
                 turn = Turn(
-                    reply=gen.text, num_tokens=len(gen.token_ids), finish_reason=gen.finish_reason,
+                    reply=tools_lib.encodable(gen.text), num_tokens=len(gen.token_ids),
+                    finish_reason=gen.finish_reason,
                     forced_final=ep.forced, backend_s=backend_s,
                 )  # fmt: skip
                 ep.traj.turns.append(turn)

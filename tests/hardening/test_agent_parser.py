@@ -324,6 +324,35 @@ def test_closed_tags_after_much_soup_are_found():
 # -- the loop: malformed replies are format errors, and the episode still trains ----------
 
 
+class SurrogateTextBackend:
+    """A text backend (no token ids) whose replies carry lone surrogates, as JSON over HTTP
+    can (`"\\ud800"`)."""
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def generate(self, conversations, params, *, num_samples=1):
+        turn = sum(m["role"] == "assistant" for m in conversations[0])
+        text = self.replies[turn]
+        return [llm.Generation(text, [], None, "stop") for _ in conversations * num_samples]
+
+
+def test_a_text_backend_reply_with_lone_surrogates_is_stored_encodable(env, tmp_path):
+    backend = SurrogateTextBackend(
+        [
+            call("search", query=["\ud800 seizure"], ensure_ascii=False),
+            "<think>\udfff</think><answer>A</answer>",
+        ]
+    )
+    spec = agents.AgentSpec("a", backend, tools=env.tools(), max_turns=3)
+    (traj,) = agents.run_episodes(spec, [agents.Query("q", "Which?")], num_rollouts=1)
+    assert traj.format_errors == 1 and traj.answer == "A"
+    assert "\ud800" not in traj.turns[0].reply and "\ufffd seizure" in traj.turns[0].reply
+    assert traj.messages[-1]["content"] == "<think>\ufffd</think><answer>A</answer>"
+    agents.write_jsonl(tmp_path / "t.jsonl", [traj])  # Raised UnicodeEncodeError before.
+    assert agents.read_jsonl(tmp_path / "t.jsonl")[0].turns[1].reply == traj.turns[1].reply
+
+
 def script(*replies):
     return lambda prompt: replies[prompt.count("<|im_start|>assistant") - 1]
 
