@@ -12,9 +12,11 @@ On a multi-host TPU/GPU slice pass `--multihost` (every host runs the same comma
 """
 
 import argparse
+import errno
 import os
 import pathlib
 import sys
+import tokenize
 
 import gin
 
@@ -45,16 +47,53 @@ def gin_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _gin_error(error: Exception, source: str) -> str:
+    """Where a gin parse failed (file and line) and why, in one line. `source` is the
+    --gin_file or --gin_bindings being parsed; an error in a file it includes names that
+    file (the innermost gin.parse_config_file frame)."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "parse_config_file":
+            local = tb.tb_frame.f_locals
+            source = local.get("config_file_with_prefix") or local.get("config_file") or source
+        tb = tb.tb_next
+    line = None
+    if isinstance(error, SyntaxError):
+        source, line, why = error.filename or source, error.lineno, error.msg
+    elif isinstance(error, tokenize.TokenError):  # Found at the end of the text.
+        why = f"{error.args[0]} (a bracket or string left open)"
+        position = error.args[1] if len(error.args) > 1 else None
+        line = position[0] if isinstance(position, tuple) else None
+    else:
+        why = f"{type(error).__name__}: {error}"
+    single = source.startswith("--gin_bindings")  # One binding: its line says nothing.
+    where = source if line is None or single else f"{source}, line {line}"
+    return f"bad gin configuration: {where}: {_one_line(why)}"
+
+
 def configure(args: argparse.Namespace, prog: str) -> None:
-    """Parses the gin files and bindings; a bad one exits with a one-line message."""
+    """Parses the gin files and bindings; a bad one exits with one line naming the file (or
+    the binding) and the line."""
     if not args.gin_file:
         raise SystemExit(f"{prog}: error: give at least one --gin_file.")
     for path in args.gin_search_paths or default_search_paths():
         gin.add_config_file_search_path(path)
+    sources = [(path, gin.parse_config_file) for path in args.gin_file]
+    sources += [(binding, gin.parse_config) for binding in args.gin_bindings]
+    for source, parse in sources:
+        try:
+            parse(source)
+        except (OSError, ValueError, KeyError, SyntaxError, ImportError, tokenize.TokenError) as e:
+            where = source if parse is gin.parse_config_file else f"--gin_bindings={source!r}"
+            raise SystemExit(f"{prog}: error: {_gin_error(e, where)}") from None
     try:
-        gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
-    except (OSError, ValueError, KeyError, SyntaxError, ImportError) as e:
-        raise SystemExit(f"{prog}: error: bad gin configuration: {type(e).__name__}: {e}") from None
+        gin.finalize()
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{prog}: error: bad gin configuration: {_one_line(e)}") from None
 
 
 def _without_gin_context(error: Exception) -> str:
@@ -78,14 +117,22 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         # Dynamic registration leaves the module attribute alone: call the configured one.
-        gin.get_configurable(train_lib.train)(operative_config=gin.operative_config_str)
+        gin.get_configurable(train_lib.train)(
+            operative_config=gin.operative_config_str, config_text=gin.config_str
+        )
     except train_lib.TrainError as e:
-        raise SystemExit(f"run_train: error: {_without_gin_context(e)}") from None
+        raise SystemExit(f"run_train: error: {_one_line(_without_gin_context(e))}") from None
     except ValueError as e:
         # gin raises ValueError for a required argument or macro left unset.
         if "gin" in str(e).lower() or "REQUIRED" in str(e):
-            message = _without_gin_context(e)
+            message = _one_line(_without_gin_context(e))
             raise SystemExit(f"run_train: error: bad gin configuration: {message}") from None
+        raise
+    except OSError as e:
+        # Out of space where train_lib does not write itself (a library's own thread).
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            where = e.filename or "the run directory"
+            raise SystemExit(f"run_train: error: {where}: no space left ({e.strerror})") from None
         raise
 
 

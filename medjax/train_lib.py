@@ -8,10 +8,11 @@ orbax checkpoints, automatic resume, metrics and before/after evaluation.
     train_lib.RLStage.algorithm = 'grpo'          # or 'grao', 'mgrpo'
     train_lib.RLStage.loss = @losses.grpo_loss    # options bound on losses.grpo_loss
 
-A run directory holds `run.json` (what it is), `config.gin` (the operative config, written
-by process 0 at step 0), `tokenizer/` (trained when no checkpoint gives one), one folder per
-stage (`checkpoints/`, `metrics.jsonl`, TensorBoard events, `export/`: the stage's final
-policy as a Hugging Face folder), `eval/` (one JSON per evaluation point) and
+A run directory holds `run.json` (what it is: its settings, compared on a rerun),
+`config.gin` (the operative config, written by process 0 at step 0), `tokenizer/` (trained
+when no checkpoint gives one), one folder per stage (`checkpoints/`, `metrics.jsonl`,
+TensorBoard events, `export/`: the stage's final policy as a Hugging Face folder), `eval/`
+(one JSON per evaluation point) and
 `results.json` / `results.md` with the before/after table. Stages run in order; each starts
 from the previous one's policy. Running the same command again resumes: finished stages
 are skipped (their exports loaded), an unfinished one restores its latest checkpoint (onto
@@ -24,10 +25,14 @@ call per turn for all live episodes) -> rewards -> advantages -> old log-probs (
 """
 
 import dataclasses
+import errno
 import functools
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,13 +52,32 @@ from medjax.models.config import ModelConfig
 from medjax.models.transformer import DecoderLM
 from medjax.training import checkpoints, data, metrics, optim, rl, steps
 from medjax.training import decoupled as decoupled_lib
+from medjax.training import validate as validate_lib
 
-ALGORITHMS = ("grpo", "grao", "mgrpo")
+ALGORITHMS = validate_lib.ALGORITHMS
 RUN_FILE = "run.json"
+# Writes that fail because the disk (or the user's quota, or the file size limit) is full.
+_NO_SPACE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "no space left (disk quota exceeded)",
+    errno.EFBIG: "no space left (file too large for the file size limit)",
+}
 
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+def _validated(check: Callable[..., None], *args) -> None:
+    """Runs a `validate_lib` check; its SettingError becomes a TrainError."""
+    try:
+        check(*args)
+    except validate_lib.SettingError as e:
+        raise TrainError(str(e)) from None
+
+
+def _fields(stage) -> dict[str, Any]:
+    return {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +118,11 @@ class SFTStage:
         return tuple(self.role) if isinstance(self.role, (tuple, list)) else (self.role,)
 
     def __post_init__(self):
-        for role in self.roles:
-            if role is not None and role not in rl.ROLES:
-                raise TrainError(
-                    f"SFTStage {self.name!r}: role {role!r} is not None or one of {rl.ROLES}."
-                )
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises TrainError naming the first field that cannot run (type, range, role)."""
+        _validated(validate_lib.sft_stage, _fields(self), rl.ROLES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,23 +195,12 @@ class RLStage:
     decoupled: decoupled_lib.Decoupled | None = None
 
     def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise TrainError(
-                f"RLStage {self.name!r}: algorithm {self.algorithm!r} is not one of {ALGORITHMS}."
-            )
-        if self.decoupled is not None and self.algorithm != "mgrpo":
-            raise TrainError(
-                f"RLStage {self.name!r}: decoupled trainers are for algorithm 'mgrpo', not"
-                f" {self.algorithm!r}."
-            )
-        distinct = self.algorithm == "mgrpo" and not self.shared_model and self.decoupled is None
-        if (not self.train_sub or self.sub_init_from) and not distinct:
-            raise TrainError(
-                f"RLStage {self.name!r}: train_sub and sub_init_from are for M-GRPO with"
-                " distinct models in one process (algorithm='mgrpo', shared_model=False)."
-            )
-        if self.hops is not None and (len(self.hops) != 2 or self.hops[0] > self.hops[1]):
-            raise TrainError(f"RLStage {self.name!r}: hops {self.hops!r} is not (min, max).")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises TrainError naming the first field that cannot run (type, range, algorithm,
+        combinations such as rows that do not split into minibatches)."""
+        _validated(validate_lib.rl_stage, _fields(self))
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,34 +244,46 @@ def _load_data(task, env) -> rl.TaskData:
     return loaded
 
 
+def _loaded(what: str, path: str, load: Callable[[], Any]) -> Any:
+    """`load()`, with any failure (a truncated or corrupt file: CheckpointError, or whatever
+    the readers below it raise) as one TrainError naming the path."""
+    try:
+        return load()
+    except TrainError:
+        raise
+    # safetensors, tokenizers, json, gguf: the readers below raise many types.
+    except Exception as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        if os.fspath(path) not in detail:
+            detail = f"{os.fspath(path)}: {detail}"
+        raise TrainError(f"{what}: cannot load {detail}") from None
+
+
+def _load_policy(what: str, path: str, mesh, dtype=None) -> DecoderLM:
+    """`checkpoint_lib.from_pretrained`, a failure as one TrainError naming the path."""
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return _loaded(what, path, lambda: checkpoint_lib.from_pretrained(path, mesh=mesh, **kwargs))
+
+
 def _tokenizer(run_dir, init_from, chats, vocab_size: int, fresh: bool, chat_template):
+    """(tokenizer, whether to save it in run_dir/tokenizer); nothing is written here."""
     path = os.path.join(run_dir, "tokenizer")
     if init_from is not None:
-        tok = tokenizer_lib.load_tokenizer(init_from)
+        tok = _loaded("init_from", init_from, lambda: tokenizer_lib.load_tokenizer(init_from))
         if chat_template == "chatml":
             # Templates that rewrite past turns (Qwen3 drops old <think> blocks) cannot hold
             # the exact sampled ids of a multi-turn episode; ChatML renders turns verbatim.
             tok.chat_template = tokenizer_lib.CHAT_TEMPLATE
-        elif chat_template is not None:
-            raise TrainError(f"train: chat_template {chat_template!r}: use None or 'chatml'.")
-        return tok
+        return tok, False
     if not fresh and os.path.exists(os.path.join(path, "tokenizer.json")):
-        return tokenizer_lib.load_tokenizer(path)
+        return _loaded("run_dir", path, lambda: tokenizer_lib.load_tokenizer(path)), False
     texts = (m["content"] for c in chats for m in c["messages"])
-    tok = tokenizer_lib.train_bpe(texts, vocab_size)
-    if jax.process_index() == 0:
-        tok.save_pretrained(path)
-    return tok
+    return tokenizer_lib.train_bpe(texts, vocab_size), True
 
 
 def _init_model(config, init_from, tokenizer, seed, mesh, dtype) -> DecoderLM:
     if init_from is not None:
-        try:
-            return checkpoint_lib.from_pretrained(init_from, mesh=mesh, dtype=dtype)
-        except (FileNotFoundError, checkpoint_lib.CheckpointError) as e:
-            raise TrainError(f"init_from: {e}") from None
-    if config is None:
-        raise TrainError("train: give `model` (a ModelConfig) or `init_from` (a HF folder).")
+        return _load_policy("init_from", init_from, mesh, dtype)
     config = config.replace(vocab_size=len(tokenizer))
     with jax.set_mesh(mesh):
         model = DecoderLM(config, rngs=nnx.Rngs(seed))
@@ -576,6 +601,7 @@ class _MainSide:
         self.client = decoupled_lib.RemoteSubAgent(
             self._url, self.epoch, on_failure=config.on_sub_failure,
             timeout=config.request_timeout_s, status_every=config.status_every_s,
+            secret_env=config.secret_env,
         )  # fmt: skip
         self.published = 0
         print(f"{stage.name}: main trainer, epoch {self.epoch}, store {config.store}", flush=True)
@@ -658,7 +684,8 @@ def _run_rl(
     if stage.algorithm == "mgrpo" and not stage.shared_model and main_side is None:
         sub_tx = (stage.sub_optimizer or stage.optimizer)(total_steps=total)
         if stage.sub_init_from:
-            start_sub = checkpoint_lib.from_pretrained(stage.sub_init_from, mesh=run.mesh)
+            where = f"RLStage {stage.name!r}: sub_init_from"
+            start_sub = _load_policy(where, stage.sub_init_from, run.mesh)
         else:
             start_sub = sub_model if sub_model is not None else model
         copy = nnx.merge(nnx.split(start_sub, nnx.Param)[0], _params_copy(start_sub))
@@ -666,7 +693,7 @@ def _run_rl(
     reference = None
     if stage.kl_beta and stage.algorithm == "grpo":
         ref_model = (
-            checkpoint_lib.from_pretrained(stage.reference, mesh=run.mesh)
+            _load_policy(f"RLStage {stage.name!r}: reference", stage.reference, run.mesh)
             if stage.reference
             else model
         )
@@ -808,7 +835,12 @@ def _run_sub(run: _Run, stage: RLStage, model: DecoderLM) -> DecoderLM:
         return task.sub_agent(run.env, JaxPolicyBackend(m, tok, seed=seed))
 
     server = decoupled_lib.SubAgentServer(
-        make_agent, log, host=config.host, port=config.port, batch_window=config.batch_window_s
+        make_agent,
+        log,
+        host=config.host,
+        port=config.port,
+        batch_window=config.batch_window_s,
+        secret_env=config.secret_env,
     )
     server.set_policy(serving(), start)
 
@@ -1018,6 +1050,77 @@ def _plot_rewards(run_dir: str, stage: str) -> str | None:
     return path
 
 
+# Tensorstore (orbax's array writer) raises ValueError with the OS error code in the text.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_FAILED_FILE = re.compile(r'(?:Failed writing|local file):? "([^"]+)"')
+
+
+def _no_space(error: BaseException | None) -> tuple[int, str | None] | None:
+    """(errno, path or None) of the out-of-space write failure behind `error` (itself, its
+    cause or its context), if there is one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return error.errno, error.filename and os.fspath(error.filename)
+        code = _OS_ERROR_CODE.search(str(error))
+        if code and int(code.group(1)) in _NO_SPACE:
+            path = _FAILED_FILE.search(str(error))
+            return int(code.group(1)), path and path.group(1)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _NoSpaceLogFilter(logging.Filter):
+    """Holds back the log records of out-of-space write failures: orbax's background threads
+    log each failed array write with its traceback (dozens for one full disk); train()
+    reports the failure once, in one line.
+
+    Also holds back the "Event loop is closed" errors that tensorstore's writer threads raise
+    when they call back into the event loop of an orbax save that has already failed: Python
+    reports those through `sys.unraisablehook` (a traceback each), never to train()."""
+
+    LOGGERS = ("absl", "asyncio")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return _no_space(error) is None and _no_space(ValueError(record.getMessage())) is None
+
+    def _unraisable(self, unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            self._previous_hook(unraisable)
+
+    def install(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+
+    def remove(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous_hook
+
+
+def _no_space_error(full: tuple[int, str | None], run_dir: str) -> TrainError:
+    code, path = full
+    return TrainError(
+        f"{path or f'a file being written (the run directory is {run_dir})'}: {_NO_SPACE[code]};"
+        " free some space and run the same command again to resume."
+    )
+
+
+def _recorded_settings(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, RUN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{path}: unreadable ({' '.join(str(e).split())}).") from None
+    return record.get("settings") if isinstance(record, dict) else None
+
+
 def train(
     run_dir: str | None = None,
     *,
@@ -1034,8 +1137,14 @@ def train(
     max_bad_steps: int = 3,
     interactive: bool | None = None,
     operative_config: Callable[[], str] | None = None,
+    config_text: Callable[[], str] | None = None,
 ) -> dict:
     """Runs the stages in order in `run_dir` (resuming what is there).
+
+    Every setting is checked before anything is written (`medjax.training.validate`). The
+    first start records the settings in `run_dir/run.json`; a rerun with other settings
+    stops and names them (a stage's `steps` may change while the stage is unfinished;
+    mesh shape, evaluation, logging and checkpoint intervals may always change).
 
     Args:
       run_dir: the run's folder: new, empty, or a previous run of the same command.
@@ -1056,6 +1165,8 @@ def train(
       max_bad_steps: stop after more than this many non-finite updates in a row.
       interactive: progress bar (True) or log lines (False); None: a bar on a terminal.
       operative_config: returns the config text written to `run_dir/config.gin` at step 0.
+      config_text: returns the whole configuration (`gin.config_str()`); its bindings are
+        recorded and compared too (an optimizer's learning rate is not in the values).
 
     Returns:
       {evaluation point: {accuracy, reward/mean, ...}} (empty without `evaluate`).
@@ -1063,14 +1174,19 @@ def train(
     Raises:
       TrainError: anything that stops the run, with what to do about it.
     """
+    values = dict(locals())
     if not run_dir:
         raise TrainError("train: run_dir is required (bind train_lib.train.run_dir).")
-    if not stages:
-        raise TrainError("train: no stages (bind train_lib.train.stages).")
+    if not isinstance(stages, (tuple, list)) or not stages:
+        raise TrainError("train: no stages (bind train_lib.train.stages to a list of stages).")
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, (SFTStage, RLStage)):
+            raise TrainError(f"train: stages[{i}] {stage!r} is not an SFTStage or RLStage.")
+        stage.validate()
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise TrainError(f"train: stage names repeat: {names}.")
-    task = task or rl.ResearchTask()
+    task = values["task"] = task or rl.ResearchTask()
     for stage in stages:
         bad_roles = [r for r in getattr(stage, "roles", ()) if r not in task.roles]
         if bad_roles:
@@ -1087,29 +1203,76 @@ def train(
                 f"RLStage {stage.name!r}: M-GRPO needs a task with a sub-agent (ResearchTask),"
                 f" not {type(task).__name__}."
             )
+    _validated(validate_lib.train_arguments, values, checkpoint_lib.is_checkpoint)
+    for stage in stages:
+        if isinstance(stage, RLStage):
+            for field in ("reference", "sub_init_from"):
+                _validated(
+                    validate_lib.checkpoint_path, f"RLStage {stage.name!r}", field,
+                    getattr(stage, field), checkpoint_lib.is_checkpoint,
+                )  # fmt: skip
+    try:
+        mesh = partitioning.make_mesh(*mesh_shape)
+    except ValueError as e:
+        raise TrainError(f"train: mesh_shape {tuple(mesh_shape)}: {e}") from None
+    dtype = jnp.dtype(dtype)
     run_dir = os.path.abspath(run_dir)
+    if init_from is not None:
+        values["init_from"] = os.path.abspath(init_from)
     resuming = _check_run_dir(run_dir, stages)
-    folders = [("init_from", init_from)]
-    folders += [(f"{s.name}.reference", getattr(s, "reference", None)) for s in stages]
-    for name, path in folders:
-        if path is not None and not checkpoint_lib.is_checkpoint(path):
+    bindings = validate_lib.gin_bindings(config_text()) if config_text is not None else None
+    settings = validate_lib.settings(values, stages, bindings)
+    recorded = _recorded_settings(run_dir) if resuming else None
+    if recorded is not None:
+        unfinished = [s.name for s in stages if not _stage_done(run_dir, s)]
+        changed = validate_lib.differences(recorded, settings, unfinished)
+        if changed:
             raise TrainError(
-                f"{name} {path}: not a Hugging Face model folder (no config.json) nor a .gguf file."
+                f"run_dir {run_dir} was started with other settings ({RUN_FILE}): "
+                + "; ".join(changed)
+                + ". Use a new run_dir, or the settings it was started with."
             )
-    env = task.environment()
-    loaded = _load_data(task, env)
-    if jax.process_index() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        if not resuming:
-            with open(os.path.join(run_dir, RUN_FILE), "w", encoding="utf-8") as f:
-                json.dump({"stages": names, "created": time.time()}, f)
-    tokenizer = _tokenizer(
-        run_dir, init_from, loaded.chats, tokenizer_vocab_size, not resuming, chat_template
-    )
-    mesh = partitioning.make_mesh(*mesh_shape)
-    run = _Run(run_dir, task, env, loaded, tokenizer, mesh, seed, max_bad_steps, interactive,
-               operative_config)  # fmt: skip
-    policy = _init_model(model, init_from, tokenizer, seed, mesh, jnp.dtype(dtype))
+    # From here on a full disk (caches, datasets, the run directory, orbax's writer threads)
+    # is reported once, in one line.
+    quiet = _NoSpaceLogFilter()
+    quiet.install()
+    try:
+        env = task.environment()
+        loaded = _load_data(task, env)
+        tokenizer, new_tokenizer = _tokenizer(
+            run_dir, init_from, loaded.chats, tokenizer_vocab_size, not resuming, chat_template
+        )
+        policy = _init_model(model, init_from, tokenizer, seed, mesh, dtype)
+        # Nothing was written to run_dir before this point: a setting that cannot run
+        # stopped above.
+        if jax.process_index() == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            if not resuming:
+                record = {"stages": names, "created": time.time(), "settings": settings}
+                path = os.path.join(run_dir, RUN_FILE)
+                try:
+                    with open(path, "w", encoding="utf-8") as f:
+                        json.dump(record, f, indent=1)
+                except OSError as e:  # write() names no file: name it.
+                    raise OSError(e.errno, e.strerror, e.filename or path) from e
+            if new_tokenizer:
+                tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
+        run = _Run(run_dir, task, env, loaded, tokenizer, mesh, seed, max_bad_steps,
+                   interactive, operative_config)  # fmt: skip
+        result = _run_stages(run, stages, policy, dtype, evaluate)
+    except Exception as e:
+        full = _no_space(e)
+        if full is None:
+            quiet.remove()
+            raise
+        # The filter stays: the failed writers' tasks still log as they are collected.
+        raise _no_space_error(full, run_dir) from None
+    quiet.remove()
+    return result
+
+
+def _run_stages(run: _Run, stages, policy, dtype, evaluate: bool) -> dict:
+    run_dir, mesh, tokenizer = run.run_dir, run.mesh, run.tokenizer
     points = ["before"] + [f"after_{s.name}" for s in stages]
     sub_policy = None  # M-GRPO's distinct sub-agent, carried from one RL stage to the next.
     # Each point evaluates the agent of the stage it follows (the first: of the first stage).
@@ -1118,11 +1281,11 @@ def train(
     for i, stage in enumerate(stages):
         export = os.path.join(run_dir, stage.name, "export")
         if _stage_done(run_dir, stage):
-            policy = checkpoint_lib.from_pretrained(export, mesh=mesh, dtype=jnp.dtype(dtype))
+            policy = _load_policy(f"stage {stage.name!r}", export, mesh, dtype)
             if isinstance(stage, RLStage):
                 sub_export = export + "_sub"
                 sub_policy = (
-                    checkpoint_lib.from_pretrained(sub_export, mesh=mesh, dtype=jnp.dtype(dtype))
+                    _load_policy(f"stage {stage.name!r}", sub_export, mesh, dtype)
                     if os.path.exists(os.path.join(sub_export, "config.json"))
                     else None
                 )
@@ -1145,4 +1308,4 @@ def train(
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 results[p] = json.load(f)
-    return _write_results(run_dir, results, stages, task.result_keys)
+    return _write_results(run_dir, results, stages, run.task.result_keys)

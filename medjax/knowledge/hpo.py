@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -365,13 +366,17 @@ def _save(data: HpoData, path: pathlib.Path) -> None:
     }
     arrays = {f"a_{k}": getattr(data.annotations, k) for k in Annotations.__dataclass_fields__}
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # Writers in parallel don't mix.
-    np.savez(
-        tmp,
-        strings=np.frombuffer(json.dumps(strings).encode(), np.uint8),
-        gene_disease=data.gene_disease,
-        **arrays,
-    )
-    os.replace(tmp, path)  # Readers never see a half-written cache.
+    try:
+        np.savez(
+            tmp,
+            strings=np.frombuffer(json.dumps(strings).encode(), np.uint8),
+            gene_disease=data.gene_disease,
+            **arrays,
+        )
+        os.replace(tmp, path)  # Readers never see a half-written cache.
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read(path: pathlib.Path) -> HpoData:
@@ -420,5 +425,8 @@ def load(folder: pathlib.Path | None = None, *, cache: pathlib.Path | None = Non
         except (OSError, ValueError, KeyError):
             pass  # A damaged cache entry is rebuilt below.
     data = parse(folder)
-    _save(data, path)
+    try:
+        _save(data, path)
+    except OSError as e:  # A cache: a full disk or a read-only folder costs a re-parse only.
+        logging.warning("hpo: not caching the parsed release at %s: %s", path, e.strerror or e)
     return data

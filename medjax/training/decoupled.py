@@ -86,9 +86,11 @@ class Decoupled:
       sub_url: main: the sub-agent's endpoint; None: the URL the sub process published
         in the store.
       host, port: sub: where to serve (127.0.0.1 by default; port 0 picks a free one).
-        Beyond loopback the endpoint needs a shared secret in $MEDJAX_SUB_AGENT_TOKEN
-        (`SECRET_ENV`) on both processes: the sub process refuses to start without it, and
-        the main process sends it as `Authorization: Bearer ...`.
+        Beyond loopback the endpoint needs a shared secret in the variable `secret_env`
+        on both processes: the sub process refuses to start without it, and the main
+        process sends it as `Authorization: Bearer ...`.
+      secret_env: the environment variable holding that secret ($MEDJAX_SUB_AGENT_TOKEN);
+        on 127.0.0.1 it is used when set.
       staleness_window: sub: sub-trajectories more than this many sub updates older than
         the trainer's policy are dropped from its batch (and counted).
       on_sub_failure: main: "error" (a failed `delegate` call becomes a counted tool
@@ -109,6 +111,7 @@ class Decoupled:
     sub_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8470
+    secret_env: str = SECRET_ENV
     staleness_window: int = 2
     on_sub_failure: str = "error"
     max_sub_lag: int | None = None

@@ -1,0 +1,380 @@
+"""A run's settings, checked before anything is written, and the record of them that a
+resumed run is compared with.
+
+The checks take the values of a stage's or `train()`'s fields by name, not the classes, so
+they hold wherever those classes live. Each raises `SettingError` with one line that names
+where (`SFTStage 'sft'`, `RLStage 'rl'`, `train`) and which field:
+
+    SFTStage 'sft': steps -1 is not an integer >= 1.
+
+`settings()` flattens what defines a run into {key: JSON value}; `train()` stores it in
+`run.json` at the first start and, on a rerun, `differences()` names every key whose value
+changed. Fields that only say how the run is carried out (mesh shape, logging, checkpoint
+intervals) are left out: a run may resume on another mesh or log more often.
+"""
+
+import dataclasses
+import functools
+import math
+import numbers
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from medjax.losses import grpo as grpo_losses
+from medjax.models import tokenizer as tokenizer_lib
+from medjax.training import decoupled as decoupled_lib
+
+ALGORITHMS = ("grpo", "grao", "mgrpo")
+CHAT_TEMPLATES = (None, "chatml")
+# Folders a run directory uses for itself: a stage cannot be named after one.
+RESERVED_NAMES = ("eval", "tokenizer")
+# 256 byte symbols and the special tokens: the smallest BPE `train_bpe` can build.
+MIN_VOCAB_SIZE = 256 + len(set(tokenizer_lib.SPECIAL_TOKENS))
+# How the run is carried out, not what it trains: a rerun may change these.
+RUNTIME_FIELDS = frozenset({
+    "mesh_shape", "evaluate", "interactive", "max_bad_steps", "operative_config",
+    "config_text", "save_every", "keep_checkpoints", "heldout_every",
+    # Decoupled's endpoint and patience: a restarted process may serve on another port.
+    "sub_url", "host", "port", "request_timeout_s", "batch_window_s", "wait_timeout_s",
+    "status_every_s", "secret_env",
+})  # fmt: skip
+# A stage's `steps` may change while the stage is unfinished (train it longer or shorter).
+STEPS = "steps"
+
+
+class SettingError(ValueError):
+    """A setting that cannot run: one line naming the stage (or `train`) and the field."""
+
+
+# ---------------------------------------------------------------------------------------
+# Field checks.
+
+
+def _or_none(none: bool) -> str:
+    return " or None" if none else ""
+
+
+def integer(where: str, field: str, value, *, minimum: int | None = None, none=False) -> None:
+    """An int (not a bool), at least `minimum`; None too when `none`."""
+    if value is None and none:
+        return
+    bound = "" if minimum is None else f" >= {minimum}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise SettingError(f"{where}: {field} {value!r} is not an integer{bound}{_or_none(none)}.")
+    if minimum is not None and value < minimum:
+        raise SettingError(f"{where}: {field} {value!r} is not an integer{bound}{_or_none(none)}.")
+
+
+def number(where: str, field: str, value, *, minimum: float | None = None, none=False) -> None:
+    """A finite real number (not a bool), at least `minimum`."""
+    if value is None and none:
+        return
+    bound = "" if minimum is None else f" >= {minimum}"
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or (minimum is not None and value < minimum)
+    ):
+        raise SettingError(f"{where}: {field} {value!r} is not a finite number{bound}.")
+
+
+def flag(where: str, field: str, value, *, none=False) -> None:
+    if value is None and none:
+        return
+    if not isinstance(value, (bool, np.bool_)):
+        raise SettingError(f"{where}: {field} {value!r} is not True or False{_or_none(none)}.")
+
+
+def choice(where: str, field: str, value, choices: Sequence[Any]) -> None:
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        raise SettingError(f"{where}: {field} {value!r} is not one of {tuple(choices)}.")
+
+
+def text(where: str, field: str, value, *, none=False) -> None:
+    """A non-empty string (or a path object)."""
+    if value is None and none:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise SettingError(f"{where}: {field} {value!r} is not a non-empty string{_or_none(none)}.")
+
+
+def function(where: str, field: str, value, *, none=False) -> None:
+    if value is None and none:
+        return
+    if not callable(value):
+        raise SettingError(f"{where}: {field} {value!r} is not callable{_or_none(none)}.")
+
+
+def checkpoint_path(where: str, field: str, value, is_checkpoint: Callable[[str], bool]) -> None:
+    """None, or a path `is_checkpoint` accepts (a Hugging Face folder or a GGUF file)."""
+    text(where, field, value, none=True)
+    if value is not None and not is_checkpoint(os.fspath(value)):
+        raise SettingError(
+            f"{where}: {field} {os.fspath(value)}: not a Hugging Face model folder (no"
+            " config.json) nor a .gguf file."
+        )
+
+
+def stage_name(kind: str, name) -> None:
+    where = f"{kind} {name!r}"
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SettingError(
+            f"{where}: name {name!r} is not a folder name (letters, digits, '_', '.', '-')."
+        )
+    if name in RESERVED_NAMES:
+        raise SettingError(f"{where}: name {name!r} is a folder the run uses for itself.")
+
+
+def _roles(role) -> tuple:
+    return tuple(role) if isinstance(role, (tuple, list)) else (role,)
+
+
+def _common(where: str, values: Mapping[str, Any]) -> None:
+    integer(where, "steps", values["steps"], minimum=1)
+    integer(where, "num_microbatches", values["num_microbatches"], minimum=1)
+    integer(where, "save_every", values["save_every"], minimum=1)
+    integer(where, "keep_checkpoints", values["keep_checkpoints"], minimum=1)
+    integer(where, "heldout_every", values["heldout_every"], minimum=0)
+    function(where, "optimizer", values["optimizer"])
+
+
+def sft_stage(values: Mapping[str, Any], roles: Sequence[str | None]) -> None:
+    """Checks an SFT stage's fields (`dataclasses.asdict`-like, by name)."""
+    stage_name("SFTStage", values["name"])
+    where = f"SFTStage {values['name']!r}"
+    _common(where, values)
+    integer(where, "batch_size", values["batch_size"], minimum=1)
+    integer(where, "max_length", values["max_length"], minimum=2)
+    if values["batch_size"] % values["num_microbatches"]:
+        raise SettingError(
+            f"{where}: batch_size {values['batch_size']} does not split into num_microbatches"
+            f" {values['num_microbatches']}."
+        )
+    role = values["role"]
+    if isinstance(role, (tuple, list)) and not role:
+        raise SettingError(f"{where}: role () names no role.")
+    for r in _roles(role):
+        if r is not None and (not isinstance(r, str) or r not in roles):
+            raise SettingError(f"{where}: role {r!r} is not None or one of {tuple(roles)}.")
+
+
+def rl_stage(values: Mapping[str, Any]) -> None:
+    """Checks an RL stage's fields (by name), the combinations included."""
+    stage_name("RLStage", values["name"])
+    where = f"RLStage {values['name']!r}"
+    choice(where, "algorithm", values["algorithm"], ALGORITHMS)
+    _common(where, values)
+    for field in ("prompts_per_step", "num_iterations", "num_minibatches"):
+        integer(where, field, values[field], minimum=1)
+    # A group-relative baseline needs a group: one episode per question has no advantage.
+    integer(where, "num_generations", values["num_generations"], minimum=2)
+    function(where, "loss", values["loss"], none=True)
+    number(where, "kl_beta", values["kl_beta"], minimum=0.0)
+    text(where, "reference", values["reference"], none=True)
+    choice(where, "advantage_scale", values["advantage_scale"], grpo_losses.REWARD_SCALES)
+    integer(where, "advantage_ddof", values["advantage_ddof"], minimum=0)
+    flag(where, "shared_model", values["shared_model"])
+    function(where, "sub_optimizer", values["sub_optimizer"], none=True)
+    integer(where, "sub_target_count", values["sub_target_count"], minimum=1, none=True)
+    flag(where, "sub_alignment", values["sub_alignment"])
+    flag(where, "train_sub", values["train_sub"])
+    text(where, "sub_init_from", values["sub_init_from"], none=True)
+    decoupled = values["decoupled"]
+    if decoupled is not None and not isinstance(decoupled, decoupled_lib.Decoupled):
+        raise SettingError(f"{where}: decoupled {decoupled!r} is not a Decoupled or None.")
+    hops = values["hops"]
+    if hops is not None and (
+        not isinstance(hops, (tuple, list))
+        or len(hops) != 2
+        or any(isinstance(h, bool) or not isinstance(h, numbers.Integral) for h in hops)
+        or not 0 <= hops[0] <= hops[1]
+    ):
+        raise SettingError(f"{where}: hops {hops!r} is not (min, max).")
+    algorithm = values["algorithm"]
+    if decoupled is not None and algorithm != "mgrpo":
+        raise SettingError(
+            f"{where}: decoupled trainers are for algorithm 'mgrpo', not {algorithm!r}."
+        )
+    distinct = algorithm == "mgrpo" and not values["shared_model"] and decoupled is None
+    if (not values["train_sub"] or values["sub_init_from"]) and not distinct:
+        raise SettingError(
+            f"{where}: train_sub and sub_init_from are for M-GRPO with distinct models in one"
+            " process (algorithm='mgrpo', shared_model=False)."
+        )
+    if algorithm != "mgrpo":
+        # Rows are split in order into minibatches, then each into microbatches.
+        rows = values["prompts_per_step"] * values["num_generations"]
+        minibatches, microbatches = values["num_minibatches"], values["num_microbatches"]
+        if rows % minibatches or (rows // minibatches) % microbatches:
+            raise SettingError(
+                f"{where}: prompts_per_step * num_generations = {rows} rows do not split into"
+                f" num_minibatches {minibatches} of num_microbatches {microbatches}."
+            )
+
+
+def train_arguments(values: Mapping[str, Any], is_checkpoint: Callable[[str], bool]) -> None:
+    """Checks `train()`'s own arguments (the stages are checked on their own)."""
+    where = "train"
+    text(where, "run_dir", values["run_dir"])
+    init_from = values["init_from"]
+    checkpoint_path(where, "init_from", init_from, is_checkpoint)
+    if init_from is None and values["model"] is None:
+        raise SettingError(f"{where}: give model (a ModelConfig) or init_from (a HF folder).")
+    if init_from is None:
+        integer(where, "tokenizer_vocab_size", values["tokenizer_vocab_size"],
+                minimum=MIN_VOCAB_SIZE)  # fmt: skip
+    choice(where, "chat_template", values["chat_template"], CHAT_TEMPLATES)
+    dtype = values["dtype"]
+    try:
+        floating = np.issubdtype(np.dtype(_dtype_name(dtype)), np.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise SettingError(f"{where}: dtype {dtype!r} is not a floating dtype ('float32', ...).")
+    integer(where, "seed", values["seed"], minimum=0)
+    shape = values["mesh_shape"]
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 3
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in shape)
+        or any(s != -1 and s < 1 for s in shape)
+        or list(shape).count(-1) > 1
+    ):
+        raise SettingError(
+            f"{where}: mesh_shape {shape!r} is not (data, fsdp, tensor) of integers >= 1, at"
+            " most one of them -1."
+        )
+    flag(where, "evaluate", values["evaluate"])
+    integer(where, "max_bad_steps", values["max_bad_steps"], minimum=0)
+    flag(where, "interactive", values["interactive"], none=True)
+    function(where, "operative_config", values["operative_config"], none=True)
+
+
+def _dtype_name(dtype):
+    # bfloat16 is not a numpy name: ml_dtypes (a jax dependency) registers it.
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    if not isinstance(dtype, (str, type, np.dtype)):
+        raise TypeError(dtype)
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------
+# The record of a run's settings.
+
+
+def describe(value) -> Any:
+    """A JSON value that stands for `value`: equal settings give equal descriptions."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (tuple, list)):
+        return [describe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): describe(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"type": type(value).__qualname__, **fields}
+    if isinstance(value, functools.partial):
+        args = ", ".join(
+            [repr(describe(a)) for a in value.args]
+            + [f"{k}={describe(v)!r}" for k, v in sorted(value.keywords.items())]
+        )
+        return f"{describe(value.func)}({args})"
+    if callable(value):
+        # Gin's dynamic registration wraps the function (functools.wraps): name the original.
+        inner = getattr(value, "__wrapped__", value)
+        name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+        return f"{getattr(inner, '__module__', '?')}.{name}"
+    return repr(value)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            if k not in RUNTIME_FIELDS:
+                _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = value
+
+
+def settings(
+    train_values: Mapping[str, Any],
+    stages: Iterable[Any],
+    config_bindings: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """{key: JSON value} of what defines a run: `train()`'s arguments (`model.*`, `task.*`
+    flattened), each stage's fields under its name (`sft.batch_size`), and the gin
+    bindings when given (`gin:` keys: what the values above cannot show, such as an
+    optimizer's learning rate bound in gin). Runtime fields are left out."""
+    out: dict[str, Any] = {}
+    for k, v in train_values.items():
+        if k not in RUNTIME_FIELDS and k not in ("run_dir", "stages"):
+            _flatten(k, describe(v), out)
+    out["stages"] = [s.name for s in stages]
+    for stage in stages:
+        _flatten(stage.name, {k: v for k, v in describe(stage).items() if k != "name"}, out)
+    # Bindings of what the values above already show (train, the stages, the model, the
+    # task) would only repeat them; the rest (optimizers, losses, macros) they cannot show.
+    shown = {"train"} | {v for k, v in out.items() if k.endswith(".type")}
+    for k, v in (config_bindings or {}).items():
+        configurable, _, param = k.rpartition(".")
+        if configurable.rpartition(".")[2] in shown or param in RUNTIME_FIELDS:
+            continue
+        out[f"gin:{k}"] = v
+    return out
+
+
+def gin_bindings(config_text: str, skip_macros: Iterable[str] = ()) -> dict[str, str]:
+    """{`selector.param` or macro name: value text} of gin's config text
+    (`gin.config_str()`): one binding per statement, continuation lines joined."""
+    bindings: dict[str, str] = {}
+    key = None
+    for line in config_text.splitlines():
+        if not line.strip() or line.startswith(("#", "from ", "import ")):
+            key = None
+            continue
+        if line[0].isspace() and key is not None:
+            part = line.strip().rstrip("\\").strip()
+            bindings[key] = f"{bindings[key]} {part}".strip()
+            continue
+        key, _, value = line.partition(" = ")
+        key = key.strip()
+        bindings[key] = value.strip().rstrip("\\").strip()
+    # The macro that names the run directory (RUN_DIR) may be spelled another way.
+    skipped = set(skip_macros)
+    skipped |= {v[1:] for k, v in bindings.items() if k.endswith(".run_dir") and v[:1] == "%"}
+    return {k: v for k, v in bindings.items() if k not in skipped}
+
+
+def differences(
+    old: Mapping[str, Any], new: Mapping[str, Any], unfinished: Iterable[str] = ()
+) -> list[str]:
+    """`key: old -> new` for each setting that differs (a key only one side has counts;
+    `<stage>.steps` of an unfinished stage does not)."""
+    allowed = {f"{name}.{STEPS}" for name in unfinished}
+    # A run started with gin and resumed from a notebook (or the other way) has gin
+    # bindings on one side only: compare the values then.
+    with_gin = all(any(k.startswith("gin:") for k in side) for side in (old, new))
+    missing = object()
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in allowed or (key.startswith("gin:") and not with_gin):
+            continue
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            shown = ["(unset)" if v is missing else repr(v) for v in (a, b)]
+            out.append(f"{key}: {shown[0]} -> {shown[1]}")
+    return out
