@@ -428,5 +428,7 @@ def load(folder: pathlib.Path | None = None, *, cache: pathlib.Path | None = Non
     try:
         _save(data, path)
     except OSError as e:  # A cache: a full disk or a read-only folder costs a re-parse only.
-        logging.warning("hpo: not caching the parsed release at %s: %s", path, e.strerror or e)
+        logging.getLogger(__name__).warning(
+            "hpo: not caching the parsed release at %s: %s", path, e.strerror or e
+        )
     return data

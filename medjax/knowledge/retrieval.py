@@ -39,6 +39,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -407,7 +408,12 @@ class BM25Index:
             if stored == (_FORMAT, key, wanted):
                 return cls.load(cache_dir)
             index = cls(docs, k1=k1, b=b)
-            index.save(cache_dir, key=key)
+            try:
+                index.save(cache_dir, key=key)
+            except OSError as e:  # A full disk costs a rebuild next time (meta.json is last).
+                logging.getLogger(__name__).warning(
+                    "retrieval: not caching the BM25 index at %s: %s", cache_dir, e.strerror or e
+                )
             return index
 
 
