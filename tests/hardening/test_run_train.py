@@ -392,3 +392,36 @@ def test_a_rerun_with_other_settings_names_them_and_the_same_settings_finish(dat
 
     # A rerun with the same settings (on another mesh, too) resumes and finishes: the
     # resume tests of tests/integration/test_train.py run exactly that.
+
+
+# ---------------------------------------------------------------------------------------
+# The shipped configurations pass the checks.
+
+
+class _ValidatedError(Exception):
+    """Raised where train() starts work, once every check has passed."""
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (ROOT / "gin" / "experiments").glob("*.gin"))
+)
+def test_every_shipped_experiment_passes_validation(config, tmp_path, monkeypatch):
+    def started(self):
+        raise _ValidatedError
+
+    monkeypatch.setattr(train_lib._NoSpaceLogFilter, "install", started)
+    checkpoint = tmp_path / "checkpoint"  # What the real-scale runs' CHECKPOINT names.
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    args = [f"--gin_file=gin/experiments/{config}", f"--gin_bindings=RUN_DIR='{tmp_path}/run'",
+            f"--gin_bindings=CHECKPOINT='{checkpoint}'",
+            f"--gin_bindings=train_lib.train.run_dir='{tmp_path}/run'"]  # fmt: skip
+    reset_gin()
+    old = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with pytest.raises(_ValidatedError):
+            run_train.main(args)
+    finally:
+        os.chdir(old)
+    assert not (tmp_path / "run").exists()
