@@ -1,5 +1,6 @@
 """Test-wide set-up. Runs before any test module, so before anything imports jax."""
 
+import fcntl
 import os
 import shutil
 import socket
@@ -82,3 +83,30 @@ def redis_server(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def run_train_env(shared_tmp):
+    """The environment of run_train.py subprocesses (2 CPU devices, one MEDJAX_CACHE) and the
+    tiny KG-QA data folder, built once for the run under a lock: {"env", "data_dir"}."""
+    from medjax import datasets
+
+    # One cache and data folder for both xdist workers, built by the first under a lock.
+    cache, data_dir = shared_tmp / "medjax_cache", shared_tmp / "tfds"
+    env = dict(os.environ, MEDJAX_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    # Build both datasets here once (the subprocesses would each build them otherwise).
+    old = os.environ.get("MEDJAX_CACHE")
+    os.environ["MEDJAX_CACHE"] = str(cache)
+    try:
+        with open(shared_tmp / "integration_env.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            datasets.load("med_kg_qa/tiny", None, str(data_dir))
+            datasets.load("med_kg_qa_trajectories/tiny", None, str(data_dir))
+    finally:
+        if old is None:
+            del os.environ["MEDJAX_CACHE"]
+        else:
+            os.environ["MEDJAX_CACHE"] = old
+    return {"env": env, "data_dir": str(data_dir)}

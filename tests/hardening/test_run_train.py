@@ -8,7 +8,6 @@ run training in a subprocess with two host devices, as tests/integration/ does.
 """
 
 import errno
-import fcntl
 import json
 import os
 import pathlib
@@ -19,7 +18,7 @@ import sys
 import gin
 import pytest
 
-from medjax import datasets, train_lib
+from medjax import train_lib
 from medjax.knowledge import hpo
 from medjax.training import validate
 
@@ -42,27 +41,10 @@ def fresh_gin():
     reset_gin()
 
 
-@pytest.fixture(scope="module")
-def data(shared_tmp):
-    """The tiny KG-QA sets in a TFDS folder, built once under the lock (and in the folders)
-    that tests/integration/ uses, so the two share one build."""
-    cache, data_dir = shared_tmp / "medjax_cache", shared_tmp / "tfds"
-    old = os.environ.get("MEDJAX_CACHE")
-    os.environ["MEDJAX_CACHE"] = str(cache)
-    try:
-        with open(shared_tmp / "integration_env.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            datasets.load("med_kg_qa/tiny", None, str(data_dir))
-            datasets.load("med_kg_qa_trajectories/tiny", None, str(data_dir))
-    finally:
-        if old is None:
-            del os.environ["MEDJAX_CACHE"]
-        else:
-            os.environ["MEDJAX_CACHE"] = old
-    env = dict(os.environ, MEDJAX_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    return {"data_dir": str(data_dir), "env": env}
+@pytest.fixture
+def data(run_train_env):
+    """The tiny KG-QA sets and subprocess environment tests/integration/ uses (one build)."""
+    return run_train_env
 
 
 def argv(config, run_dir, *bindings, data_dir="/nonexistent/tfds"):
