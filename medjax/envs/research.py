@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medjax import agents
+from medjax.envs import tools as tools_lib
 from medjax.knowledge import corpus as corpus_lib
 from medjax.knowledge import graph as graph_lib
 from medjax.knowledge import hpo, retrieval
@@ -91,9 +92,9 @@ class ResearchEnvironment:
 
     def tools(self) -> list[agents.Tool]:
         return [
-            retrieval.search_tool(self.index),
-            retrieval.read_tool(self.index),
-            corpus_lib.kg_lookup_tool(self.graph),
+            tools_lib.search_tool(self.index),
+            tools_lib.read_tool(self.index),
+            tools_lib.kg_lookup_tool(self.graph),
         ]
 
 

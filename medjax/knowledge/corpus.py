@@ -1,5 +1,6 @@
 """The documents of the private retrieval engine, generated from the knowledge graph, and
-the `kg_lookup` tool.
+`kg_lookup` (the tool around it, `kg_lookup_tool`, moved to `medjax.envs.tools`, so that this
+package imports nothing from the agent loop).
 
 HPO ships no disease descriptions, so each disease's document is written from its
 annotations (medical_notes.md 3.6): inheritance, features grouped by frequency band,
@@ -14,7 +15,6 @@ import collections
 import math
 from typing import Any
 
-from medjax.agents.tools import Tool
 from medjax.knowledge.chains import band
 from medjax.knowledge.graph import KnowledgeGraph, kind
 from medjax.knowledge.retrieval import Document
@@ -145,23 +145,3 @@ def resolve_entity(graph: KnowledgeGraph, entity: str) -> str:
     if matches:
         raise KeyError(f"{entity!r} names several entities ({', '.join(matches)}); use an id.")
     raise KeyError(f"no entity with id or name {entity!r}; find ids with the search tool.")
-
-
-def kg_lookup_tool(graph: KnowledgeGraph) -> Tool:
-    return Tool(
-        name="kg_lookup",
-        description=(
-            "Looks up an entity of the medical knowledge graph (an id such as OMIM:243400,"
-            " HP:0001250, NCBIGene:10, or an exact name) and returns its neighbours by one"
-            " relation."
-        ),
-        parameters={
-            "type": "object",
-            "properties": {
-                "entity": {"type": "string"},
-                "relation": {"type": "string", "enum": sorted(LOOKUP_RELATIONS)},
-            },
-            "required": ["entity", "relation"],
-        },
-        fn=lambda entity, relation: kg_lookup(graph, entity, relation),
-    )

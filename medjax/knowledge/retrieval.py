@@ -1,13 +1,13 @@
-"""An offline medical search engine: BM25, optional dense retrieval, their fusion, and tools.
+"""An offline medical search engine: BM25, optional dense retrieval and their fusion.
 
 The stand-in for MedResearcher-R1's private medical retrieval engine, which is not released
-(medical_notes.md 2.3). The tools keep the released tools' shape: `search` takes a list of
-queries and joins the per-query blocks with `\\n=======\\n`; `read` takes a document id and an
-optional goal, like `visit`'s url and goal, but its focus is plain term overlap, not an LLM.
+(medical_notes.md 2.3). Its `search` and `read` tools (`search_tool`, `read_tool`) moved to
+`medjax.envs.tools`, so that this package imports nothing from the agent loop; what `read`
+shows of a document (`format_document`) stays here.
 
     index = BM25Index.cached(documents, cache_dir, key=None)   # key defaults to a corpus hash
     index.search(["seizures with fever"], k=5)                 # [[Hit, ...]]
-    tools = [search_tool(index), read_tool(index)]
+    tools = [envs.tools.search_tool(index), envs.tools.read_tool(index)]
 
 Choices:
 - Text: title + text, lowercased, words of two or more `\\w` characters (bm25s's default
@@ -49,10 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from medjax.agents.tools import Tool
-
 SNIPPET_CHARS = 300
-RESULT_SEPARATOR = "\n=======\n"
 _FORMAT = "medjax.bm25.v1"  # Bump when the tokenizer or the files change: old caches rebuild.
 _META = "meta.json"
 _DOCUMENTS = "documents.jsonl"
@@ -110,13 +107,13 @@ class Hit:
 
 
 class Searchable(Protocol):
-    """What `search_tool` and `HybridIndex` need: batched top-k search."""
+    """What `HybridIndex` and `medjax.envs.tools.search_tool` need: batched top-k search."""
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]: ...
 
 
 class Readable(Protocol):
-    """What `read_tool` needs: documents by id."""
+    """What `medjax.envs.tools.read_tool` needs: documents by id."""
 
     def get(self, doc_id: str) -> Document: ...
 
@@ -600,79 +597,6 @@ class HybridIndex:
         return results
 
 
-def _format_results(query: str, hits: Sequence[Hit]) -> str:
-    lines = [f"## Results for: {query}"]
-    if not hits:
-        lines.append("No results. Try synonyms, or fewer and more specific words.")
-    lines += [f"{h.rank}. [{h.doc_id}] {h.title}: {h.snippet}" for h in hits]
-    return "\n".join(lines)
-
-
-def search_tool(
-    index: Searchable,
-    *,
-    max_queries: int = 10,
-    default_k: int = 5,
-    max_k: int = 20,
-    name: str = "search",
-) -> Tool:
-    """MedResearcher-R1's `search` over a local index: `{"query": [str, ...], "k": int}`.
-
-    Args:
-      index: anything with `search(queries, k) -> list[list[Hit]]`.
-      max_queries: most queries per call (the paper's 10).
-      default_k: results per query when `k` is not given.
-      max_k: largest `k` allowed.
-      name: the tool's name.
-
-    Returns:
-      A Tool whose output has one block per query ("## Results for: <query>" then lines
-      "<rank>. [doc_id] Title: snippet"), blocks joined by "\\n=======\\n".
-    """
-    parameters = {
-        "type": "object",
-        "properties": {
-            "query": {
-                "type": "array",
-                "items": {"type": "string"},
-                "minItems": 1,
-                "maxItems": max_queries,
-                "description": f"1 to {max_queries} search queries, run together.",
-            },
-            "k": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": max_k,
-                "description": f"Results per query (default {default_k}, at most {max_k}).",
-            },
-        },
-        "required": ["query"],
-    }
-
-    def search(query: list[str], k: int = default_k) -> str:
-        if not 1 <= len(query) <= max_queries:
-            raise ValueError(f"give 1 to {max_queries} queries, got {len(query)}")
-        if not all(isinstance(q, str) and q.strip() for q in query):
-            raise ValueError("every query must be a non-empty string")
-        if not 1 <= k <= max_k:
-            raise ValueError(f"k must be between 1 and {max_k}, got {k}")
-        results = index.search(list(query), k)
-        return RESULT_SEPARATOR.join(
-            _format_results(q, h) for q, h in zip(query, results, strict=True)
-        )
-
-    return Tool(
-        name=name,
-        description=(
-            "Search the offline medical knowledge base (phenotypes, diseases, genes) with one or"
-            " more queries at once. Each result line is [doc_id] Title: snippet; read a doc_id"
-            " for the full entry."
-        ),
-        parameters=parameters,
-        fn=search,
-    )
-
-
 def format_document(doc: Document, *, goal: str | None = None, max_focus: int = 3) -> str:
     """`doc` as `read` shows it: header, metadata, goal-relevant sentences, full text.
 
@@ -698,49 +622,3 @@ def format_document(doc: Document, *, goal: str | None = None, max_focus: int = 
         lines += ["", "Full text:"]
     lines.append(doc.text)
     return "\n".join(lines)
-
-
-def read_tool(index: Readable, *, max_focus: int = 3, name: str = "read") -> Tool:
-    """Reads one document by id: `{"doc_id": str, "goal": str}` (goal optional).
-
-    With a goal, the document's sentences sharing the most words with it (after stopword
-    removal, no stemming) are listed first under "Relevant to the goal:", then the full text:
-    a cheap, deterministic stand-in for `visit`'s LLM extractor. An unknown id raises
-    `DocumentNotFoundError` (a KeyError), which the loop shows the model as an error.
-
-    Args:
-      index: anything with `get(doc_id) -> Document`.
-      max_focus: at most this many goal sentences.
-      name: the tool's name.
-
-    Returns:
-      The Tool.
-    """
-    parameters = {
-        "type": "object",
-        "properties": {
-            "doc_id": {"type": "string", "description": "A document id from search results."},
-            "goal": {"type": "string", "description": "What you want to learn from it."},
-        },
-        "required": ["doc_id"],
-    }
-
-    def read(doc_id: str, goal: str | None = None) -> str:
-        key = doc_id.strip()
-        try:
-            doc = index.get(key)
-        except KeyError:
-            if not (key.startswith("[") and key.endswith("]")):
-                raise
-            doc = index.get(key[1:-1])  # The id as the search output shows it, brackets included.
-        return format_document(doc, goal=goal, max_focus=max_focus)
-
-    return Tool(
-        name=name,
-        description=(
-            "Read one knowledge-base entry in full by its doc_id; with a goal, the most relevant"
-            " sentences come first."
-        ),
-        parameters=parameters,
-        fn=read,
-    )

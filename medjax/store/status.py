@@ -6,7 +6,8 @@
 Prints the main trainer's published steps and epoch (restarts), the sub trainer's applied
 steps and policy version, the queue between them (published, not yet applied), the lag,
 the policy versions in the last record, and the sub-trajectories dropped as stale or
-missing. Reads only; safe while both trainers run.
+missing. Reads only; safe while both trainers run. The key names come from
+`medjax.store.keys`.
 """
 
 import argparse
@@ -14,27 +15,25 @@ import json
 import sys
 import time
 
-from medjax.store import open_store
+from medjax.store import keys, open_store
 from medjax.store.base import Store
 
 
 def summary(store: Store, now: float | None = None) -> dict:
     """The run's state as a dict (what the command prints)."""
-    from medjax.training import decoupled
-
     now = time.time() if now is None else now
-    main = store.get("main/progress") or {}
-    sub = store.get("sub/progress") or {}
-    epoch = (store.get("main/epoch") or {}).get("epoch", 0)
-    published = sorted(int(k.rsplit("/", 1)[1]) for k in store.list("main/steps/"))
+    main = store.get(keys.MAIN_PROGRESS) or {}
+    sub = store.get(keys.SUB_PROGRESS) or {}
+    epoch = (store.get(keys.MAIN_EPOCH) or {}).get("epoch", 0)
+    published = sorted(keys.step_of(k) for k in store.list(keys.STEPS_PREFIX))
     applied = sub.get("applied_steps", 0)
     waiting = [s for s in published if s >= applied]
     waiting_rollouts, oldest = 0, None
     for step in waiting:
-        record = store.get(decoupled.step_key(step)) or {"rollouts": [], "time": now}
+        record = store.get(keys.step_key(step)) or {"rollouts": [], "time": now}
         waiting_rollouts += len(record["rollouts"])
         oldest = record["time"] if oldest is None else min(oldest, record["time"])
-    last = store.get(decoupled.step_key(published[-1])) if published else None
+    last = store.get(keys.step_key(published[-1])) if published else None
     sub_versions = sorted({v for r in (last or {}).get("rollouts", []) for v in r["sub_versions"]})
     return {
         "main": {

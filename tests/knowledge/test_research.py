@@ -10,6 +10,7 @@ import pytest
 
 from medjax import agents, llm
 from medjax.envs import research
+from medjax.envs import tools as env_tools
 from medjax.knowledge import corpus
 from medjax.synthesis import qa
 
@@ -50,7 +51,7 @@ def test_kg_lookup(env):
     assert corpus.kg_lookup(env.graph, "OMIM:619340", "phenotypes")["results"][1] == {
         "id": "HP:0002187", "name": "Intellectual disability, profound", "frequency": "obligate",
     }  # fmt: skip
-    tool = corpus.kg_lookup_tool(env.graph)
+    tool = env_tools.kg_lookup_tool(env.graph)
     _output, error = agents.run_tool(tool, {"entity": "no such thing", "relation": "genes"})
     assert "no entity with id or name 'no such thing'" in error
     parsed = agents.parse_reply(

@@ -1,5 +1,6 @@
 """medjax.knowledge.retrieval: BM25 scores against a by-hand Lucene BM25, exact top-1 hits on a
-hand-written corpus, save/load and cache round trips, RRF by hand, and the tools' outputs."""
+hand-written corpus, save/load and cache round trips, RRF by hand, and the tools' outputs
+(`search_tool`, `read_tool`: medjax.envs.tools)."""
 
 import itertools
 import json
@@ -14,6 +15,7 @@ from bm25s.stopwords import STOPWORDS_EN
 from rank_bm25 import BM25Okapi
 
 from medjax import agents
+from medjax.envs import tools as env_tools
 from medjax.knowledge import retrieval
 from medjax.knowledge.retrieval import BM25Index, Document, Hit
 
@@ -492,7 +494,7 @@ def test_dense_index_minilm():
 
 
 def test_search_tool_output(index):
-    tool = retrieval.search_tool(index)
+    tool = env_tools.search_tool(index)
     assert tool.name == "search"
     out = tool.fn(query=["pyrexia", "xylophone", "ectopia lentis"], k=2)
     assert out == (
@@ -514,7 +516,7 @@ def test_search_tool_output(index):
 
 
 def test_search_tool_schema_and_limits(index):
-    tool = retrieval.search_tool(index, max_queries=3)
+    tool = env_tools.search_tool(index, max_queries=3)
     valid = agents.validate_arguments
     assert valid(tool.parameters, {"query": ["fever"]}) is None
     assert valid(tool.parameters, {"query": ["fever"], "k": 3}) is None
@@ -534,7 +536,7 @@ def test_search_tool_schema_and_limits(index):
 
 
 def test_tools_parse_from_a_reply(index):
-    tools = [retrieval.search_tool(index), retrieval.read_tool(index)]
+    tools = [env_tools.search_tool(index), env_tools.read_tool(index)]
     call = {"name": "search", "arguments": {"query": ["fever"]}}
     reply = f"<think>t</think><tool_call>{json.dumps(call)}</tool_call>"
     parsed = agents.parse_reply(reply, tools)
@@ -544,7 +546,7 @@ def test_tools_parse_from_a_reply(index):
 
 
 def test_read_tool_with_and_without_goal(index):
-    tool = retrieval.read_tool(index)
+    tool = env_tools.read_tool(index)
     valid = agents.validate_arguments
     assert valid(tool.parameters, {"doc_id": "ORPHA:558", "goal": "genes"}) is None
     assert "missing" in valid(tool.parameters, {"goal": "genes"})
@@ -575,7 +577,7 @@ def test_read_tool_with_and_without_goal(index):
 
 
 def test_read_tool_unknown_id_is_an_error_observation(index):
-    observation, error = agents.run_tool(retrieval.read_tool(index), {"doc_id": "HP:9999999"})
+    observation, error = agents.run_tool(env_tools.read_tool(index), {"doc_id": "HP:9999999"})
     assert error == observation
     assert observation.startswith("read failed: DocumentNotFoundError: No document with id")
     assert "'HP:9999999'" in observation and "search" in observation
