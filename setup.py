@@ -32,7 +32,10 @@ setuptools.setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
-        "transformers>=5.24.0",
+        # 5.25 requires Hugging Face's `kernels` package, which this repository's top-level
+        # kernels/ folder shadows when run from a clone (transformers' hub-kernels import
+        # fails, and the package's egg_info hook breaks `pip wheel --no-build-isolation`).
+        "transformers>=5.24.0,<5.25",
         "tensorflow-datasets>=4.9.10",
         "gin-config>=0.5.0",
         "grain>=0.2.18",

@@ -112,18 +112,24 @@ class Setting:
     def model(self) -> ModelConfig:
         return comparisons.model_config(self)
 
-    def rl_stage(self, name: str, algorithm: str, steps: int, hops, **kwargs):
+    def rl_stage(self, name: str, steps: int, hops, **kwargs) -> train_lib.RLStage:
+        """An RL stage of this setting; `kwargs`: the algorithm and its own settings."""
         common = dict(
             prompts_per_step=self.prompts_per_step, num_generations=self.num_generations,
             save_every=steps, keep_checkpoints=1, hops=hops,
             optimizer=functools.partial(optim.make_optimizer, learning_rate=self.learning_rate),
         )  # fmt: skip
-        if algorithm == "mgrpo":
-            common.update(loss=losses.mgrpo_policy_loss, shared_model=False,
-                          sub_target_count=self.sub_target_count)  # fmt: skip
-        else:
-            common["loss"] = losses.grpo_loss
-        return train_lib.RLStage(name=name, algorithm=algorithm, steps=steps, **common, **kwargs)
+        return train_lib.RLStage(name=name, steps=steps, **common, **kwargs)
+
+    def mgrpo_stage(self, name: str, steps: int, hops, **kwargs) -> train_lib.RLStage:
+        """M-GRPO with distinct main and sub-agent models (d aligned sub-trajectories per
+        rollout, unless `sub_alignment` is False)."""
+        if kwargs.get("sub_alignment", True):
+            kwargs.setdefault("sub_target_count", self.sub_target_count)
+        return self.rl_stage(
+            name, steps, hops, algorithm="mgrpo", loss=losses.mgrpo_policy_loss,
+            shared_model=False, **kwargs,
+        )  # fmt: skip
 
 
 SETTINGS = {
@@ -161,15 +167,15 @@ def arm_stage(arm: str, setting: Setting, stage1: str) -> train_lib.RLStage:
     steps, hard = setting.steps, setting.hard_hops
     kwargs = {"heldout_every": setting.heldout_every}
     if arm == "single-agent":
-        return setting.rl_stage("arm", "grpo", steps, hard, **kwargs)
+        return setting.rl_stage("arm", steps, hard, algorithm="grpo", loss=losses.grpo_loss,
+                                **kwargs)  # fmt: skip
     options = {
         "co-training": {}, "main-only": {"train_sub": False},
         "no alignment": {"sub_alignment": False},
     }  # fmt: skip
     if arm not in options:
         raise ValueError(f"mgrpo_cotraining: unknown arm {arm!r}; arms are {ARMS}.")
-    return setting.rl_stage("arm", "mgrpo", steps, hard, sub_init_from=sub, **options[arm],
-                            **kwargs)  # fmt: skip
+    return setting.mgrpo_stage("arm", steps, hard, sub_init_from=sub, **options[arm], **kwargs)
 
 
 def stage1_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | None) -> str:
@@ -183,7 +189,7 @@ def stage1_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | Non
             warmup_steps=max(setting.base_steps // 12, 1), final_fraction=0.1,
         ),
     )  # fmt: skip
-    stage1 = setting.rl_stage("stage1", "mgrpo", setting.stage1_steps, setting.easy_hops)
+    stage1 = setting.mgrpo_stage("stage1", setting.stage1_steps, setting.easy_hops)
     train_lib.train(
         run_dir, task=setting.task(data_dir), model=setting.model(), stages=[base, stage1],
         tokenizer_vocab_size=setting.tokenizer_vocab_size, seed=seed, mesh_shape=(1, 1, 1),

@@ -27,6 +27,7 @@ from medjax.agents import tools as tools_lib
 from medjax.envs import research
 from medjax.sampling import SamplingParams
 from medjax.training import data as data_lib
+from medjax.training.task import TaskData
 
 
 @functools.cache
@@ -35,22 +36,6 @@ def _research_environment() -> research.ResearchEnvironment:
     from medjax.datasets import med_kg_qa
 
     return research.build_environment(med_kg_qa.knowledge_graph())
-
-
-@dataclasses.dataclass
-class TaskData:
-    """What a task gives the trainer.
-
-    Attributes:
-      chats: the expert's chats, one per training record (`{"messages": [...], ...}`): SFT
-        data and GRAO's reference answers.
-      records: the training records (questions, cases), `records[i]` answered by `chats[i]`.
-      eval_records: the held-out records.
-    """
-
-    chats: list[dict[str, Any]]
-    records: list[Any]
-    eval_records: list[Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +59,8 @@ class ResearchTask:
       top_p: nucleus sampling of rollouts.
       reward: the composite reward's weights.
 
-    Every task the trainer runs has the methods below (`environment`, `load`, `sft_chats`,
-    `rollout`, `score`, `reference_reward`, `evaluate`, `expert_chats`) and the attributes
-    `roles` (the agent roles SFT can train; None is the task's own agent) and
-    `result_keys` (the evaluation's columns in results.md); `training.consultation` holds
-    the other one.
+    It implements `medjax.training.task.Task` (as `training.consultation`'s task does), and
+    for M-GRPO also `reward` and `sub_agent`.
     """
 
     dataset: str = "med_kg_qa/tiny"
@@ -416,13 +398,14 @@ def mgrpo_sub_batch(
     subs: Sequence[agents.Trajectory], owner: np.ndarray, correct: np.ndarray,
     num_rollouts: int, target_count: int | None, key: jax.Array, *, pad_id: int,
     sub_weights=None, quantile: float = 0.99, shaping: research.RewardConfig | None = None,
-    align: bool = True,
+    align: bool = True, variant: str = "released", expert_rater=None,
 ):  # fmt: skip
     """The sub-agent's aligned rows, from the main rollouts' correctness only.
 
-    R_S of a sub-trajectory = b1 its format + b2 its main rollout's correctness (the
-    released variant: r_expert needs an LLM rater), plus `shaping`'s `answer_weight` and
-    `error_penalty` terms of its own episode (0 by default). Each rollout is aligned to d
+    R_S of a sub-trajectory = b1 its format + b2 its main rollout's correctness (variant
+    "released"; "paper" adds b3 r_expert, `expert_rater(sub_trajectory)` in [0, 1]), plus
+    `shaping`'s `answer_weight` and `error_penalty` terms of its own episode (0 by
+    default). Each rollout is aligned to d
     sub-trajectories (`target_count`, or the `quantile` of the counts when None), and sub
     advantages pool the d*K of each query (Eq. 11-13). Rollouts that delegated nothing give
     all-padding rows (advantage 0, mask 0). `align` False skips Eq. 11: each rollout keeps
@@ -461,9 +444,15 @@ def mgrpo_sub_batch(
     )
     rows_fmt = np.where(index >= 0, sub_fmt[np.maximum(index, 0)] if len(subs) else 0.0, 0.0)
     parent = np.repeat(np.arange(total), d)
-    kwargs = {"variant": "released"}
+    kwargs = {"variant": variant}
     if sub_weights is not None:
         kwargs["weights"] = sub_weights
+    if variant == "paper":
+        if expert_rater is None:
+            raise ValueError("mgrpo_sub_batch: variant 'paper' needs expert_rater (r_expert).")
+        rated = np.array([float(expert_rater(s)) for s in subs] or [0.0], np.float32)
+        expert = np.where(index >= 0, rated[np.maximum(index, 0)], 0.0)
+        kwargs["expert_reward"] = expert.astype(np.float32)
     correct = np.asarray(correct, np.float32)
     sub_rewards = np.asarray(losses.mgrpo_sub_rewards(rows_fmt, correct[parent], **kwargs))
     if shaping is not None and len(subs):
@@ -496,7 +485,8 @@ def mgrpo_sub_batch(
 def mgrpo_batches(
     trajs, records, num_rollouts: int, target_count: int | None, key: jax.Array, *,
     reward: research.RewardConfig, pad_id: int, main_weights=losses.mgrpo.MAIN_REWARD_WEIGHTS,
-    sub_weights=None, quantile: float = 0.99, align: bool = True,
+    sub_weights=None, quantile: float = 0.99, align: bool = True, variant: str = "released",
+    expert_rater=None,
 ):  # fmt: skip
     """M-GRPO rows for the main agent and the aligned sub-agent rows, in one process:
     `mgrpo_main_batch`, then `mgrpo_sub_batch` on the sub-trajectories the rollouts hold.
@@ -512,5 +502,6 @@ def mgrpo_batches(
     sub, sub_stats = mgrpo_sub_batch(
         subs, owner, correct, num_rollouts, target_count, key, pad_id=pad_id,
         sub_weights=sub_weights, quantile=quantile, shaping=reward, align=align,
+        variant=variant, expert_rater=expert_rater,
     )  # fmt: skip
     return main, sub, {**stats, **sub_stats}

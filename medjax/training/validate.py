@@ -28,7 +28,6 @@ from medjax.losses import grpo as grpo_losses
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.training import decoupled as decoupled_lib
 
-ALGORITHMS = ("grpo", "grao", "mgrpo")
 CHAT_TEMPLATES = (None, "chatml")
 # Folders a run directory uses for itself: a stage cannot be named after one.
 RESERVED_NAMES = ("eval", "tokenizer")
@@ -163,11 +162,14 @@ def sft_stage(values: Mapping[str, Any], roles: Sequence[str | None]) -> None:
             raise SettingError(f"{where}: role {r!r} is not None or one of {tuple(roles)}.")
 
 
-def rl_stage(values: Mapping[str, Any]) -> None:
-    """Checks an RL stage's fields (by name), the combinations included."""
+def rl_stage(values: Mapping[str, Any], algorithm_names: Sequence[str]) -> None:
+    """Checks an RL stage's fields (by name) that every algorithm shares; the algorithm
+    checks its own (`medjax.training.algorithms`)."""
     stage_name("RLStage", values["name"])
     where = f"RLStage {values['name']!r}"
-    choice(where, "algorithm", values["algorithm"], ALGORITHMS)
+    algorithm = values["algorithm"]
+    if isinstance(algorithm, str) or algorithm is None:
+        choice(where, "algorithm", algorithm, tuple(algorithm_names))
     _common(where, values)
     for field in ("prompts_per_step", "num_iterations", "num_minibatches"):
         integer(where, field, values[field], minimum=1)
@@ -195,26 +197,6 @@ def rl_stage(values: Mapping[str, Any]) -> None:
         or not 0 <= hops[0] <= hops[1]
     ):
         raise SettingError(f"{where}: hops {hops!r} is not (min, max).")
-    algorithm = values["algorithm"]
-    if decoupled is not None and algorithm != "mgrpo":
-        raise SettingError(
-            f"{where}: decoupled trainers are for algorithm 'mgrpo', not {algorithm!r}."
-        )
-    distinct = algorithm == "mgrpo" and not values["shared_model"] and decoupled is None
-    if (not values["train_sub"] or values["sub_init_from"]) and not distinct:
-        raise SettingError(
-            f"{where}: train_sub and sub_init_from are for M-GRPO with distinct models in one"
-            " process (algorithm='mgrpo', shared_model=False)."
-        )
-    if algorithm != "mgrpo":
-        # Rows are split in order into minibatches, then each into microbatches.
-        rows = values["prompts_per_step"] * values["num_generations"]
-        minibatches, microbatches = values["num_minibatches"], values["num_microbatches"]
-        if rows % minibatches or (rows // minibatches) % microbatches:
-            raise SettingError(
-                f"{where}: prompts_per_step * num_generations = {rows} rows do not split into"
-                f" num_minibatches {minibatches} of num_microbatches {microbatches}."
-            )
 
 
 def train_arguments(values: Mapping[str, Any], is_checkpoint: Callable[[str], bool]) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from medjax import train_lib
 from medjax.knowledge import hpo
-from medjax.training import validate
+from medjax.training import disk, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -391,7 +391,7 @@ def test_every_shipped_experiment_passes_validation(config, tmp_path, monkeypatc
     def started(self):
         raise _ValidatedError
 
-    monkeypatch.setattr(train_lib._NoSpaceLogFilter, "install", started)
+    monkeypatch.setattr(disk.NoSpaceLogFilter, "install", started)
     checkpoint = tmp_path / "checkpoint"  # What the real-scale runs' CHECKPOINT names.
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")

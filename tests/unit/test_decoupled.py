@@ -257,10 +257,11 @@ def test_stage_hops_select_records_and_an_empty_range_names_the_stage():
     from types import SimpleNamespace
 
     from medjax import train_lib
+    from medjax.training import runtime
 
     run = SimpleNamespace(data=SimpleNamespace(records=[{"hops": 2}, {"hops": 5}, {}, {"hops": 3}]))
-    assert train_lib._stage_records(run, train_lib.RLStage()) == [0, 1, 2, 3]
-    assert train_lib._stage_records(run, train_lib.RLStage(hops=(2, 3))) == [0, 3]
-    assert train_lib._stage_records(run, train_lib.RLStage(hops=(4, 6))) == [1]
+    assert runtime.stage_records(run, train_lib.RLStage()) == [0, 1, 2, 3]
+    assert runtime.stage_records(run, train_lib.RLStage(hops=(2, 3))) == [0, 3]
+    assert runtime.stage_records(run, train_lib.RLStage(hops=(4, 6))) == [1]
     with pytest.raises(train_lib.TrainError, match=r"RLStage 'hard': no training question has 7-9"):
-        train_lib._stage_records(run, train_lib.RLStage(name="hard", hops=(7, 9)))
+        runtime.stage_records(run, train_lib.RLStage(name="hard", hops=(7, 9)))

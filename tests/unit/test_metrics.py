@@ -190,7 +190,7 @@ def test_reward_plot_leaves_the_matplotlib_backend_alone(tmp_path):
     notebook that would silence every later plt.show()."""
     import matplotlib
 
-    from medjax import train_lib
+    from medjax.training import evaluation
 
     with metrics.MetricsWriter(tmp_path, subdir="rl", interactive=False) as writer:
         writer.start(0)
@@ -199,7 +199,7 @@ def test_reward_plot_leaves_the_matplotlib_backend_alone(tmp_path):
     before = matplotlib.get_backend()
     matplotlib.use("svg")
     try:
-        path = train_lib._plot_rewards(str(tmp_path), "rl")
+        path = evaluation.plot_rewards(str(tmp_path), "rl")
         assert matplotlib.get_backend() == "svg"
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -235,15 +235,14 @@ def test_episode_rows_pad_missing_episodes():
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_no_old_records(tmp_path):
     """The records of steps run before a kill that left no checkpoint are dropped on
     restart (they are run again), so metrics.jsonl never holds a step twice."""
-    from medjax import train_lib
-    from medjax.training import checkpoints, metrics
+    from medjax.training import checkpoints, metrics, runtime
 
     with metrics.MetricsWriter(tmp_path, subdir="rl", interactive=False) as writer:
         writer.start(0)
         writer.write(1, {"loss": 1.0})
     ckpt = checkpoints.Checkpointer(str(tmp_path / "rl" / "checkpoints"), save_every=1)
     with metrics.MetricsWriter(tmp_path, subdir="rl", interactive=False) as writer:
-        state, start, meta = train_lib._restore(ckpt, {"x": 1}, writer, "rl")
+        state, start, meta = runtime.restore(ckpt, {"x": 1}, writer, "rl")
         assert (state, start, meta) == ({"x": 1}, 0, {})
         writer.start(start)
         writer.write(1, {"loss": 2.0})
