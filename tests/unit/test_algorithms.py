@@ -63,8 +63,8 @@ def test_a_new_algorithm_is_one_registered_class():
          " 'mgrpo'"),
         ({"algorithm": "mgrpo", "advantage_scale": "none"}, "advantage_scale 'none' does"
          " nothing with algorithm 'mgrpo'"),
-        ({"algorithm": "grpo", "reference": "/models/ref"}, "reference '/models/ref' does"
-         " nothing with a KL coefficient of 0"),
+        ({"algorithm": "grao", "reference": "/models/ref"}, "reference '/models/ref' does"
+         " nothing with algorithm 'grao'"),
         ({"algorithm": "grpo", "advantage_scale": "none", "advantage_ddof": 0},
          "advantage_ddof 0 does nothing with advantage_scale 'none'"),
         ({"algorithm": "grpo", "sub_target_count": 4}, "sub_target_count 4 does nothing with"
@@ -127,7 +127,6 @@ def test_a_grpo_beta_bound_on_the_loss_in_gin_is_the_kl_coefficient(clean_gin):
     assert train_lib.RLStage(algorithm="grpo").method.kl_beta(train_lib.RLStage()) == 0.0
     with pytest.raises(train_lib.TrainError, match=r"kl_beta 0\.1 and the loss.s bound beta 0\.04"):
         train_lib.RLStage(algorithm="grpo", loss=loss, kl_beta=0.1)
-    # A reference is no longer "unused": the bound beta scores it.
     train_lib.RLStage(algorithm="grpo", loss=loss, reference="/models/ref")
     # The loss the stage trains with carries the bound beta: one token, ratio 1, advantage
     # 0, log pi - log ref = -0.5 -> k3 KL = exp(0.5) - 0.5 - 1; loss = beta * KL.

@@ -37,11 +37,6 @@ class GRPO:
             raise SettingError(
                 f"{where}: kl_beta {kl!r} and the loss's bound beta {bound!r} disagree; set one."
             )
-        if values["reference"] is not None and not (kl or bound):
-            raise SettingError(
-                f"{where}: reference {values['reference']!r} does nothing with a KL"
-                " coefficient of 0 (set kl_beta); leave it unset."
-            )
         if values["advantage_scale"] != "group" and values["advantage_ddof"] != 1:
             raise SettingError(
                 f"{where}: advantage_ddof {values['advantage_ddof']!r} does nothing with"
