@@ -248,4 +248,5 @@ def _run_stages(run: runtime.Run, stages, policy, dtype, evaluate: bool) -> dict
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 results[p] = json.load(f)
-    return evaluation.write_results(run_dir, results, stages, run.task.result_keys)
+    rl_stages = [s.name for s in stages if isinstance(s, RLStage)]
+    return evaluation.write_results(run_dir, results, rl_stages, run.task.result_keys)

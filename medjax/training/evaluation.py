@@ -97,15 +97,16 @@ def expert_nll(run: Run, model) -> float:
     return float(-(logps * mask).sum() / mask.sum())
 
 
-def write_results(run_dir: str, results: dict[str, dict], stages, keys) -> dict:
-    """results.md and results.json: the table of evaluation points, and reward plots."""
+def write_results(run_dir: str, results: dict[str, dict], rl_stages, keys) -> dict:
+    """results.md and results.json: the table of evaluation points, and the reward plots of
+    the RL stages named in `rl_stages`."""
     table = {p: {k: r[k] for k in keys} for p, r in results.items()}
     lines = ["| point | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for point, row in table.items():
         lines.append(f"| {point} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
     plots = []
-    for stage in stages:  # RL stages log rewards; SFT stages have none to plot.
-        path = plot_rewards(run_dir, stage.name)
+    for stage in rl_stages:
+        path = plot_rewards(run_dir, stage)
         if path:
             plots.append(os.path.basename(path))
     text = "# Results\n\nHeld-out evaluation (greedy, one episode per question):\n\n"
@@ -120,11 +121,8 @@ def write_results(run_dir: str, results: dict[str, dict], stages, keys) -> dict:
 
 
 def plot_rewards(run_dir: str, stage: str) -> str | None:
-    """<stage>_reward_per_step.png from the stage's metrics (None: it logged no rewards)."""
-    path = os.path.join(run_dir, stage, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    records = metrics.read_jsonl(path)
+    """<stage>_reward_per_step.png from an RL stage's metrics (None: it logged no rewards)."""
+    records = metrics.read_jsonl(os.path.join(run_dir, stage, "metrics.jsonl"))
     points = [(r["step"], r["reward/mean"]) for r in records if "reward/mean" in r]
     if not points:
         return None

@@ -20,6 +20,8 @@ A new algorithm is one new module in this package whose class is decorated with
 """
 
 import dataclasses
+import functools
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -138,14 +140,19 @@ def unused_fields(
                 f"{where}: decoupled trainers are for algorithm 'mgrpo', not {name!r}."
             )
         if field in ("train_sub", "sub_init_from"):
-            raise SettingError(
-                f"{where}: train_sub and sub_init_from are for M-GRPO with distinct models in"
-                " one process (algorithm='mgrpo', shared_model=False)."
-            )
+            raise distinct_models_only(where)
         raise SettingError(
             f"{where}: {field} {values[field]!r} does nothing with algorithm {name!r} (it is"
             f" for {purpose}); leave it unset."
         )
+
+
+def distinct_models_only(where: str) -> SettingError:
+    """The error for train_sub / sub_init_from where no distinct sub-agent model trains."""
+    return SettingError(
+        f"{where}: train_sub and sub_init_from are for M-GRPO with distinct models in one"
+        " process (algorithm='mgrpo', shared_model=False)."
+    )
 
 
 def _same(value, default) -> bool:
@@ -169,20 +176,20 @@ def rows_split(where: str, values: Mapping[str, Any]) -> None:
 
 def bound_option(fn: Callable, option: str) -> Any:
     """The value of `fn`'s keyword `option` bound by functools.partial or gin (None if
-    neither binds it): what the function will really be called with."""
-    import functools
-
-    import gin
-
+    neither binds it): what the function will really be called with. The library never
+    imports gin: a gin wrapper can only exist where the caller already has."""
     while isinstance(fn, functools.partial):
         if option in fn.keywords:
             return fn.keywords[option]
         fn = fn.func
+    gin = sys.modules.get("gin")
     inner = getattr(fn, "__wrapped__", None)
+    if gin is None or inner is None:
+        return None
     try:
         # Only gin's wrapper applies the bindings: the plain function called directly
         # ignores them.
-        if inner is None or gin.get_configurable(inner) is not fn:
+        if gin.get_configurable(inner) is not fn:
             return None
         return gin.get_bindings(fn).get(option)
     except (ValueError, KeyError, TypeError):  # Not known to gin.

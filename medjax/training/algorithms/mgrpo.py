@@ -16,6 +16,7 @@ from medjax.training.algorithms import base
 from medjax.training.validate import SettingError
 
 SUB_REWARD_VARIANTS = ("released", "paper")
+TARGET_QUANTILE = 0.99  # The paper's coverage for d (Eq. 11).
 
 
 @base.register
@@ -48,16 +49,13 @@ class MGRPO:
     sub_reward_variant: str = "released"
     sub_reward_weights: tuple[float, ...] | None = None
     expert_rater: Callable[[Any], float] | None = None
-    target_quantile: float = 0.99
+    target_quantile: float = TARGET_QUANTILE
 
     def check(self, where, values, defaults) -> None:
         base.unused_fields(where, self.name, self.fields, values, defaults)
         distinct = not values["shared_model"] and values["decoupled"] is None
         if (not values["train_sub"] or values["sub_init_from"]) and not distinct:
-            raise SettingError(
-                f"{where}: train_sub and sub_init_from are for M-GRPO with distinct models in"
-                " one process (algorithm='mgrpo', shared_model=False)."
-            )
+            raise base.distinct_models_only(where)
         if (
             values["sub_optimizer"] is not None
             and values["shared_model"]
@@ -101,7 +99,9 @@ class MGRPO:
         q = self.target_quantile
         if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q <= 1:
             raise SettingError(f"{own}target_quantile {q!r} is not a number in (0, 1].")
-        if q != 0.99 and (values["sub_target_count"] is not None or not values["sub_alignment"]):
+        if q != TARGET_QUANTILE and (
+            values["sub_target_count"] is not None or not values["sub_alignment"]
+        ):
             raise SettingError(
                 f"{own}target_quantile {q!r} does nothing with a fixed sub_target_count"
                 f" ({values['sub_target_count']!r}) or without alignment; set"
