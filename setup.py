@@ -50,7 +50,6 @@ setuptools.setup(
         "tqdm>=4.67",
         "etils[epath]>=1.15.0",  # TFDS builders (medjax.datasets).
         "matplotlib>=3.9",  # run_eval.py's report plots.
-        "tensorboardX>=2.6.5",  # TensorBoard event files without TensorFlow (training).
     ],
     extras_require={
         "test": [
@@ -64,6 +63,8 @@ setuptools.setup(
             "chex>=0.1.92",
             "hypothesis>=6.155",
             "ruff>=0.17.6",
+            # An independent reader of the event files medjax writes (tests/unit/test_events.py).
+            "tensorboardX>=2.6.5",
             "redis>=8.1",  # The Redis store's tests (a real redis-server, see .ci/run).
             "accelerate>=1.16",  # transformers' own GGUF loading, the oracle of tests/golden.
             # The CPU build; a bare `torch` would pull a multi-GB CUDA build.

@@ -127,7 +127,6 @@ def _configs() -> list[QuestionsConfig]:
 
 
 @functools.cache
-@functools.cache
 def knowledge_graph() -> graph_lib.KnowledgeGraph:
     """The graph of the bundled HPO release, built once per process (a few seconds) and
     shared: callers only read it."""

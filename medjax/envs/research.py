@@ -103,10 +103,12 @@ def build_environment(
 ) -> ResearchEnvironment:
     """The graph, its corpus and a BM25 index, cached under the HPO release's hash."""
     graph = graph_lib.KnowledgeGraph(hpo.load()) if graph is None else graph
-    docs = corpus_lib.build_corpus(graph)
     root = hpo.cache_dir() if cache is None else cache
     key = f"{graph.data.source_hash[:20]}-corpus{CORPUS_VERSION}"
-    index = retrieval.BM25Index.cached(docs, f"{root}/bm25-{key}", key=key)
+    # The corpus (~12,700 documents, seconds to write) is built only when the index is.
+    index = retrieval.BM25Index.cached(
+        lambda: corpus_lib.build_corpus(graph), f"{root}/bm25-{key}", key=key
+    )
     return ResearchEnvironment(graph, index)
 
 

@@ -44,7 +44,7 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -371,7 +371,7 @@ class BM25Index:
     @classmethod
     def cached(
         cls,
-        documents: Sequence[Document],
+        documents: Sequence[Document] | Callable[[], Sequence[Document]],
         cache_dir: str | os.PathLike,
         key: str | None = None,
         *,
@@ -385,16 +385,25 @@ class BM25Index:
         builds, the others then load what it saved.
 
         Args:
-          documents: the corpus (only read when the index is built).
+          documents: the corpus (only read when the index is built), or a function that
+            returns it, called only then (with a `key`, a cache hit never builds the corpus).
           cache_dir: the index directory.
-          key: what identifies the corpus; None: `corpus_fingerprint(documents, k1=, b=)`.
+          key: what identifies the corpus; None: `corpus_fingerprint(documents, k1=, b=)`
+            (then the corpus is built either way).
           k1, b: BM25 parameters; a cached index built with others is rebuilt.
 
         Returns:
           The loaded or newly built index.
         """
-        docs = tuple(documents)
-        key = corpus_fingerprint(docs, k1=k1, b=b) if key is None else key
+        docs = None
+
+        def corpus() -> tuple[Document, ...]:
+            nonlocal docs
+            if docs is None:
+                docs = tuple(documents() if callable(documents) else documents)
+            return docs
+
+        key = corpus_fingerprint(corpus(), k1=k1, b=b) if key is None else key
         directory = pathlib.Path(cache_dir)
         directory.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{directory}.lock", "w") as lock:
@@ -404,7 +413,7 @@ class BM25Index:
             stored = meta.get("format"), meta.get("key"), meta.get("params")
             if stored == (_FORMAT, key, wanted):
                 return cls.load(cache_dir)
-            index = cls(docs, k1=k1, b=b)
+            index = cls(corpus(), k1=k1, b=b)
             try:
                 index.save(cache_dir, key=key)
             except OSError as e:  # A full disk costs a rebuild next time (meta.json is last).

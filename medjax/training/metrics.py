@@ -1,7 +1,8 @@
 """Metrics: scalars to TensorBoard event files and to `metrics.jsonl`, with progress on stderr.
 
 `MetricsWriter` writes each step's scalars twice under `run_dir/subdir`: to TensorBoard event
-files through tensorboardX (no TensorFlow), and as one JSON object per line to `metrics.jsonl`,
+files (TFRecords of `Event` protos, encoded in `events`; no TensorFlow), and as one JSON object
+per line to `metrics.jsonl`,
 which `read_jsonl` reads back. It also shows progress: a tqdm bar on a terminal, else one plain
 log line every `log_every` steps. Only the writing process (process 0 in multi-host runs) writes
 or shows anything.
@@ -12,7 +13,7 @@ from a checkpoint taken at step s calls `truncate_after(s)` and `start(s)`, then
 steps > s, as `truncate_after` drops them from the JSONL.
 
 `read_event_scalars` reads the event files back without TensorFlow (the TFRecord framing with
-both CRCs checked, and tensorboardX's `Event` proto), applying those marks as TensorBoard does.
+both CRCs checked, and the `Event` proto), applying those marks as TensorBoard does.
 """
 
 import io
@@ -22,6 +23,7 @@ import operator
 import os
 import pathlib
 import re
+import socket
 import struct
 import sys
 import tempfile
@@ -31,22 +33,22 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorboardX
 import tqdm
-from tensorboardX.proto import event_pb2
+
+from medjax.training import events as events_lib
 
 JSONL_NAME = "metrics.jsonl"
 EVENT_FILE_MARKER = "events.out.tfevents."
 # JSON has no NaN or infinity; these strings stand for them in metrics.jsonl (still valid JSON).
 NONFINITE_STRINGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-# tensorboardX silently rewrites other characters to "_" (`summary._clean_tag`); keys must
-# reach TensorBoard unchanged so that both outputs use the same names.
+# TensorBoard's writers rewrite other characters to "_" (tensorboardX's `_clean_tag`); keys
+# are kept to these so that any tool reads the same names in both outputs.
 _TAG_RE = re.compile(r"[-\w.][-/\w.]*")
 _RESERVED_KEYS = ("step", "time")
 
 
 class MetricsWriter:
-    """Writes scalars to TensorBoard event files (tensorboardX) and to `metrics.jsonl`, and
+    """Writes scalars to TensorBoard event files and to `metrics.jsonl`, and
     shows progress.
 
     Files go to `run_dir/subdir`: event files named `events.out.tfevents.*` (one per writer,
@@ -106,7 +108,7 @@ class MetricsWriter:
         self._log_every = log_every
         self._desc = desc
         self._progress_keys = tuple(progress_keys)
-        self._events: tensorboardX.SummaryWriter | None = None
+        self._events: io.BufferedWriter | None = None
         self._jsonl: io.TextIOWrapper | None = None
         self._bar: tqdm.tqdm | None = None
         self._start_step: int | None = None
@@ -157,9 +159,7 @@ class MetricsWriter:
         now = time.time()
         if self._events is None:
             self._open_events(purge_step=None)
-        for key, value in values.items():
-            self._events.add_scalar(key, value, global_step=step, walltime=now)
-        self._events.flush()
+        self._write_event(events_lib.Event(now, step, scalars=tuple(values.items())))
         record = {"step": step, "time": now}
         record.update({k: _json_float(v) for k, v in values.items()})
         if self._jsonl is None:
@@ -243,12 +243,23 @@ class MetricsWriter:
             raise ValueError("MetricsWriter: already closed.")
 
     def _open_events(self, purge_step: int | None) -> None:
-        # tensorboardX names files by the second and the host only, and a second writer in
-        # the same second would truncate the first one's file; nanoseconds keep the names
-        # apart and in creation order, the order TensorBoard reads them in.
-        self._events = tensorboardX.SummaryWriter(
-            str(self.logdir), purge_step=purge_step, filename_suffix=f".{time.time_ns()}"
-        )
+        # TensorBoard's name: the second and the host, then nanoseconds, which keep two
+        # writers of one second apart and in creation order (the order TensorBoard reads).
+        now = time.time()
+        name = f"{EVENT_FILE_MARKER}{int(now)}.{socket.gethostname()}.{time.time_ns()}"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._events = open(self.logdir / name, "xb")  # noqa: SIM115 - closed by close().
+        self._write_event(events_lib.Event(now, file_version=events_lib.FILE_VERSION))
+        if purge_step is not None:
+            start = events_lib.Event(now, purge_step, session_status=events_lib.SESSION_START)
+            self._write_event(start)
+
+    def _write_event(self, event: events_lib.Event) -> None:
+        payload = events_lib.encode(event)
+        header = struct.pack("<Q", len(payload))
+        record = header + struct.pack("<I", masked_crc32c(header))
+        record += payload + struct.pack("<I", masked_crc32c(payload))
+        self._events.write(record)
         self._events.flush()
 
     def _open_bar(self, initial: int) -> None:
@@ -343,23 +354,15 @@ def read_event_scalars(logdir: str | os.PathLike[str]) -> dict[str, list[tuple[i
     scalars: dict[str, list[tuple[int, float]]] = {}
     for path in paths:
         for event in _read_events(path):
-            if (
-                event.HasField("session_log")
-                and event.session_log.status == event_pb2.SessionLog.START
-            ):
+            if event.session_status == events_lib.SESSION_START:
                 for tag, points in scalars.items():
                     scalars[tag] = [(s, v) for s, v in points if s < event.step]
-            if not event.HasField("summary"):
-                continue
-            for value in event.summary.value:
-                if value.WhichOneof("value") == "simple_value":
-                    scalars.setdefault(value.tag, []).append(
-                        (int(event.step), float(value.simple_value))
-                    )
+            for tag, value in event.scalars:
+                scalars.setdefault(tag, []).append((event.step, value))
     return {tag: points for tag, points in scalars.items() if points}
 
 
-def _read_events(path: pathlib.Path) -> list[event_pb2.Event]:
+def _read_events(path: pathlib.Path) -> list[events_lib.Event]:
     """Decodes one event file: records of uint64 length, masked CRC32C of the length, the data
     and the masked CRC32C of the data (little-endian)."""
     data = path.read_bytes()
@@ -380,8 +383,8 @@ def _read_events(path: pathlib.Path) -> list[event_pb2.Event]:
         if masked_crc32c(payload) != payload_crc:
             raise _corrupt(path, offset, "data CRC mismatch")
         try:
-            events.append(event_pb2.Event.FromString(payload))
-        except Exception as e:  # protobuf's DecodeError class depends on its backend.
+            events.append(events_lib.decode(payload))
+        except ValueError as e:
             raise _corrupt(path, offset, f"bad Event proto ({e})") from e
         offset = end
     return events

@@ -312,6 +312,29 @@ def test_cached_reloads_on_same_key_and_rebuilds_on_new(tmp_path):
     assert json.loads((tmp_path / "meta.json").read_text())["params"]["k1"] == 1.2
 
 
+def test_cached_builds_a_corpus_given_as_a_function_only_on_a_miss(tmp_path):
+    calls = []
+
+    def corpus(docs):
+        def build():
+            calls.append(len(docs))
+            return docs
+
+        return build
+
+    assert BM25Index.cached(corpus(CORPUS[:6]), tmp_path, key="v1").documents == CORPUS[:6]
+    assert calls == [6]
+    # A hit loads the stored index and never builds the corpus.
+    assert BM25Index.cached(corpus(CORPUS[6:]), tmp_path, key="v1").documents == CORPUS[:6]
+    assert calls == [6]
+    assert BM25Index.cached(corpus(CORPUS[6:]), tmp_path, key="v2").documents == CORPUS[6:]
+    assert calls == [6, len(CORPUS) - 6]
+    # Without a key the fingerprint needs the corpus: built once, hit or miss.
+    assert BM25Index.cached(corpus(CORPUS[:6]), tmp_path / "d").documents == CORPUS[:6]
+    assert BM25Index.cached(corpus(CORPUS[:6]), tmp_path / "d").documents == CORPUS[:6]
+    assert calls == [6, len(CORPUS) - 6, 6, 6]
+
+
 def test_cached_default_key_follows_the_corpus(tmp_path):
     assert BM25Index.cached(CORPUS[:6], tmp_path).documents == CORPUS[:6]
     assert BM25Index.cached(CORPUS[6:], tmp_path).documents == CORPUS[6:]
