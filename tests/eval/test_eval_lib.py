@@ -36,24 +36,25 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The subprocess's environment: HPO and BM25 caches in a temporary folder."""
-    return {**os.environ, "MEDJAX_CACHE": str(tmp_path_factory.mktemp("cache"))}
+def env(run_train_env):
+    """The subprocess's environment and the tiny KG-QA data folder of the run's training
+    tests (tests/conftest.py: one HPO cache, BM25 index and dataset build for the run)."""
+    return run_train_env
 
 
 def run_eval(args, env):
     return subprocess.run(
         [sys.executable, "run_eval.py", *args],
-        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=env["env"], capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
 
 
-@pytest.mark.slow  # About a minute: builds the dataset and index, compiles the sampler.
+@pytest.mark.slow  # Compiles the sampler; the dataset and index are the run's (conftest.py).
 def test_research_gin_file_on_a_tiny_checkpoint(checkpoint, env, tmp_path):
     out = tmp_path / "report"
     bindings = {
         "checkpoint": repr(str(checkpoint)),
-        "data_dir": repr(str(tmp_path / "tfds")),
+        "data_dir": repr(env["data_dir"]),
         "out_dir": repr(str(out)),
         "num_questions": "3",
         "max_new_tokens": "8",
