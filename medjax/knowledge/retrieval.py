@@ -395,15 +395,13 @@ class BM25Index:
         Returns:
           The loaded or newly built index.
         """
-        docs = None
 
         def corpus() -> tuple[Document, ...]:
-            nonlocal docs
-            if docs is None:
-                docs = tuple(documents() if callable(documents) else documents)
-            return docs
+            return tuple(documents() if callable(documents) else documents)
 
-        key = corpus_fingerprint(corpus(), k1=k1, b=b) if key is None else key
+        if key is None:  # The fingerprint reads the corpus: build it once, here.
+            documents = corpus()
+            key = corpus_fingerprint(documents, k1=k1, b=b)
         directory = pathlib.Path(cache_dir)
         directory.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{directory}.lock", "w") as lock:

@@ -1,8 +1,8 @@
 """TensorBoard event records, encoded and decoded here: the few `Event` fields scalars need.
 
 An event file is a sequence of TFRecords (see `metrics`) whose payloads are `tensorflow.Event`
-protocol buffers. Writing scalars needs four of its fields, and reading them back the same
-four, so this module speaks the protobuf wire format for exactly those (field numbers from
+protocol buffers. Writing scalars needs five of its fields, and reading them back the same
+five, so this module speaks the protobuf wire format for exactly those (field numbers from
 TensorBoard's `event.proto` and `summary.proto`):
 
     Event:      wall_time = 1 (double), step = 2 (int64), file_version = 3 (string),
@@ -11,10 +11,10 @@ TensorBoard's `event.proto` and `summary.proto`):
     Value:      tag = 1 (string), simple_value = 2 (float)
     SessionLog: status = 1 (enum; START = 1)
 
-The last three are members of one oneof: an event holds one of them. Decoding skips every
-other field (histograms, graphs, tensors written by other tools), so
-any event file reads. Writing through tensorboardX instead would import PyTorch wherever it
-is installed (tensorboardX's writer does at import): seconds at the start of every run.
+file_version, summary and session_log are members of one oneof: an event holds one of them.
+Decoding skips every other field (histograms, graphs, tensors written by other tools), so any
+event file reads. Writing through tensorboardX instead would import PyTorch wherever it is
+installed (tensorboardX's writer does at import): seconds at the start of every run.
 """
 
 import dataclasses
@@ -85,7 +85,7 @@ def encode(event: Event) -> bytes:
 
 
 def decode(data: bytes) -> Event:
-    """Reads an Event proto's bytes; fields other than the four above are skipped.
+    """Reads an Event proto's bytes; fields other than the five above are skipped.
 
     Raises:
       ValueError: the bytes are not a well-formed message.

@@ -2,10 +2,9 @@
 
 `MetricsWriter` writes each step's scalars twice under `run_dir/subdir`: to TensorBoard event
 files (TFRecords of `Event` protos, encoded in `events`; no TensorFlow), and as one JSON object
-per line to `metrics.jsonl`,
-which `read_jsonl` reads back. It also shows progress: a tqdm bar on a terminal, else one plain
-log line every `log_every` steps. Only the writing process (process 0 in multi-host runs) writes
-or shows anything.
+per line to `metrics.jsonl`, which `read_jsonl` reads back. It also shows progress: a tqdm bar
+on a terminal, else one plain log line every `log_every` steps. Only the writing process
+(process 0 in multi-host runs) writes or shows anything.
 
 Steps count completed updates: the record for step s describes the s-th update, so a run resumed
 from a checkpoint taken at step s calls `truncate_after(s)` and `start(s)`, then writes steps
@@ -48,8 +47,7 @@ _RESERVED_KEYS = ("step", "time")
 
 
 class MetricsWriter:
-    """Writes scalars to TensorBoard event files and to `metrics.jsonl`, and
-    shows progress.
+    """Writes scalars to TensorBoard event files and to `metrics.jsonl`, and shows progress.
 
     Files go to `run_dir/subdir`: event files named `events.out.tfevents.*` (one per writer,
     made on `start` or the first `write`) and `metrics.jsonl`, appended to. Every `write` is
