@@ -41,12 +41,10 @@ after --time-budget seconds.
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import math
 import os
 import pathlib
-import platform
 import socket
 import statistics
 import sys
@@ -56,26 +54,20 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import machine, versions
 
+from medjax import packing
 from medjax.kernels import logprob
 from medjax.kernels import prefix_attention as pa
-
-try:  # Absent where only medjax.kernels is installed; the layout is then built here.
-    from medjax import packing
-except ImportError:
-    packing = None
-
-try:  # benchmarks/common.py, the other benchmarks' provenance (no torch at import time).
-    from common import machine as common_machine
-    from common import versions as common_versions
-except Exception:
-    common_machine = common_versions = None
 
 START = time.perf_counter()
 RESULTS = pathlib.Path(__file__).parent / "results" / "kernels_gpu.json"
 MODES = ("forward", "forward_backward")
 IMPLS = ("pallas", "xla", "reference")
-PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "numpy", "flax", "medjax")
+PACKAGES = (
+    "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
+    "jax-cuda13-pjrt", "numpy", "flax", "medjax",
+)  # fmt: skip
 # Relative-error bounds of the check. The implementations run at the default matmul
 # precision (TF32 for float32 matmuls on recent NVIDIA GPUs) against a "highest" oracle.
 TOLERANCE = {"float32": 1e-2, "bfloat16": 5e-2}
@@ -124,30 +116,13 @@ def log(message: str) -> None:
 
 
 def provenance() -> dict:
-    """common.machine() and common.versions(), or the same fields read here when
-    benchmarks/common.py (or medjax.reproductions behind it) cannot be imported."""
+    """common.machine() and common.versions(), with the devices' kinds and the run's
+    command line."""
     out = {"hostname": socket.gethostname(), "date": datetime.datetime.now().astimezone()}
     out["date"] = out["date"].isoformat(timespec="seconds")
-    try:
-        out["machine"] = common_machine()
-    except Exception:
-        out["machine"] = {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "jax_backend": jax.default_backend(),
-            "jax_devices": [str(d) for d in jax.devices()],
-        }
+    out["machine"] = machine()
     out["machine"]["device_kinds"] = [d.device_kind for d in jax.devices()]
-    try:
-        out["versions"] = common_versions(*PACKAGES)
-    except Exception:
-        out["versions"] = {}
-        for name in PACKAGES:
-            try:
-                out["versions"][name] = importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                out["versions"][name] = None
+    out["versions"] = versions(*PACKAGES)
     out["versions"]["jax.__version__"] = jax.__version__
     out["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
     out["jax_pallas_use_mosaic_gpu"] = bool(getattr(jax.config, "jax_pallas_use_mosaic_gpu", False))
@@ -298,15 +273,12 @@ def logprob_case(n, d, v, dtype, block_n, block_v, entropy, seed):
 
 def segment_ids(batch, prompt, group, completion_len):
     """[B, L] segment ids of `batch` rows of a full prompt and G full completions."""
-    if packing is not None:
-        return packing.pack_groups(
-            np.full((batch,), prompt),
-            np.full((batch, group), completion_len),
-            prompt_capacity=prompt,
-            completion_capacity=completion_len,
-        ).segment_ids
-    row = np.concatenate([np.zeros(prompt), np.repeat(np.arange(1, group + 1), completion_len)])
-    return jnp.asarray(np.tile(row, (batch, 1)), jnp.int32)
+    return packing.pack_groups(
+        np.full((batch,), prompt),
+        np.full((batch, group), completion_len),
+        prompt_capacity=prompt,
+        completion_capacity=completion_len,
+    ).segment_ids
 
 
 def attention_case(seg, heads, kv_heads, head_dim, block_q, block_k, dtype, seed):
@@ -642,7 +614,7 @@ def plan(args):
             "completions": args.attn_completions,
             "completion_len": args.attn_completion_len,
             "length": int(seg.shape[1]),
-            "built_by": "medjax.packing.pack_groups" if packing is not None else "numpy",
+            "built_by": "medjax.packing.pack_groups",
         }
         try:
             layout["blocks"] = layout_blocks(seg, args.attn_block_q, args.attn_block_k)
