@@ -20,6 +20,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Most tests compile many small programs once and run each for milliseconds: XLA's backend
+# optimisations (LLVM at -O0 without its expensive passes) cost more than they save there
+# (tests/unit/test_scoring.py + test_sampling.py: 136 s -> 91 s on 2 cores). The programs are
+# the same HLO; only the machine code is less optimised. It is a compile option of this
+# process only (no environment variable): run_train.py subprocesses, which run long enough
+# to need optimised code, compile as a user's run does. `optimized_xla` turns it back on.
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _optimized_xla():
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+
+
+# XLA's backend optimisations on, for a test (or a module fixture) whose in-process run time
+# dominates its compile time, such as a few dozen training steps.
+optimized_xla = pytest.fixture(_optimized_xla)
+optimized_xla_module = pytest.fixture(_optimized_xla, scope="module")
+
 
 @pytest.fixture(scope="session")
 def shared_tmp(tmp_path_factory):

@@ -60,6 +60,10 @@ class Edge(NamedTuple):
 class KnowledgeGraph:
     """The typed graph; build with `KnowledgeGraph.from_hpo(hpo.load())`.
 
+    The edges are held as integer columns (about 600,000 edge ends); an entity's list of
+    `Edge`s is built the first time it is asked for. A run that walks a few entities (the
+    research tools) skips building the rest, which took seconds per process.
+
     Attributes:
       data: the parsed release.
       num_diseases: N, for information content.
@@ -67,47 +71,90 @@ class KnowledgeGraph:
 
     def __init__(self, data: hpo.HpoData):
         self.data = data
-        self._out: dict[str, list[Edge]] = collections.defaultdict(list)
-        self._in: dict[str, list[Edge]] = collections.defaultdict(list)
         a = data.annotations
-        term_ids, disease_ids = data.term_ids, data.disease_ids
-        aspect_p, aspect_i = hpo.ASPECTS.index("P"), hpo.ASPECTS.index("I")
-        seen = set()
-        for d, t, neg, freq, asp in zip(
-            a.disease.tolist(),
-            a.term.tolist(),
-            a.negated.tolist(),
-            a.frequency.tolist(),
-            a.aspect.tolist(),
-            strict=True,
-        ):
-            disease, term = disease_ids[d], term_ids[t]
-            if asp == aspect_p:
-                relation = "lacks_phenotype" if neg else "has_phenotype"
-            elif asp == aspect_i and not neg:
-                relation = "inheritance"
-            else:
-                continue
-            if (disease, relation, term) in seen:  # OMIM and ORPHA rows may repeat a pair.
-                continue
-            seen.add((disease, relation, term))
-            self._add(disease, relation, term, freq)
-        for g, d in data.gene_disease.tolist():
-            self._add(data.gene_ids[g], "associated_with", disease_ids[d])
-        for term in data.terms.values():
-            if not term.obsolete:
-                for parent in term.parents:
-                    self._add(term.id, "is_a", parent)
-        self.num_diseases = len(disease_ids)
+        n_diseases, n_terms = len(data.disease_ids), len(data.term_ids)
+        # One table of entity names: diseases, then terms, then genes.
+        self._names: list[str] = [*data.disease_ids, *data.term_ids, *data.gene_ids]
+        term_base, gene_base = n_diseases, n_diseases + n_terms
+        has, lacks, inherits, assoc, is_a = (RELATIONS.index(r) for r in (
+            "has_phenotype", "lacks_phenotype", "inheritance", "associated_with", "is_a"
+        ))  # fmt: skip
+        aspect = np.asarray(a.aspect)
+        negated = np.asarray(a.negated, bool)
+        relation = np.full(len(aspect), -1, np.int64)
+        on_p = aspect == hpo.ASPECTS.index("P")
+        relation[on_p & negated] = lacks
+        relation[on_p & ~negated] = has
+        relation[(aspect == hpo.ASPECTS.index("I")) & ~negated] = inherits
+        rows = np.flatnonzero(relation >= 0)
+        disease = np.asarray(a.disease, np.int64)[rows]
+        term = np.asarray(a.term, np.int64)[rows]
+        relation = relation[rows]
+        # OMIM and ORPHA rows may repeat a (disease, relation, term): keep the first.
+        key = (disease * len(RELATIONS) + relation) * n_terms + term
+        first = np.sort(np.unique(key, return_index=True)[1])
+        gene_disease = np.asarray(data.gene_disease, np.int64).reshape(-1, 2)
+        parents = [(t.id, p) for t in data.terms.values() if not t.obsolete for p in t.parents]
+        term_index = {t: term_base + i for i, t in enumerate(data.term_ids)}
+        for t in data.terms:  # Parents outside term_ids (none in a release) get a name too.
+            if t not in term_index:
+                term_index[t] = len(self._names)
+                self._names.append(t)
+        for _, parent in parents:
+            if parent not in term_index:
+                term_index[parent] = len(self._names)
+                self._names.append(parent)
+        # Edges in the order they were always added: annotations, genes, is_a.
+        self._source = np.concatenate([
+            disease[first],
+            gene_base + gene_disease[:, 0],
+            np.array([term_index[c] for c, _ in parents], np.int64),
+        ])  # fmt: skip
+        self._target = np.concatenate([
+            term_base + term[first],
+            gene_disease[:, 1],
+            np.array([term_index[p] for _, p in parents], np.int64),
+        ])  # fmt: skip
+        self._relation = np.concatenate([
+            relation[first],
+            np.full(len(gene_disease), assoc, np.int64),
+            np.full(len(parents), is_a, np.int64),
+        ])  # fmt: skip
+        self._frequency = np.concatenate([
+            np.asarray(a.frequency, np.float64)[rows][first],
+            np.full(len(gene_disease) + len(parents), math.nan),
+        ])  # fmt: skip
+        self._index = {name: i for i, name in enumerate(self._names)}
+        self._out_rows = _group(self._source, len(self._names))
+        self._in_rows = _group(self._target, len(self._names))
+        self._out: dict[str, list[Edge]] = {}
+        self._in: dict[str, list[Edge]] = {}
+        self.num_diseases = n_diseases
         self._df: dict[str, int] | None = None
 
     @classmethod
     def from_hpo(cls, data: hpo.HpoData | None = None) -> "KnowledgeGraph":
         return cls(hpo.load() if data is None else data)
 
-    def _add(self, source: str, relation: str, target: str, frequency: float = math.nan):
-        self._out[source].append(Edge(relation, target, frequency))
-        self._in[target].append(Edge(relation, source, frequency))
+    def _edges(self, entity: str, reverse: bool) -> list[Edge]:
+        """Every edge out of (or into) `entity`, built on first use."""
+        cache = self._in if reverse else self._out
+        edges = cache.get(entity)
+        if edges is None:
+            i = self._index.get(entity)
+            if i is None:
+                return []
+            order, starts = self._in_rows if reverse else self._out_rows
+            rows = order[starts[i] : starts[i + 1]]
+            ends = (self._source if reverse else self._target)[rows].tolist()
+            edges = [
+                Edge(RELATIONS[r], self._names[e], f)
+                for r, e, f in zip(
+                    self._relation[rows].tolist(), ends, self._frequency[rows].tolist(), strict=True
+                )
+            ]
+            cache[entity] = edges
+        return edges
 
     # -- look-ups ---------------------------------------------------------------------------
 
@@ -127,8 +174,7 @@ class KnowledgeGraph:
         """Edges of one relation out of `entity` (into it with `reverse=True`)."""
         if relation not in RELATIONS:
             raise ValueError(f"KnowledgeGraph: unknown relation {relation!r}; one of {RELATIONS}.")
-        table = self._in if reverse else self._out
-        return [e for e in table.get(entity, ()) if e.relation == relation]
+        return [e for e in self._edges(entity, reverse) if e.relation == relation]
 
     def neighbours(self, entity: str, relation: str, *, reverse: bool = False) -> list[str]:
         return [e.target for e in self.edges(entity, relation, reverse=reverse)]
@@ -143,7 +189,7 @@ class KnowledgeGraph:
         return list(self.data.disease_ids)
 
     def genes(self) -> list[str]:
-        return [g for g in self.data.gene_ids if self._out.get(g)]
+        return [g for g in self.data.gene_ids if self._edges(g, reverse=False)]
 
     def phenotypes(self) -> list[str]:
         """Phenotypes annotated (positively) to at least one disease."""
@@ -225,6 +271,14 @@ class KnowledgeGraph:
             "diseases_per_phenotype_median": float(np.median(dd)),
             "phenotypes_with_one_disease": sum(1 for x in dd if x == 1),
         }
+
+
+def _group(ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, starts): the rows whose id is i are order[starts[i]:starts[i + 1]], in their
+    original order (a stable sort)."""
+    order = np.argsort(ids, kind="stable")
+    starts = np.searchsorted(ids[order], np.arange(size + 1))
+    return order, starts
 
 
 def names_of(graph: KnowledgeGraph, entities: Iterable[str]) -> list[str]:

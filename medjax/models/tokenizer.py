@@ -19,6 +19,7 @@ because added tokens are matched before pre-tokenization. That holds for text a 
 writes too, so a tool response that contains `<|im_end|>` ends the turn, as it would in Qwen.
 """
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -65,6 +66,10 @@ CHAT_TEMPLATE = (
 # What `load_tokenizer` requires at least one of; weights-only folders have neither.
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json")
 
+# The `tokenizer_class` values of a plain tokenizer.json with no model-specific class: what
+# `train_bpe` folders name (transformers 5 writes the first, 4 the second).
+_PLAIN_CLASSES: frozenset[str] = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+
 # Every byte has a symbol in the byte-level alphabet, so no text can fall out of the vocabulary.
 _NUM_BYTES = 256
 
@@ -79,8 +84,13 @@ def load_tokenizer(path: str | os.PathLike[str]) -> transformers.PreTrainedToken
         `gguf_checkpoint.gguf_tokenizer`). Hub ids are not accepted, cached or not.
 
     Returns:
-      The tokenizer `transformers.AutoTokenizer` builds for the folder: for folders written from
-      `train_bpe`, a `TokenizersBackend` (transformers 5's name for `PreTrainedTokenizerFast`).
+      For a folder whose `tokenizer_config.json` names the plain class (`train_bpe` folders,
+      written by `save_pretrained`), a `TokenizersBackend` (transformers 5's name for
+      `PreTrainedTokenizerFast`) exactly as its tokenizer.json describes it; otherwise what
+      `transformers.AutoTokenizer` builds. AutoTokenizer is not used for the plain class:
+      given a `config.json` beside it (an exported model), it picks the model type's class,
+      which swaps in that family's own pre-tokenizer (Qwen2's regex for a qwen2 config), so
+      the same text would get other ids than the policy was trained on.
 
     Raises:
       FileNotFoundError: `path` is neither a folder nor a .gguf file that exists, or holds
@@ -98,7 +108,22 @@ def load_tokenizer(path: str | os.PathLike[str]) -> transformers.PreTrainedToken
             f"load_tokenizer: no tokenizer files in {folder!r}; looked for"
             f" {', '.join(TOKENIZER_FILES)}."
         )
+    if _tokenizer_class(folder) in _PLAIN_CLASSES:
+        return transformers.TokenizersBackend.from_pretrained(folder, local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _tokenizer_class(folder: str) -> str | None:
+    """The `tokenizer_class` a folder's tokenizer_config.json names, if it names one."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"load_tokenizer: {path} is not valid JSON: {e}") from None
+    return config.get("tokenizer_class") if isinstance(config, dict) else None
 
 
 def apply_chat_template(

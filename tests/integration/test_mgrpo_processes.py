@@ -41,7 +41,7 @@ UNTIMED = ("time", "tokens_per_s", "compile", "decoupled")
 
 
 @pytest.fixture(scope="module")
-def policy(env, shared_tmp):
+def policy(env, shared_tmp, optimized_xla_module):
     """A 0.1M-parameter policy that delegates: SFT on chats where the main agent delegates
     and then answers, and the searcher answers or fails (a Hugging Face folder). Built
     once per run: xdist workers that get tests of this module share it."""
@@ -57,7 +57,9 @@ def _train_delegating_policy(env, path):
     chats = datasets.load("med_kg_qa_trajectories/tiny", "train", env["data_dir"])
     chats = [med_kg_qa.to_trajectory(chats[i]) for i in range(len(chats))]
     texts = [m["content"] for c in chats for m in c["messages"]]
-    tok = tokenizer_lib.train_bpe(texts, 512)
+    # 2,048 tokens: the searcher's system prompt is ~480 tokens (947 with 512), so prompts fit
+    # the 512 and 1,024 length buckets and the rollouts' prefill stays small.
+    tok = tokenizer_lib.train_bpe(texts, 2048)
     task = rl.ResearchTask()
     main = task.agent(None, None, hierarchical=True, remote_sub_agent=lambda calls: [])
     searcher = task.sub_agent(research.build_environment(), None)

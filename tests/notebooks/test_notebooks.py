@@ -28,11 +28,12 @@ def test_every_notebook_is_in_a_group():
 
 
 @pytest.mark.parametrize("group", GROUPS, ids=["+".join(p.stem for p in g) for g in GROUPS])
-def test_notebook_is_stripped_and_runs(group, tmp_path, tmp_path_factory, monkeypatch):
+def test_notebook_is_stripped_and_runs(group, tmp_path, run_train_env, monkeypatch):
     monkeypatch.setenv("MEDJAX_NOTEBOOK_TINY", "1")
-    # Datasets, the HPO cache and run folders go to the test's own folders.
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "notebook_tfds"))
-    monkeypatch.setenv("MEDJAX_CACHE", str(tmp_path_factory.getbasetemp() / "notebook_cache"))
+    # Datasets and the HPO cache and BM25 index: the run's shared folders (conftest.py), built
+    # once for every test that reads them; run folders go to the test's own folder.
+    monkeypatch.setenv("TFDS_DATA_DIR", run_train_env["data_dir"])
+    monkeypatch.setenv("MEDJAX_CACHE", run_train_env["env"]["MEDJAX_CACHE"])
     # The kernel is a fresh process: it must not inherit the test run's 8 fake devices.
     monkeypatch.setenv("XLA_FLAGS", "")
     for path in group:

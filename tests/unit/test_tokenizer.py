@@ -189,6 +189,29 @@ def test_save_and_load_round_trip(tok, tmp_path):
     )
 
 
+def test_an_exported_model_folder_loads_the_tokenizer_it_was_trained_with(tok, tmp_path):
+    """Beside a model's config.json (an export), transformers' AutoTokenizer would pick the
+    model type's class, whose pre-tokenizer splits digits and punctuation otherwise: the
+    same text would get other ids than the policy saw in training."""
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2", "architectures": []}')
+    loaded = tokenizer_lib.load_tokenizer(tmp_path)
+    texts = [
+        "INR 3.8 on warfarin 5mg; target 2-3. It's 12345678!",
+        "  two spaces\tand a tab: don't <answer>B</answer>",
+    ]
+    for text in texts:
+        assert _encode(loaded, text) == _encode(tok, text), text
+    assert loaded.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+
+
+def test_load_tokenizer_rejects_a_malformed_config(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON"):
+        tokenizer_lib.load_tokenizer(tmp_path)
+
+
 def test_load_tokenizer_missing_files(tmp_path):
     empty = tmp_path / "empty_checkpoint"
     empty.mkdir()
