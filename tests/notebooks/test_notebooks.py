@@ -34,8 +34,9 @@ def test_notebook_is_stripped_and_runs(group, tmp_path, run_train_env, monkeypat
     # once for every test that reads them; run folders go to the test's own folder.
     monkeypatch.setenv("TFDS_DATA_DIR", run_train_env["data_dir"])
     monkeypatch.setenv("MEDJAX_CACHE", run_train_env["env"]["MEDJAX_CACHE"])
-    # The kernel is a fresh process: it must not inherit the test run's 8 fake devices.
-    monkeypatch.setenv("XLA_FLAGS", "")
+    # The kernel is a fresh process: it must not inherit the test run's 8 fake devices; it
+    # compiles at -O1 as the run_train.py subprocesses do (conftest.py's `run_train_env`).
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=1")
     for path in group:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
