@@ -95,25 +95,22 @@ class KnowledgeGraph:
         first = np.sort(np.unique(key, return_index=True)[1])
         gene_disease = np.asarray(data.gene_disease, np.int64).reshape(-1, 2)
         parents = [(t.id, p) for t in data.terms.values() if not t.obsolete for p in t.parents]
-        term_index = {t: term_base + i for i, t in enumerate(data.term_ids)}
-        for t in data.terms:  # Parents outside term_ids (none in a release) get a name too.
-            if t not in term_index:
-                term_index[t] = len(self._names)
-                self._names.append(t)
-        for _, parent in parents:
-            if parent not in term_index:
-                term_index[parent] = len(self._names)
-                self._names.append(parent)
+        self._index = {name: i for i, name in enumerate(self._names)}
+        # Terms outside term_ids (none in a release) get a name too.
+        for name in (*data.terms, *(p for _, p in parents)):
+            if name not in self._index:
+                self._index[name] = len(self._names)
+                self._names.append(name)
         # Edges in the order they were always added: annotations, genes, is_a.
         self._source = np.concatenate([
             disease[first],
             gene_base + gene_disease[:, 0],
-            np.array([term_index[c] for c, _ in parents], np.int64),
+            np.array([self._index[c] for c, _ in parents], np.int64),
         ])  # fmt: skip
         self._target = np.concatenate([
             term_base + term[first],
             gene_disease[:, 1],
-            np.array([term_index[p] for _, p in parents], np.int64),
+            np.array([self._index[p] for _, p in parents], np.int64),
         ])  # fmt: skip
         self._relation = np.concatenate([
             relation[first],
@@ -124,7 +121,6 @@ class KnowledgeGraph:
             np.asarray(a.frequency, np.float64)[rows][first],
             np.full(len(gene_disease) + len(parents), math.nan),
         ])  # fmt: skip
-        self._index = {name: i for i, name in enumerate(self._names)}
         self._out_rows = _group(self._source, len(self._names))
         self._in_rows = _group(self._target, len(self._names))
         self._out: dict[str, list[Edge]] = {}
