@@ -75,6 +75,19 @@ def _gin_error(error: Exception, source: str) -> str:
     return f"bad gin configuration: {where}: {_one_line(why)}"
 
 
+# What gin raises for a bad file or binding (NameError: a binding names a module the file does
+# not import under dynamic registration).
+_PARSE_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    NameError,
+    SyntaxError,
+    ImportError,
+    tokenize.TokenError,
+)
+
+
 def configure(args: argparse.Namespace, prog: str) -> None:
     """Parses the gin files and bindings; a bad one exits with one line naming the file (or
     the binding) and the line."""
@@ -87,7 +100,7 @@ def configure(args: argparse.Namespace, prog: str) -> None:
     for source, parse in sources:
         try:
             parse(source)
-        except (OSError, ValueError, KeyError, SyntaxError, ImportError, tokenize.TokenError) as e:
+        except _PARSE_ERRORS as e:
             where = source if parse is gin.parse_config_file else f"--gin_bindings={source!r}"
             raise SystemExit(f"{prog}: error: {_gin_error(e, where)}") from None
     try:

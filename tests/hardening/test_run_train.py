@@ -197,6 +197,15 @@ def test_a_gin_syntax_error_names_the_file_and_line(tmp_path):
     message = fails(["--gin_file=gin/testing/sft.gin", "--gin_bindings=train_lib.SFTStage.steps=["])
     assert "--gin_bindings='train_lib.SFTStage.steps=['" in message, message
 
+    # A binding on a module the file never imports (dynamic registration needs the import).
+    unimported = tmp_path / "unimported.gin"
+    unimported.write_text(
+        "from __gin__ import dynamic_registration\ninclude 'gin/testing/sft.gin'\n"
+        "train_lib.SFTStage.steps = 3\n"
+    )
+    message = fails([f"--gin_file={unimported}"])
+    assert f"{unimported}" in message and "'train_lib' was not provided by an import" in message
+
 
 # ---------------------------------------------------------------------------------------
 # A truncated checkpoint to start from.
