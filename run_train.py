@@ -13,6 +13,7 @@ On a multi-host TPU/GPU slice pass `--multihost` (every host runs the same comma
 
 import argparse
 import errno
+import logging
 import os
 import pathlib
 import sys
@@ -115,6 +116,23 @@ def _without_gin_context(error: Exception) -> str:
     return "\n".join(line for line in lines if "In call to configurable" not in line)
 
 
+def show_progress() -> None:
+    """The agent loop's line per turn of every evaluation and rollout batch (the
+    `medjax.agents` logger) on stderr, from the process that writes the run (process 0)."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    log = logging.getLogger("medjax.agents")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not any(getattr(h, "medjax_progress", False) for h in log.handlers):  # main() reruns.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        handler.medjax_progress = True
+        log.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = gin_flags(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--multihost", action="store_true", help="jax.distributed.initialize()")
@@ -128,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from medjax import train_lib
 
+    show_progress()
     try:
         # Dynamic registration leaves the module attribute alone: call the configured one.
         gin.get_configurable(train_lib.train)(

@@ -20,6 +20,7 @@ Usage:
 """
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +30,10 @@ from medjax.agents.trajectory import Trajectory, Turn
 from medjax.llm.base import Message, TextBackend, TokenBackend
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
+
+# One INFO line per turn ("researcher turn 3: 12/17 episodes finished, 41 s"): progress of
+# long evaluations and rollouts; run_train.py shows it, a library user opts in with logging.
+log = logging.getLogger("medjax.agents")
 
 EARLY_STOP_PROMPT = (
     "You have used up the turns or tokens for this task. Do not call any more tools: give"
@@ -289,7 +294,7 @@ class _Runner:
         return self.tokenizer.encode(full[len(ep.text) :], add_special_tokens=False)
 
     def run(self) -> list[Trajectory]:
-        first = True
+        first, turn_index, start = True, 0, time.perf_counter()
         while live := [e for e in self.episodes if not e.done]:
             for ep in live:  # Only a prompt longer than the context gets here without room.
                 if self._turn_budget(ep) < 1:
@@ -354,6 +359,13 @@ class _Runner:
             for ep in live:
                 if not ep.done:
                     self._observe(ep)
+            turn_index += 1
+            if log.isEnabledFor(logging.INFO):
+                done = sum(e.done for e in self.episodes)
+                log.info(
+                    "%s turn %d: %d/%d episodes finished, %.0f s", self.agent.name, turn_index,
+                    done, len(self.episodes), time.perf_counter() - start,
+                )  # fmt: skip
         return [e.traj for e in self.episodes]
 
     def _error(self, ep: _Episode, message: str) -> None:

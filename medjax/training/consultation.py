@@ -20,8 +20,9 @@ answers.
 
 import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import Any
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -94,10 +95,21 @@ class ConsultationTask:
     # Patient replies are short; nothing is cut (the trainer's chat_ids reads this).
     max_observation_chars = None
     roles = (None,)
-    result_keys = (
-        "mean_reward", "coverage", "precision", "recall", "diagnosis_accuracy", "turns",
-        "expert_nll",
-    )  # fmt: skip
+    result_keys: ClassVar[Mapping[str, str]] = types.MappingProxyType(
+        {
+            "mean_reward": "mean reward of the interviews (coverage_weight * coverage +"
+            " diagnosis_weight * a correct diagnosis)",
+            "coverage": "weighted rubric coverage: the weights of the must-ask items the doctor's"
+            " turns met over the total weight",
+            "precision": "share of the doctor's questions that met at least one rubric item",
+            "recall": "share of the rubric items met",
+            "diagnosis_accuracy": "share of cases whose <answer> matches the disease's name or an"
+            " alias",
+            "turns": "mean questions asked per interview",
+            "expert_nll": "token-mean negative log-likelihood of the scripted expert's interviews"
+            " of the same held-out cases (lower: closer to the expert)",
+        }
+    )
 
     def __post_init__(self):
         name = self.dataset.partition("/")[0]

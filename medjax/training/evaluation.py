@@ -56,6 +56,8 @@ def evaluate_point(
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    count = len(run.data.eval_records)
+    print(f"eval {point}: {count} held-out records, greedy (a line per turn)", flush=True)
     t0 = time.perf_counter()
     result = evaluate_policy(
         run.task, run.env, model, run.tokenizer, run.data.eval_records, seed=run.seed,
@@ -68,7 +70,7 @@ def evaluate_point(
         with open(path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
     shown = ", ".join(f"{k} {result[k]:.4g}" for k in run.task.result_keys)
-    print(f"eval {point}: {shown} ({len(run.data.eval_records)} held-out records)", flush=True)
+    print(f"eval {point}: {shown} ({count} held-out records, {result['time_s']:.0f} s)", flush=True)
     return result
 
 
@@ -97,8 +99,15 @@ def expert_nll(run: Run, model) -> float:
     return float(-(logps * mask).sum() / mask.sum())
 
 
+POINTS = (
+    "`before`: the policy the run starts from; `after_<stage>`: the policy at the end of that"
+    " stage (each stage starts from the previous one's policy)"
+)
+
+
 def write_results(run_dir: str, results: dict[str, dict], rl_stages, keys) -> dict:
-    """results.md and results.json: the table of evaluation points, and the reward plots of
+    """results.md and results.json: the table of evaluation points with what each column
+    measures (`keys`: column -> meaning, the task's `result_keys`), and the reward plots of
     the RL stages named in `rl_stages`."""
     table = {p: {k: r[k] for k in keys} for p, r in results.items()}
     lines = ["| point | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -111,6 +120,8 @@ def write_results(run_dir: str, results: dict[str, dict], rl_stages, keys) -> di
             plots.append(os.path.basename(path))
     text = "# Results\n\nHeld-out evaluation (greedy, one episode per question):\n\n"
     text += "\n".join(lines) + "\n"
+    text += f"\nColumns:\n\n- point: {POINTS}.\n"
+    text += "".join(f"- {k}: {keys[k]}.\n" for k in keys)
     text += "".join(f"\n![reward per step]({p})\n" for p in plots)
     with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)

@@ -16,8 +16,9 @@ finish reasons.
 import dataclasses
 import functools
 import json
+import types
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -78,10 +79,22 @@ class ResearchTask:
     reward: research.RewardConfig = dataclasses.field(default_factory=research.RewardConfig)
 
     roles = (None, "researcher", "main", "searcher")
-    result_keys = (
-        "accuracy", "mean_reward", "answered", "format_valid", "format_errors",
-        "mean_tool_calls", "expert_nll",
-    )  # fmt: skip
+    result_keys: ClassVar[Mapping[str, str]] = types.MappingProxyType(
+        {
+            "accuracy": "share of questions whose final <answer> matches the gold entity's name or"
+            " an alias (normalised exact match)",
+            "mean_reward": "mean composite reward of the episodes (research.RewardConfig: correct"
+            " + format_weight * format_valid + answer_weight * answered - call and error"
+            " penalties)",
+            "answered": "share of episodes that ended with an <answer>",
+            "format_valid": "share of episodes that ended with an <answer> and made no format or"
+            " tool error",
+            "format_errors": "mean format and tool errors per episode",
+            "mean_tool_calls": "mean tool calls per episode",
+            "expert_nll": "token-mean negative log-likelihood of the scripted expert's replies on"
+            " the same held-out questions (lower: closer to the expert)",
+        }
+    )
 
     def environment(self) -> research.ResearchEnvironment:
         return _research_environment()

@@ -5,7 +5,7 @@ the retrieval tools; M-GRPO's main agent and sub-agent) and `consultation.Consul
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -37,7 +37,7 @@ class Task(Protocol):
     Attributes:
       dataset, eval_split, num_eval_questions: where the data comes from (named in errors).
       roles: the agent roles SFT can train (None: the task's own agent).
-      result_keys: the evaluation's columns in results.md.
+      result_keys: the evaluation's columns in results.md, each with what it measures.
       max_observation_chars: tool responses cut to this many characters (None: whole), in
         rollouts and in the tokenised chats alike.
       temperature: the rollouts' sampling temperature (log-probs are taken at it).
@@ -47,7 +47,7 @@ class Task(Protocol):
     eval_split: str
     num_eval_questions: int | None
     roles: Sequence[str | None]
-    result_keys: Sequence[str]
+    result_keys: Mapping[str, str]
     max_observation_chars: int | None
     temperature: float
 

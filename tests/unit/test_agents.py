@@ -2,6 +2,8 @@
 checked by hand, JSONL round trips, and trajectories that hold exactly the sampled ids."""
 
 import json
+import logging
+import logging.handlers
 import re
 
 import jax
@@ -180,6 +182,37 @@ def test_turn_budget_forces_a_final_answer(tok):
     assert len(traj.turns) == 3 and traj.finish_reason == "no_answer" and traj.answer is None
     assert traj.turns[2].tool == "lookup" and traj.turns[2].error.startswith("Unknown tool")
     assert traj.format_errors == 1  # Calling a tool after the early-stop prompt.
+
+
+def test_each_turn_logs_its_progress(tok):
+    """Three queries: the Zebra one is answered at once, the others after one lookup."""
+
+    def policy(prompt):
+        if "Zebra" in prompt or "raised body temperature" in prompt:
+            return "<answer>influenza</answer>"
+        return call("lookup", term="fever")
+
+    agent = agents.AgentSpec("doctor", llm.ScriptedBackend(policy, tok), tools=[lookup_tool()])
+    queries = [
+        agents.Query(f"q{i}", f"The {n} question?") for i, n in enumerate(("Zebra", "b", "c"))
+    ]
+    # Its own handler: run_train.py's (a test that runs main() here) stops propagation.
+    handler = logging.handlers.BufferingHandler(100)
+    log = logging.getLogger("medjax.agents")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        agents.run_episodes(agent, queries)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    lines = [r.getMessage() for r in handler.buffer]
+    assert [line.rsplit(",", 1)[0] for line in lines] == [
+        "doctor turn 1: 1/3 episodes finished",
+        "doctor turn 2: 3/3 episodes finished",
+    ]
+    assert all(re.fullmatch(r".*, \d+ s", line) for line in lines), lines
 
 
 def test_context_budget(tok):

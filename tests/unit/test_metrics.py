@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -133,6 +134,28 @@ def test_plain_progress_lines(tmp_path, capfd):
     ]
     pattern = r"train step 10/100 loss=0\.1234 reward_mean=0\.5 \([0-9.e+-]+ s/step, ETA \S+\)"
     assert re.fullmatch(pattern, lines[-1]), lines[-1]
+
+
+def test_the_eta_leaves_out_compilation(tmp_path, capfd, monkeypatch):
+    """Step 1 takes 50 s of which 42 s compile (JAX's compile-duration events), steps 2-4
+    take 2 s each: the rate is 8 s then 2 s per step, the ETA 9 x 8 s then 6 x 2 s."""
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    with metrics.MetricsWriter(tmp_path, total_steps=10, interactive=False, log_every=3) as w:
+        w.start(0)
+        clock[0] += 50.0
+        jax.monitoring.record_event_duration_secs("/jax/core/compile/backend_compile_duration", 30)
+        jax.monitoring.record_event_duration_secs("/jax/core/compile/jaxpr_trace_duration", 12)
+        jax.monitoring.record_event_duration_secs("/jax/other/not_compiling", 5.0)
+        w.write(1, {"loss": 1.0})
+        for step in (2, 3, 4):
+            clock[0] += 2.0
+            w.write(step, {"loss": 1.0})
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("train ")]
+    assert lines == [
+        "train step 1/10 loss=1 (8 s/step + 42 s compiling, ETA 1m12s)",
+        "train step 3/10 loss=1 (2 s/step, ETA 14s)",
+    ]
 
 
 def test_plain_progress_without_total_or_start_shows_sorted_keys(tmp_path, capfd):

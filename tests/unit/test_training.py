@@ -1,6 +1,8 @@
 """medjax.training: chat masks, batching, exact gradient accumulation, the non-finite guard,
 and that SFT and GRPO steps learn tiny tasks (thresholds stated in each test)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from flax import nnx
 from medjax import losses, partitioning, sampling, scoring
 from medjax.models import DecoderLM, ModelConfig
 from medjax.models import tokenizer as tokenizer_lib
-from medjax.training import data, optim, steps
+from medjax.training import data, evaluation, optim, rl, steps
 
 TINY = ModelConfig(
     family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -291,3 +293,25 @@ def test_sub_rows_without_alignment_keep_each_rollout_own_subs():
     )
     assert aligned["loss_mask"].sum(axis=1).reshape(4, 2).sum(axis=1).tolist() == [2, 0, 2, 0]
     assert stats["sub/duplicated"] == 1 and stats["sub/dropped"] == 1
+
+
+def test_results_md_explains_every_column(tmp_path):
+    """results.md: the table by hand, then a line per column saying what it measures."""
+    keys = rl.ResearchTask.result_keys
+    results = {
+        "before": {k: 0.0 for k in keys} | {"time_s": 3.0},
+        "after_sft": {k: 0.25 for k in keys},
+    }
+    table = evaluation.write_results(str(tmp_path), results, rl_stages=(), keys=keys)
+    assert table["after_sft"] == {k: 0.25 for k in keys}  # time_s is not a column.
+    text = (tmp_path / "results.md").read_text()
+    header = "| point | accuracy | mean_reward | answered | format_valid | format_errors |"
+    assert header + " mean_tool_calls | expert_nll |" in text
+    assert "| after_sft | " + " | ".join(["0.2500"] * 7) + " |" in text
+    columns = text.split("Columns:\n\n")[1].splitlines()
+    assert [line.split(":")[0] for line in columns] == ["- point"] + [f"- {k}" for k in keys]
+    assert columns[1] == (
+        "- accuracy: share of questions whose final <answer> matches the gold entity's name or"
+        " an alias (normalised exact match)."
+    )
+    assert json.loads((tmp_path / "results.json").read_text()) == table
