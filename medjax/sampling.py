@@ -183,6 +183,18 @@ def bucket_length(length: int, buckets: tuple[int, ...] | None = None) -> int:
     return fitting[0]
 
 
+def ladder_length(length: int, fine_from: int = 1) -> int:
+    """The smallest padded size >= length: a power of two up to `fine_from`, then the
+    smallest of 2^k and 3 * 2^(k-1) (..., 512, 768, 1024, 1536, 2048, ...).
+
+    Above `fine_from` at most a third of a padded row is padding (a power of two can waste
+    half of it) for about twice the compiled programs: worth it where the work, not the
+    compilation, dominates (long prompts, many rows)."""
+    power = 1 << max(length - 1, 0).bit_length()
+    three_quarters = 3 * power // 4
+    return three_quarters if power > fine_from and three_quarters >= length else power
+
+
 def pad_prompts(prompt_ids, prompt_mask, length: int, pad_id: int = 0):
     """Left-pads [P, Tp] prompts to [P, length] (positions come from the mask, so padding
     changes no number, only the compiled shape)."""

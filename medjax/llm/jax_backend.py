@@ -29,6 +29,9 @@ from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.transformer import DecoderLM, KVCache
 
 _MIN_STEP_BUCKET = 16
+# Row counts and prompt lengths past which buckets grow 1.5x instead of 2x (`generate_ids`).
+_FINE_ROWS = 8
+_FINE_LENGTH = 512
 
 
 class _TemperedLM(nnx.Module):
@@ -62,8 +65,10 @@ class JaxPolicyBackend:
       model: the policy.
       tokenizer: a Hugging Face tokenizer with a chat template (`medjax.models.tokenizer`).
       seed: seeds the PRNG; each call advances it, so calls differ and a run replays.
-      row_buckets: pad each call's rows to a power of two (bounded compiles; the padding
-        rows cost compute). False samples exactly the rows given.
+      row_buckets: pad each call's rows to a bucket (powers of two up to 8, then 12, 16, 24,
+        32, ...: bounded compiles; the padding rows cost compute). False samples exactly the
+        rows given. Prompt lengths are always bucketed (powers of two up to 512, then 768,
+        1024, 1536, ...).
       serving: bound the programs that arbitrary request values compile (for a server): the
         temperature is traced, the step budget is rounded up to a power of two (at least 16)
         with each row held to its exact budget, the number of samples is rounded up to a
@@ -122,11 +127,16 @@ class JaxPolicyBackend:
                 f"JaxPolicyBackend.generate_ids: {len(max_new_tokens)} budgets for"
                 f" {len(prompts)} prompts."
             )
-        # Rows are padded to a power of two with one-token dummy prompts of budget 1, so a
-        # run compiles one program per (row bucket, length bucket) instead of one per number
-        # of live episodes.
-        rows = 1 << (len(prompts) - 1).bit_length() if self.row_buckets else len(prompts)
-        width = max(len(p) for p in prompts)
+        # Rows are padded with one-token dummy prompts of budget 1, and prompts left-padded,
+        # to bucketed sizes: a run compiles one program per (row bucket, length bucket)
+        # instead of one per number of live episodes and prompt length. Past 8 rows and 512
+        # tokens the buckets are 1.5x apart, not 2x: every padded column of every row
+        # (dummies included) costs a full prefill column, which a real model's prompts of a
+        # few thousand tokens feel more than the extra compiles.
+        rows = len(prompts)
+        if self.row_buckets:
+            rows = sampling.ladder_length(rows, fine_from=_FINE_ROWS)
+        width = sampling.ladder_length(max(len(p) for p in prompts), fine_from=_FINE_LENGTH)
         pad = params.pad_id if params.pad_id >= 0 else 0
         ids = np.full((rows, width), pad, np.int32)
         mask = np.zeros((rows, width), np.int32)
@@ -166,7 +176,7 @@ class JaxPolicyBackend:
         self._key, key = jax.random.split(self._key)
         out = sampling.sample(
             model, jnp.asarray(ids), jnp.asarray(mask), key, sampler_params,
-            num_samples=samples, buckets=None, max_new_tokens=jnp.asarray(budget_of),
+            num_samples=samples, buckets=(), max_new_tokens=jnp.asarray(budget_of),
         )  # fmt: skip
         self.calls += 1
         tokens, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logps, out.lengths))

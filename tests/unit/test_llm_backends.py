@@ -53,6 +53,22 @@ def test_protocol_and_one_call_per_turn(backend):
         assert all(lp <= 0 for lp in out.logps)
 
 
+def test_rows_and_prompt_lengths_are_padded_to_their_buckets(backend, monkeypatch):
+    """9 prompts of up to 600 tokens sample as 12 rows of 768 columns (1.5x buckets past 8
+    rows and 512 tokens); 3 prompts of 5 tokens as 4 rows of 8."""
+    shapes, sample = [], sampling.sample
+
+    def spy(model, prompt_ids, prompt_mask, *args, **kwargs):
+        shapes.append(tuple(prompt_ids.shape))
+        return sample(model, prompt_ids, prompt_mask, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    params = sampling.SamplingParams(max_new_tokens=1, greedy=True)
+    outs = backend.generate_ids([[5] * (600 - i) for i in range(9)], params)
+    backend.generate_ids([[5] * 5] * 3, params)
+    assert shapes == [(12, 768), (4, 8)] and len(outs) == 9
+
+
 def test_logps_equal_scoring_and_eos_is_cut_from_text(backend):
     tok = backend.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")

@@ -130,6 +130,16 @@ def test_buckets_bound_compilations_and_change_no_number(model, prompts):
     assert sampling.compile_count() == before + 1
 
 
+def test_ladder_lengths_by_hand():
+    """Powers of two up to `fine_from`, then 2^k and 3 * 2^(k-1)."""
+    got = [sampling.ladder_length(n) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25)]
+    assert got == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    got = [sampling.ladder_length(n, fine_from=8) for n in (3, 5, 8, 9, 12, 13, 17, 25)]
+    assert got == [4, 8, 8, 12, 12, 16, 24, 32]
+    got = [sampling.ladder_length(n, 512) for n in (300, 512, 513, 769, 1025, 1537, 2049, 3073)]
+    assert got == [512, 512, 768, 1024, 1536, 2048, 3072, 4096]
+
+
 def test_per_row_budgets(model, prompts):
     ids, mask = prompts
     want = sampling.sample(model, ids, mask, jax.random.key(0), GREEDY)
