@@ -1,6 +1,7 @@
 """Batched generation with a preallocated KV cache, on the same graph the trainer uses.
 
-Each prompt is prefilled once and its cache broadcast to its G samples; then one jitted
+Each prompt is prefilled once and its cache broadcast to its G samples (a prefix that all
+prompts share, `prefix_ids`, once for all of them); then one jitted
 `lax.while_loop` decodes a token per step for every row until each row has stopped (EOS,
 a stop sequence, or its budget) or the step budget ends. The log-probs returned are those of
 the tempered, untruncated distribution, log softmax(z / T)[token]: what the trainer's
@@ -117,13 +118,28 @@ def _broadcast_cache(cache: KVCache, g: int) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples"))
 def _generate(
-    graphdef, state, prompt_ids, prompt_mask, key, row_budget, params: SamplingParams, num_samples
+    graphdef,
+    state,
+    prompt_ids,
+    prompt_mask,
+    key,
+    row_budget,
+    params: SamplingParams,
+    num_samples,
+    prefix_ids=None,
 ):
     model = nnx.merge(graphdef, state)
     p, tp = prompt_ids.shape
     n = params.max_new_tokens
     b = p * num_samples
-    cache = model.init_cache(p, tp + n)
+    if prefix_ids is None:
+        cache = model.init_cache(p, tp + n)
+    else:
+        # The prefix every prompt shares, prefilled once and broadcast: the prompts' own
+        # tokens then continue from it (positions from the cache's lengths).
+        cache = model.init_cache(1, prefix_ids.shape[1] + tp + n)
+        _, cache = model(prefix_ids, cache=cache, return_hidden=True)
+        cache = _broadcast_cache(cache, p)
     # Only the last column's logits are needed (left-padded prompts all end there): the LM
     # head on every prompt position would be a third of the prefill's work.
     hidden, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache, return_hidden=True)
@@ -221,6 +237,7 @@ def sample(
     num_samples: int = 1,
     buckets: tuple[int, ...] | None = (),
     max_new_tokens: jax.Array | None = None,
+    prefix_ids: jax.Array | None = None,
 ) -> SampleOutput:
     """Generates `num_samples` continuations of every prompt.
 
@@ -236,6 +253,9 @@ def sample(
         a tuple lists the allowed lengths (see `compile_count`).
       max_new_tokens: optional [P * G] int per-row budgets (each at most
         `params.max_new_tokens`, which stays the static step count).
+      prefix_ids: optional [1, Tx] tokens that come before every prompt (a shared system
+        prompt): prefilled once instead of once per row, with the same result as prompts
+        that begin with them. Each distinct Tx compiles its own program.
 
     Returns:
       SampleOutput with [P * G, N] arrays, prompt-major rows.
@@ -261,10 +281,17 @@ def sample(
                 f"sample: `max_new_tokens` has shape {tuple(row_budget.shape)}; expected"
                 f" [P * G] = ({rows},)."
             )
+    if prefix_ids is not None:
+        prefix_ids = jnp.asarray(prefix_ids, jnp.int32)
+        if prefix_ids.ndim != 2 or prefix_ids.shape[0] != 1 or prefix_ids.shape[1] == 0:
+            raise ValueError(
+                f"sample: `prefix_ids` has shape {tuple(prefix_ids.shape)}; expected [1, Tx > 0]."
+            )
     graphdef, state = nnx.split(model)
     tokens, logps, lengths = _generate(
-        graphdef, state, prompt_ids, prompt_mask, key, row_budget, params, num_samples
-    )
+        graphdef, state, prompt_ids, prompt_mask, key, row_budget, params, num_samples,
+        prefix_ids,
+    )  # fmt: skip
     # A row holds its tokens up to and including the one that stopped it.
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     return SampleOutput(tokens, logps, mask, lengths)

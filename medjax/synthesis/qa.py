@@ -262,6 +262,88 @@ def synthesise(
         made += 1
 
 
+# One-hop questions whose answer is an entity's only neighbour by one relation: the lookup
+# tool's relation -> (graph relation, reverse, anchor pool, phrasings of "{name}").
+LOOKUP_FAMILIES: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
+    "genes": ("associated_with", True, "diseases", (
+        "Which gene is associated with the disorder {name}?",
+        "Name the gene whose variants cause {name}.",
+        "What is the gene implicated in the disorder {name}?",
+    )),
+    "diseases": ("associated_with", False, "genes", (
+        "Which disorder is associated with the gene {name}?",
+        "Name the disease linked to variants in the gene {name}.",
+        "What disorder is the gene {name} implicated in?",
+    )),
+    "parents": ("is_a", False, "phenotypes", (
+        "In the Human Phenotype Ontology, the clinical feature {name} is a kind of what?",
+        "What is the parent term of the clinical feature {name}?",
+        "Name the broader clinical feature that {name} falls under.",
+    )),
+}  # fmt: skip
+
+
+def synthesise_lookups(graph: graph_lib.KnowledgeGraph, num: int, *, seed: int = 0):
+    """Yields up to `num` one-hop lookup questions, deterministically for a seed.
+
+    Each names an entity and asks for its only neighbour by one relation (the gene of a
+    disorder with one gene, the disorder of a gene with one disorder, the parent of a
+    clinical feature with one parent): one `kg_lookup` answers it, which puts it within reach
+    of a small policy (the quickstart's questions). The record schema is `synthesise`'s, the
+    path's one step also naming the lookup relation (`"lookup"`). Kept only when the anchor's
+    name resolves to it alone and the answer's names do not appear in the question.
+    """
+    from medjax.knowledge.corpus import resolve_entity
+
+    rng = random.Random(seed)
+    pools = {
+        "diseases": sorted(graph.diseases()),
+        "genes": sorted(graph.genes()),
+        "phenotypes": sorted(graph.phenotypes()),
+    }
+    candidates = [(family, e) for family, spec in LOOKUP_FAMILIES.items() for e in pools[spec[2]]]
+    rng.shuffle(candidates)
+    made = 0
+    for family, anchor in candidates:
+        if made >= num:
+            return
+        relation, reverse, _, templates = LOOKUP_FAMILIES[family]
+        targets = graph.neighbours(anchor, relation, reverse=reverse)
+        if len(targets) != 1:
+            continue
+        name, answer = graph.name(anchor), targets[0]
+        try:
+            if resolve_entity(graph, name) != anchor:
+                continue
+        except KeyError:
+            continue
+        question = rng.choice(templates).format(name=name)
+        names = aliases(graph, answer)
+        if any(a.lower() in question.lower() for a in names):
+            continue
+        target = {"id": answer, "name": graph.name(answer), "kind": graph_lib.kind(answer)}
+        step = {
+            "step": 1, "from": "Anchor", "relation": relation, "reverse": reverse,
+            "to": "Entity_A", "clues": [], "lookup": family,
+        }  # fmt: skip
+        yield QARecord(
+            id=f"lookup-{seed}-{made:06d}",
+            question=question,
+            answer={**target, "aliases": names},
+            hops=1,
+            reasoning_path=[step],
+            entity_mapping={
+                "Anchor": {"id": anchor, "name": name, "kind": graph_lib.kind(anchor)},
+                "Entity_A": target,
+            },
+            difficulty="lookup",
+            anchor=anchor,
+            distractors=[],
+            seed=seed,
+        )
+        made += 1
+
+
 def sampler_phenotypes(graph, sampler) -> list[str]:
     return [p for p in graph.rare_phenotypes() if sampler.usable_phenotype(p)]
 

@@ -59,6 +59,9 @@ class ResearchTask:
       temperature: sampling temperature of rollouts (log-probs are taken at it).
       top_p: nucleus sampling of rollouts.
       reward: the composite reward's weights.
+      tool_names: the environment's tools the researcher gets, by name (None: all of
+        `search`, `read`, `kg_lookup`); fewer tools, a shorter system prompt. The SFT chats
+        get the same system prompt.
 
     It implements `medjax.training.task.Task` (as `training.consultation`'s task does), and
     for M-GRPO also `reward` and `sub_agent`.
@@ -77,6 +80,7 @@ class ResearchTask:
     temperature: float = 1.0
     top_p: float = 1.0
     reward: research.RewardConfig = dataclasses.field(default_factory=research.RewardConfig)
+    tool_names: tuple[str, ...] | None = None
 
     roles = (None, "researcher", "main", "searcher")
     result_keys: ClassVar[Mapping[str, str]] = types.MappingProxyType(
@@ -158,6 +162,14 @@ class ResearchTask:
 
     def tools(self, env: research.ResearchEnvironment) -> list[agents.Tool]:
         tools = env.tools()
+        if self.tool_names is not None:
+            known = [t.name for t in tools]
+            unknown = [n for n in self.tool_names if n not in known]
+            if unknown or not self.tool_names:
+                raise ValueError(
+                    f"ResearchTask.tool_names {self.tool_names!r}: expected one or more of {known}."
+                )
+            tools = [t for t in tools if t.name in self.tool_names]
         if self.max_observation_chars is None:
             return tools
         return [tools_lib.truncate_output(t, self.max_observation_chars) for t in tools]
@@ -228,7 +240,9 @@ def role_chats(
     if role not in ROLES:
         raise ValueError(f"role_chats: role {role!r} is not one of {ROLES}.")
     if role == "researcher":
-        return [list(c["messages"]) for c in chats]
+        # The rollouts' system prompt (the task's tools), not the one stored with the chats.
+        system = agents.system_prompt(task.agent(env, None))
+        return [[{"role": "system", "content": system}, *c["messages"][1:]] for c in chats]
     if role == "searcher":
         system = agents.system_prompt(task.sub_agent(env, None))
         return [[{"role": "system", "content": system}, *c["messages"][1:]] for c in chats]

