@@ -85,6 +85,10 @@ class RewardTerms:
     format_errors: int = 0
 
 
+# The names of `ResearchEnvironment.tools()`, in order.
+TOOL_NAMES = ("search", "read", "kg_lookup")
+
+
 @dataclasses.dataclass
 class ResearchEnvironment:
     graph: graph_lib.KnowledgeGraph

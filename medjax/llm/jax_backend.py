@@ -147,17 +147,17 @@ class JaxPolicyBackend:
                 f"JaxPolicyBackend.generate_ids: {len(max_new_tokens)} budgets for"
                 f" {len(prompts)} prompts."
             )
+        # A prefix every prompt shares (the system prompt and its tool list) is prefilled
+        # once, not once per row.
+        shared = shared_prefix_length(prompts) if self.share_prefix else 0
+        prefix = jnp.asarray([prompts[0][:shared]], jnp.int32) if shared else None
+        prompts = [p[shared:] for p in prompts]
         # Rows are padded with one-token dummy prompts of budget 1, and prompts left-padded,
         # to bucketed sizes: a run compiles one program per (row bucket, length bucket)
         # instead of one per number of live episodes and prompt length. Past 8 rows and 512
         # tokens the buckets are 1.5x apart, not 2x: every padded column of every row
         # (dummies included) costs a full prefill column, which a real model's prompts of a
         # few thousand tokens feel more than the extra compiles.
-        # A prefix every prompt shares (the system prompt and its tool list) is prefilled
-        # once, not once per row.
-        shared = shared_prefix_length(prompts) if self.share_prefix else 0
-        prefix = jnp.asarray([prompts[0][:shared]], jnp.int32) if shared else None
-        prompts = [p[shared:] for p in prompts]
         rows = len(prompts)
         if self.row_buckets:
             rows = sampling.ladder_length(rows, fine_from=_FINE_ROWS)

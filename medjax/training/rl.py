@@ -82,6 +82,16 @@ class ResearchTask:
     reward: research.RewardConfig = dataclasses.field(default_factory=research.RewardConfig)
     tool_names: tuple[str, ...] | None = None
 
+    def __post_init__(self):
+        # Checked when gin builds the task, before a run writes anything.
+        if self.tool_names is not None:
+            unknown = [n for n in self.tool_names if n not in research.TOOL_NAMES]
+            if unknown or not self.tool_names:
+                raise ValueError(
+                    f"ResearchTask.tool_names {self.tool_names!r}: expected one or more of"
+                    f" {list(research.TOOL_NAMES)}."
+                )
+
     roles = (None, "researcher", "main", "searcher")
     result_keys: ClassVar[Mapping[str, str]] = types.MappingProxyType(
         {
@@ -163,12 +173,6 @@ class ResearchTask:
     def tools(self, env: research.ResearchEnvironment) -> list[agents.Tool]:
         tools = env.tools()
         if self.tool_names is not None:
-            known = [t.name for t in tools]
-            unknown = [n for n in self.tool_names if n not in known]
-            if unknown or not self.tool_names:
-                raise ValueError(
-                    f"ResearchTask.tool_names {self.tool_names!r}: expected one or more of {known}."
-                )
             tools = [t for t in tools if t.name in self.tool_names]
         if self.max_observation_chars is None:
             return tools
@@ -239,12 +243,10 @@ def role_chats(
     """
     if role not in ROLES:
         raise ValueError(f"role_chats: role {role!r} is not one of {ROLES}.")
-    if role == "researcher":
+    if role in ("researcher", "searcher"):
         # The rollouts' system prompt (the task's tools), not the one stored with the chats.
-        system = agents.system_prompt(task.agent(env, None))
-        return [[{"role": "system", "content": system}, *c["messages"][1:]] for c in chats]
-    if role == "searcher":
-        system = agents.system_prompt(task.sub_agent(env, None))
+        agent = task.agent(env, None) if role == "researcher" else task.sub_agent(env, None)
+        system = agents.system_prompt(agent)
         return [[{"role": "system", "content": system}, *c["messages"][1:]] for c in chats]
     system = agents.system_prompt(
         task.agent(env, None, hierarchical=True, remote_sub_agent=lambda calls: [])

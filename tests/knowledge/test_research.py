@@ -192,5 +192,6 @@ def test_a_task_with_fewer_tools_prompts_and_trains_with_them(env):
     assert rl.role_chats(task, env, chats, "researcher") == [
         [{"role": "system", "content": system}, *turns]
     ]
+    assert [t.name for t in env.tools()] == list(research.TOOL_NAMES)
     with pytest.raises(ValueError, match=r"ResearchTask.tool_names \('lookup',\): expected"):
-        rl.ResearchTask(tool_names=("lookup",)).tools(env)
+        rl.ResearchTask(tool_names=("lookup",))
