@@ -203,3 +203,11 @@ def test_processes_building_one_dataset_together_both_succeed(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     assert outs[0][0].split()[-1] == outs[1][0].split()[-1] != "0"
+
+
+def test_an_unknown_question_family_is_named():
+    config = med_kg_qa.QuestionsConfig(name="odd", num_questions=3, family="trees")
+    with pytest.raises(
+        ValueError, match="med_kg_qa/odd: family must be 'chains' or 'lookup', got 'trees'"
+    ):
+        med_kg_qa.synthesise_questions(config)

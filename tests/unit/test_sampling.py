@@ -111,6 +111,11 @@ def test_bad_inputs():
         )
     with pytest.raises(ValueError, match=r"`prompt_ids` \(2,\)"):
         sampling.sample(model, ones[0], ones[0], jax.random.key(0), sampling.SamplingParams())
+    with pytest.raises(ValueError, match=r"`prefix_ids` has shape \(2, 2\); expected \[1, Tx"):
+        sampling.sample(
+            model, ones, ones, jax.random.key(0), sampling.SamplingParams(),
+            prefix_ids=jnp.ones((2, 2), jnp.int32),
+        )  # fmt: skip
 
 
 def test_buckets_bound_compilations_and_change_no_number(model, prompts):
