@@ -294,7 +294,7 @@ class _Runner:
         return self.tokenizer.encode(full[len(ep.text) :], add_special_tokens=False)
 
     def run(self) -> list[Trajectory]:
-        first, turn_index, start = True, 0, time.perf_counter()
+        first, turn_index, run_start = True, 0, time.perf_counter()
         while live := [e for e in self.episodes if not e.done]:
             for ep in live:  # Only a prompt longer than the context gets here without room.
                 if self._turn_budget(ep) < 1:
@@ -334,9 +334,9 @@ class _Runner:
                     if tool.delegate is not None:
                         delegated.setdefault(tool.name, []).append((ep, parsed.arguments))
                     else:
-                        start = time.perf_counter()
+                        tool_start = time.perf_counter()
                         output, error = tools_lib.run_tool(tool, parsed.arguments)
-                        turn.tool_s = time.perf_counter() - start
+                        turn.tool_s = time.perf_counter() - tool_start
                         if error is not None:
                             self._error(ep, error)
                         else:
@@ -364,7 +364,7 @@ class _Runner:
                 done = sum(e.done for e in self.episodes)
                 log.info(
                     "%s turn %d: %d/%d episodes finished, %.0f s", self.agent.name, turn_index,
-                    done, len(self.episodes), time.perf_counter() - start,
+                    done, len(self.episodes), time.perf_counter() - run_start,
                 )  # fmt: skip
         return [e.traj for e in self.episodes]
 

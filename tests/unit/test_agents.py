@@ -5,6 +5,7 @@ import json
 import logging
 import logging.handlers
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -185,9 +186,12 @@ def test_turn_budget_forces_a_final_answer(tok):
 
 
 def test_each_turn_logs_its_progress(tok):
-    """Three queries: the Zebra one is answered at once, the others after one lookup."""
+    """Three queries: the Zebra one is answered at once, the others after one lookup. The
+    seconds count from the start of the batch, however long its tools took (the replies take
+    0.5 s each, 1.5 s in turn 1)."""
 
     def policy(prompt):
+        time.sleep(0.5)
         if "Zebra" in prompt or "raised body temperature" in prompt:
             return "<answer>influenza</answer>"
         return call("lookup", term="fever")
@@ -213,6 +217,8 @@ def test_each_turn_logs_its_progress(tok):
         "doctor turn 2: 3/3 episodes finished",
     ]
     assert all(re.fullmatch(r".*, \d+ s", line) for line in lines), lines
+    seconds = [int(line.rsplit(", ", 1)[1].removesuffix(" s")) for line in lines]
+    assert seconds[0] >= 1 and seconds[1] >= 2, lines  # Not reset by a tool call.
 
 
 def test_context_budget(tok):
