@@ -185,15 +185,20 @@ class GuidedPatient:
       strict: add the strict-adherence instruction to the prompt.
       guidance: check every reply and regenerate with guidance (else the raw reply).
       max_tries: regenerations before the deterministic fallback.
+      batch_size: replies per backend call (None: a round's replies in one call); bounds a
+        local model's memory.
     """
 
     def __init__(
         self, graph: KnowledgeGraph, backend, *, strict: bool = True, guidance: bool = True,
         max_tries: int = 2, params: SamplingParams | None = None,
-        checker: FactChecker | None = None,
+        checker: FactChecker | None = None, batch_size: int | None = None,
     ):  # fmt: skip
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"GuidedPatient: batch_size must be at least 1, got {batch_size}.")
         self.graph, self.backend = graph, backend
         self.strict, self.guidance, self.max_tries = strict, guidance, max_tries
+        self.batch_size = batch_size
         self.params = params or SamplingParams(max_new_tokens=256, temperature=0.7)
         self.checker = checker or FactChecker(graph)
         self.fallback = KnowledgePatient(graph, self.checker.matcher)
@@ -215,7 +220,14 @@ class GuidedPatient:
         for _ in range(self.max_tries + 1 if self.guidance else 1):
             if not pending:
                 break
-            outs = self.backend.generate([chats[i] for i in pending], self.params)
+            size = self.batch_size or len(pending)
+            outs = [
+                out
+                for start in range(0, len(pending), size)
+                for out in self.backend.generate(
+                    [chats[i] for i in pending[start : start + size]], self.params
+                )
+            ]
             still = []
             for i, out in zip(pending, outs, strict=True):
                 text = out.text.strip()
@@ -314,12 +326,15 @@ def guidance_report(
     noise_rate: float = 0.3,
     seed: int = 0,
     backend=None,
+    params: SamplingParams | None = None,
+    batch_size: int | None = None,
 ) -> dict:
     """Checker recall / false alarms on inserted findings, and the hallucination rate of the
     paper's three configurations (prompt only, + strict adherence, + guidance) with a
     `NoisyPatientBackend`. Hallucination = share of replies the checker flags; relevance =
     share of replies that are not `NOT_SURE`; consistency = share without contradictions.
-    `backend`: measure a real LLM patient (any TextBackend) instead of the stand-in."""
+    `backend`: measure a real LLM patient (any TextBackend) instead of the stand-in, with
+    `params` and `batch_size` as in `GuidedPatient`."""
     matcher = ConceptMatcher(graph)
     checker = FactChecker(graph, matcher)
     grounded = KnowledgePatient(graph, matcher)
@@ -351,7 +366,10 @@ def guidance_report(
         ("prompt only", False, False), ("+ strict adherence", True, False),
         ("+ guidance", True, True),
     ):  # fmt: skip
-        agent = GuidedPatient(graph, None, strict=strict, guidance=guidance, checker=checker)
+        agent = GuidedPatient(
+            graph, None, strict=strict, guidance=guidance, checker=checker, params=params,
+            batch_size=batch_size,
+        )  # fmt: skip
         agent.backend = backend or NoisyPatientBackend(
             graph, matcher, {agent.prompt(c).removesuffix(STRICT_SUFFIX): c for c in cases},
             phenotypes, noise_rate=noise_rate, seed=seed,

@@ -45,6 +45,8 @@ class Setting:
       on average, the rest about any phenotype).
     noise_rate: the stand-in's share of replies with an inserted finding (prompt only).
     dataset, num_eval_cases, max_turns: the coverage-by-turn benchmark (validation cases).
+    reply_tokens, batch_size: an LLM patient's (`--patient-backend`) longest reply and its
+      replies per backend call.
     """
 
     num_cases: int = 500
@@ -53,6 +55,8 @@ class Setting:
     dataset: str = "med_dialog_rubrics/default"
     num_eval_cases: int = 50
     max_turns: int = 12
+    reply_tokens: int = 256
+    batch_size: int | None = None
 
 
 SETTINGS = {
@@ -78,6 +82,7 @@ def guidance(setting: Setting, seeds: Sequence[int], *, backend=None, graph=None
     verdict on the falling hallucination rate. `backend`: a TextBackend instead of the
     stand-in."""
     from medjax.envs import patient
+    from medjax.sampling import SamplingParams
     from medjax.synthesis import cases
 
     graph = graph or _graph()
@@ -92,6 +97,8 @@ def guidance(setting: Setting, seeds: Sequence[int], *, backend=None, graph=None
             noise_rate=setting.noise_rate,
             seed=seed,
             backend=backend,
+            params=SamplingParams(max_new_tokens=setting.reply_tokens, temperature=0.7),
+            batch_size=setting.batch_size,
         )
         for seed in seeds
     ]

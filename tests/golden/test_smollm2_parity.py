@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax import models, sampling
+from medjax import llm, models, sampling
 from medjax.agents import tools
 from medjax.models import smollm2
 from medjax.models import tokenizer as tokenizer_lib
@@ -76,6 +76,19 @@ def test_greedy_generation_equals_transformers(model, tok):
     )
     assert rendered == list(ORACLE["chat0_prompt"])
     assert tok.decode(ORACLE["chat0_greedy"][:7]) == "The capital of France is Paris."
+
+
+@pytest.mark.slow
+def test_chat_reply_ends_at_end_of_turn(model, tok):
+    # transformers' greedy reply to chat 0 is "The capital of France is Paris." then
+    # <|im_end|> (id 2), after which it rambles on into a new turn.
+    assert list(ORACLE["chat0_greedy"][7:10]) == [2, 198, 2]
+    backend = llm.JaxPolicyBackend(model, tok)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    (reply,) = backend.generate([chat], sampling.SamplingParams(max_new_tokens=64, greedy=True))
+    assert reply.text == "The capital of France is Paris."
+    assert reply.token_ids == list(ORACLE["chat0_greedy"][:8])
+    assert reply.finish_reason == "stop"
 
 
 def test_tokenizer_equals_transformers(tok):

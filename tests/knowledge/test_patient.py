@@ -58,3 +58,30 @@ def test_contradictions_are_caught(world):
     fact = next(f for f in case.facts if f.present and f.concept.startswith("HP:"))
     denial = f"I never had {g.name(fact.concept).lower()}."
     assert checker.check(case, denial).contradicted == (fact.concept,)
+
+
+class _Recording:
+    """Answers every chat with its last message, and records each call's size."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def generate(self, conversations, params, *, num_samples=1):
+        from medjax.llm.base import Generation
+
+        self.sizes.append(len(conversations))
+        return [Generation(f"reply to: {chat[-1]['content']}") for chat in conversations]
+
+
+def test_guided_patient_batches_backend_calls(world):
+    g, _, made, _ = world
+    questions = [f"Question {i}?" for i in range(5)]
+    replies = {}
+    for batch_size in (None, 2):
+        backend = _Recording()
+        agent = patient.GuidedPatient(g, backend, guidance=False, batch_size=batch_size)
+        replies[batch_size] = agent.reply_batch(made[:5], questions)
+        assert backend.sizes == ([5] if batch_size is None else [2, 2, 1])
+    assert replies[None] == replies[2] == [f"reply to: Question {i}?" for i in range(5)]
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        patient.GuidedPatient(g, _Recording(), batch_size=0)
