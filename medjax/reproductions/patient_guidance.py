@@ -61,6 +61,9 @@ class Setting:
 
 SETTINGS = {
     "cpu": Setting(),
+    # Sized for a local 135M LLM patient on 2 CPU cores (`--patient-backend
+    # checkpoint:<SmolLM2 GGUF>`): about 10 minutes a seed.
+    "smollm2": Setting(num_cases=48, num_questions=48, reply_tokens=48, batch_size=24),
     "tiny": Setting(
         num_cases=20,
         num_questions=60,
@@ -244,11 +247,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     if args.publish:
         comparisons.publish(args.out, args.publish, ("results.json", "patient_guidance.png"))
-    for name in CONFIGURATIONS:
-        row = results["stand_in"]["configurations"][name]
-        print(f"{name:20s}", "  ".join(f"{m} {row[m]['mean']:.4f}+-{row[m]['std']:.4f}"
-                                       for m in MEASURES))  # fmt: skip
-    comparisons.print_verdict(results["stand_in"])
+    for key in ("stand_in", "backend"):
+        if key not in results:
+            continue
+        print(f"-- {results[key].get('name', 'stand-in')} patient")
+        for name in CONFIGURATIONS:
+            row = results[key]["configurations"][name]
+            print(f"{name:20s}", "  ".join(f"{m} {row[m]['mean']:.4f}+-{row[m]['std']:.4f}"
+                                           for m in MEASURES))  # fmt: skip
+        comparisons.print_verdict(results[key])
     for name, s in results["coverage_by_turn"].items():
         print(f"{name:24s} coverage {s['coverage']:.4f} turns {s['turns']:.1f}")
 

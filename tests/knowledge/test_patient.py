@@ -8,6 +8,7 @@ import pytest
 
 from medjax.envs import patient
 from medjax.knowledge import graph, hpo
+from medjax.sampling import SamplingParams
 from medjax.synthesis import cases
 
 NOISE_RATE = 0.3
@@ -61,16 +62,21 @@ def test_contradictions_are_caught(world):
 
 
 class _Recording:
-    """Answers every chat with its last message, and records each call's size."""
+    """Answers every chat with its last message (or `reply`), and records each call's size
+    and budget."""
 
-    def __init__(self):
-        self.sizes = []
+    def __init__(self, reply=None):
+        self.reply = reply
+        self.sizes, self.budgets = [], []
 
     def generate(self, conversations, params, *, num_samples=1):
         from medjax.llm.base import Generation
 
         self.sizes.append(len(conversations))
-        return [Generation(f"reply to: {chat[-1]['content']}") for chat in conversations]
+        self.budgets.append(params.max_new_tokens)
+        return [
+            Generation(self.reply or f"reply to: {chat[-1]['content']}") for chat in conversations
+        ]
 
 
 def test_guided_patient_batches_backend_calls(world):
@@ -85,3 +91,17 @@ def test_guided_patient_batches_backend_calls(world):
     assert replies[None] == replies[2] == [f"reply to: Question {i}?" for i in range(5)]
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         patient.GuidedPatient(g, _Recording(), batch_size=0)
+
+
+def test_guidance_report_passes_params_and_batches_to_an_llm_patient(world):
+    g, _, made, _ = world
+    backend = _Recording("I'm not sure, doctor.")
+    params = SamplingParams(max_new_tokens=48, temperature=0.7)
+    report = patient.guidance_report(
+        g, made, num_questions=10, backend=backend, params=params, batch_size=4
+    )
+    # A reply that names no finding is never flagged: three configurations of
+    # 10 replies each in calls of 4, 4 and 2, each with the given budget.
+    assert backend.sizes == [4, 4, 2] * 3 and set(backend.budgets) == {48}
+    for row in report["configurations"].values():
+        assert row["corrections"] == 0 and row["hallucination_rate"] == 0.0
