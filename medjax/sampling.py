@@ -53,6 +53,13 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     pad_id: int = 0
 
+    def ending_at(self, eos_id: int | None) -> "SamplingParams":
+        """These params with `eos_id` (a tokenizer's end-of-turn token) among `eos_ids`;
+        unchanged when it is None or already there."""
+        if eos_id is None or eos_id in self.eos_ids:
+            return self
+        return dataclasses.replace(self, eos_ids=(*self.eos_ids, eos_id))
+
 
 class SampleOutput(NamedTuple):
     """Generated tokens.

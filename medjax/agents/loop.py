@@ -136,12 +136,8 @@ def system_prompt(agent: AgentSpec) -> str:
 
 def _turn_params(agent: AgentSpec, tokenizer) -> SamplingParams:
     extra = tuple(s for s in TURN_STOPS + agent.end_phrases if s not in agent.sampling.stop_strings)
-    eos = agent.sampling.eos_ids
-    if tokenizer is not None and tokenizer.eos_token_id not in eos:
-        eos = (*eos, tokenizer.eos_token_id)
-    return dataclasses.replace(
-        agent.sampling, stop_strings=agent.sampling.stop_strings + extra, eos_ids=eos
-    )
+    params = dataclasses.replace(agent.sampling, stop_strings=agent.sampling.stop_strings + extra)
+    return params.ending_at(None if tokenizer is None else tokenizer.eos_token_id)
 
 
 class _Runner:

@@ -162,6 +162,8 @@ PATIENT_PROMPT = (
     " have it or you're not sure.\nFacts:\n{facts}"
 )
 STRICT_SUFFIX = "\nNever mention any symptom, finding or test result that is not in the facts."
+# A patient's replies when the caller gives no SamplingParams.
+REPLY_PARAMS = SamplingParams(max_new_tokens=256, temperature=0.7)
 GUIDANCE = (
     "Your last answer mentioned {terms}, which your facts do not support. Answer again, using"
     " only your facts."
@@ -199,7 +201,7 @@ class GuidedPatient:
         self.graph, self.backend = graph, backend
         self.strict, self.guidance, self.max_tries = strict, guidance, max_tries
         self.batch_size = batch_size
-        self.params = params or SamplingParams(max_new_tokens=256, temperature=0.7)
+        self.params = params or REPLY_PARAMS
         self.checker = checker or FactChecker(graph)
         self.fallback = KnowledgePatient(graph, self.checker.matcher)
         self.corrections: list[Correction] = []

@@ -130,9 +130,7 @@ class JaxPolicyBackend:
     ) -> list[Generation]:
         """Replies to chats; a reply ends at the tokenizer's end-of-turn (EOS) token, as a chat
         server's would, besides `params.eos_ids` (`generate_ids` stops only where told)."""
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos not in params.eos_ids:
-            params = dataclasses.replace(params, eos_ids=(*params.eos_ids, eos))
+        params = params.ending_at(self.tokenizer.eos_token_id)
         return self.generate_ids(self.encode(conversations), params, num_samples=num_samples)
 
     def generate_ids(

@@ -85,10 +85,10 @@ def guidance(setting: Setting, seeds: Sequence[int], *, backend=None, graph=None
     verdict on the falling hallucination rate. `backend`: a TextBackend instead of the
     stand-in."""
     from medjax.envs import patient
-    from medjax.sampling import SamplingParams
     from medjax.synthesis import cases
 
     graph = graph or _graph()
+    params = dataclasses.replace(patient.REPLY_PARAMS, max_new_tokens=setting.reply_tokens)
     diseases = sorted(d for d in graph.diseases() if d.startswith("OMIM:"))
     random.Random(0).shuffle(diseases)
     made = cases.synthesise_cases(graph, diseases[: setting.num_cases])
@@ -100,7 +100,7 @@ def guidance(setting: Setting, seeds: Sequence[int], *, backend=None, graph=None
             noise_rate=setting.noise_rate,
             seed=seed,
             backend=backend,
-            params=SamplingParams(max_new_tokens=setting.reply_tokens, temperature=0.7),
+            params=params,
             batch_size=setting.batch_size,
         )
         for seed in seeds
