@@ -17,9 +17,9 @@ stage-1 checkpoint and trains `steps` steps on hard questions (4-6 hops):
   main agent's model, which was also trained as a researcher);
 - "no alignment": co-training without Eq. 11 (each rollout's own sub-trajectories).
 
-Measured: the stage-2 training reward (the task's composite reward with the quickstart's
-shaping terms, the same for all arms), and held-out accuracy and reward of greedy episodes
-(the multi-agent system for the M-GRPO arms). The verdict follows `comparisons` on the mean
+Measured: the stage-2 training reward (the task's composite reward with the from-scratch
+quickstart's shaping terms, the same for all arms), and held-out accuracy and reward of greedy
+episodes (the multi-agent system for the M-GRPO arms). The verdict follows `comparisons` on the mean
 training reward over the second half of stage 2.
 
     python -m medjax.reproductions.mgrpo_cotraining --setting cpu --seeds 0 1 2 \\
@@ -98,7 +98,7 @@ class Setting:
     heldout_every: int = 4
 
     def task(self, data_dir: str | None) -> rl.ResearchTask:
-        # The quickstart's shaping: a from-scratch policy makes errors in nearly every
+        # The from-scratch quickstart's shaping: such a policy makes errors in nearly every
         # episode, and the binary format term alone would give every arm the reward 0.
         reward = research.RewardConfig(format_weight=0.1, answer_weight=0.1, error_penalty=0.02)
         return rl.ResearchTask(
