@@ -19,8 +19,8 @@ stage-1 checkpoint and trains `steps` steps on hard questions (4-6 hops):
 
 Measured: the stage-2 training reward (the task's composite reward with the from-scratch
 quickstart's shaping terms, the same for all arms), and held-out accuracy and reward of greedy
-episodes (the multi-agent system for the M-GRPO arms). The verdict follows `comparisons` on the mean
-training reward over the second half of stage 2.
+episodes (the multi-agent system for the M-GRPO arms). The verdict follows `comparisons` on
+the mean training reward over the second half of stage 2.
 
     python -m medjax.reproductions.mgrpo_cotraining --setting cpu --seeds 0 1 2 \\
         --out /tmp/repro/mgrpo_cotraining --publish docs/reproductions/mgrpo_cotraining
