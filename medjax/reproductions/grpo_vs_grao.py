@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from medjax import losses, train_lib
-from medjax.models.config import ModelConfig
 from medjax.reproductions import comparisons, provenance
 from medjax.training import consultation, optim
 
@@ -58,12 +57,17 @@ class Setting:
     Attributes:
       dataset, num_train_cases, num_eval_cases: the cases (`ConsultationTask`).
       max_turns, max_new_tokens, max_context_tokens: the interview budget.
+      temperature: rollouts' sampling temperature.
+      init_from: the base policy's starting point: None trains the model below from scratch;
+        "smollm2" starts from SmolLM2-135M-Instruct (`medjax.models.smollm2`), or a Hugging
+        Face folder or GGUF file.
       hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads: the model
         (Qwen2-shaped, trained from scratch), tokenizer_vocab_size its BPE.
-      base_steps, base_batch_size, base_learning_rate: the base policy's SFT on the
-        generic interviews (checklist and random doctors; cosine schedule).
+      base_steps, base_batch_size, base_learning_rate, base_max_length: the base policy's
+        SFT on the generic interviews (checklist and random doctors; cosine schedule).
       steps, prompts_per_step, num_generations, learning_rate: each arm's budget
-        (constant learning rate, AdamW).
+        (constant learning rate, AdamW); num_microbatches: gradient accumulation of every
+        RL update (memory only).
       heldout_every: steps between held-out evaluations.
     """
 
@@ -73,6 +77,8 @@ class Setting:
     max_turns: int = 6
     max_new_tokens: int = 24
     max_context_tokens: int = 768
+    temperature: float = 1.0
+    init_from: str | None = None
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
@@ -82,10 +88,12 @@ class Setting:
     base_steps: int = 150
     base_batch_size: int = 8
     base_learning_rate: float = 3e-3
+    base_max_length: int = 2048
     steps: int = 40
     prompts_per_step: int = 4
     num_generations: int = 4
     learning_rate: float = 3e-4
+    num_microbatches: int = 1
     heldout_every: int = 10
 
     def task(self, expert, data_dir: str | None) -> consultation.ConsultationTask:
@@ -94,15 +102,36 @@ class Setting:
             num_eval_questions=self.num_eval_cases, max_turns=self.max_turns,
             max_new_tokens=self.max_new_tokens, final_turn_tokens=self.max_new_tokens,
             max_context_tokens=self.max_context_tokens, expert=expert,
+            temperature=self.temperature,
         )  # fmt: skip
 
-    def model(self) -> ModelConfig:
-        return comparisons.model_config(self)
+    def base(self) -> dict[str, Any]:
+        """`train_lib.train`'s model arguments for the base policy's run."""
+        return comparisons.base_model(self)
 
 
 SETTINGS = {
     # The report's setting: about 80 minutes for 3 seeds on 2 CPU cores.
     "cpu": Setting(),
+    # SmolLM2-135M-Instruct as the base policy, sized for a seed in about 45 minutes on 2
+    # CPU cores: 4 updates of 2 cases x 4 interviews per arm, 16 held-out cases. The
+    # quickstart's lr and temperature; the base SFT as the quickstart's.
+    "smollm2": Setting(
+        num_eval_cases=16,
+        max_new_tokens=32,
+        max_context_tokens=1024,
+        temperature=0.7,
+        init_from="smollm2",
+        base_steps=16,
+        base_batch_size=4,
+        base_learning_rate=5e-5,
+        base_max_length=1024,
+        steps=4,
+        prompts_per_step=2,
+        learning_rate=1e-5,
+        num_microbatches=2,
+        heldout_every=4,
+    ),
     # The notebook's CI setting: the whole protocol in about a minute, numbers meaningless.
     "tiny": Setting(
         dataset="med_dialog_rubrics/tiny",
@@ -136,7 +165,8 @@ def arm_stage(arm: str, setting: Setting) -> train_lib.SFTStage | train_lib.RLSt
         return train_lib.SFTStage(
             name="arm", batch_size=setting.prompts_per_step, max_length=2048, **common
         )
-    rl = dict(prompts_per_step=setting.prompts_per_step, num_generations=setting.num_generations)
+    rl = dict(prompts_per_step=setting.prompts_per_step, num_generations=setting.num_generations,
+              num_microbatches=setting.num_microbatches)  # fmt: skip
     if arm == "grpo":
         return train_lib.RLStage(name="arm", algorithm="grpo", loss=losses.grpo_loss, **rl,
                                  **common)  # fmt: skip
@@ -155,7 +185,7 @@ def base_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | None)
     """Trains (or finds) the seed's base policy; returns its Hugging Face folder."""
     stage = train_lib.SFTStage(
         name="base", steps=setting.base_steps, batch_size=setting.base_batch_size,
-        max_length=2048, save_every=setting.base_steps, keep_checkpoints=1,
+        max_length=setting.base_max_length, save_every=setting.base_steps, keep_checkpoints=1,
         heldout_every=setting.base_steps,  # The arms' step 0.
         optimizer=functools.partial(
             optim.make_optimizer, learning_rate=setting.base_learning_rate, schedule="cosine",
@@ -163,9 +193,8 @@ def base_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | None)
         ),
     )  # fmt: skip
     train_lib.train(
-        run_dir, task=setting.task(BASE_EXPERTS, data_dir), model=setting.model(), stages=[stage],
-        tokenizer_vocab_size=setting.tokenizer_vocab_size, seed=seed, mesh_shape=(1, 1, 1),
-        evaluate=False, interactive=False,
+        run_dir, task=setting.task(BASE_EXPERTS, data_dir), **setting.base(), stages=[stage],
+        seed=seed, mesh_shape=(1, 1, 1), evaluate=False, interactive=False,
     )  # fmt: skip
     return os.path.join(run_dir, "base", "export")
 

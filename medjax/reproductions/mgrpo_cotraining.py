@@ -35,7 +35,6 @@ from typing import Any
 
 from medjax import losses, train_lib
 from medjax.envs import research
-from medjax.models.config import ModelConfig
 from medjax.reproductions import comparisons, provenance
 from medjax.training import optim, rl
 
@@ -56,13 +55,22 @@ class Setting:
       dataset, num_eval_questions: the questions (`ResearchTask`).
       max_turns, sub_turns, max_new_tokens, final_turn_tokens, max_context_tokens,
         max_observation_chars: the agents' budgets.
+      tool_names: the researcher's and the sub-agent's tools (None: search, read, kg_lookup).
+      temperature: rollouts' sampling temperature.
+      shaping: the from-scratch shaping terms in the reward (False: the papers' reward,
+        correct + 0.1 x valid format).
+      init_from: the base policy's starting point: None trains the model below from scratch;
+        "smollm2" starts from SmolLM2-135M-Instruct (`medjax.models.smollm2`), or a Hugging
+        Face folder or GGUF file.
       hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
         tokenizer_vocab_size: the model, Qwen2-shaped, trained from scratch.
-      base_steps, base_batch_size, base_learning_rate: SFT on the three roles' chats.
+      base_steps, base_batch_size, base_learning_rate, base_max_length: SFT on the three
+        roles' chats.
       easy_hops, hard_hops: the curriculum's question ranges.
       stage1_steps: M-GRPO co-training on easy questions.
       steps, prompts_per_step, num_generations, learning_rate: each stage-2 arm's budget
-        (K = num_generations rollouts per question).
+        (K = num_generations rollouts per question); num_microbatches: gradient accumulation
+        of every RL update (memory only).
       sub_target_count: M-GRPO's d.
       heldout_every: stage-2 steps between held-out evaluations.
     """
@@ -78,6 +86,10 @@ class Setting:
     final_turn_tokens: int = 40
     max_context_tokens: int = 1536
     max_observation_chars: int = 150
+    tool_names: tuple[str, ...] | None = None
+    temperature: float = 1.0
+    shaping: bool = True
+    init_from: str | None = None
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
@@ -87,6 +99,7 @@ class Setting:
     base_steps: int = 180
     base_batch_size: int = 4
     base_learning_rate: float = 3e-3
+    base_max_length: int = 2048
     easy_hops: tuple[int, int] = (2, 3)
     hard_hops: tuple[int, int] = (4, 6)
     stage1_steps: int = 4
@@ -94,29 +107,34 @@ class Setting:
     prompts_per_step: int = 4
     num_generations: int = 4
     learning_rate: float = 3e-4
+    num_microbatches: int = 1
     sub_target_count: int = 2
     heldout_every: int = 4
 
     def task(self, data_dir: str | None) -> rl.ResearchTask:
         # The from-scratch quickstart's shaping: such a policy makes errors in nearly every
         # episode, and the binary format term alone would give every arm the reward 0.
-        reward = research.RewardConfig(format_weight=0.1, answer_weight=0.1, error_penalty=0.02)
+        shaping = dict(answer_weight=0.1, error_penalty=0.02) if self.shaping else {}
+        reward = research.RewardConfig(format_weight=0.1, **shaping)
         return rl.ResearchTask(
             dataset=self.dataset, data_dir=data_dir, num_eval_questions=self.num_eval_questions,
             max_turns=self.max_turns, sub_turns=self.sub_turns,
             max_new_tokens=self.max_new_tokens, final_turn_tokens=self.final_turn_tokens,
             max_context_tokens=self.max_context_tokens,
             max_observation_chars=self.max_observation_chars, reward=reward,
+            tool_names=self.tool_names, temperature=self.temperature,
         )  # fmt: skip
 
-    def model(self) -> ModelConfig:
-        return comparisons.model_config(self)
+    def base(self) -> dict[str, Any]:
+        """`train_lib.train`'s model arguments for the base policy's run."""
+        return comparisons.base_model(self)
 
     def rl_stage(self, name: str, steps: int, hops, **kwargs) -> train_lib.RLStage:
         """An RL stage of this setting; `kwargs`: the algorithm and its own settings."""
         common = dict(
             prompts_per_step=self.prompts_per_step, num_generations=self.num_generations,
-            save_every=steps, keep_checkpoints=1, hops=hops,
+            num_microbatches=self.num_microbatches, save_every=steps, keep_checkpoints=1,
+            hops=hops,
             optimizer=functools.partial(optim.make_optimizer, learning_rate=self.learning_rate),
         )  # fmt: skip
         return train_lib.RLStage(name=name, steps=steps, **common, **kwargs)
@@ -135,6 +153,35 @@ class Setting:
 SETTINGS = {
     # The report's setting: 69 minutes for seed 1 on 2 CPU cores shared with four other runs.
     "cpu": Setting(),
+    # SmolLM2-135M-Instruct as the base policy, sized for a seed in about 75 minutes on 2
+    # CPU cores: the quickstart's one-hop lookup questions (no curriculum: stage 1 and 2 draw
+    # from the same questions), the main agent delegates the question, the sub-agent answers
+    # it with kg_lookup. The quickstart's lr, temperature, papers' reward and SFT lr; the
+    # base SFT is longer (three roles).
+    "smollm2": Setting(
+        dataset="med_kg_qa/lookup",
+        num_eval_questions=16,
+        max_turns=2,
+        sub_turns=2,
+        max_new_tokens=96,  # The delegate call restates the question.
+        final_turn_tokens=32,
+        max_context_tokens=1024,
+        max_observation_chars=400,
+        tool_names=("kg_lookup",),
+        temperature=0.7,
+        shaping=False,
+        init_from="smollm2",
+        base_steps=24,
+        base_learning_rate=5e-5,
+        base_max_length=512,
+        easy_hops=(1, 1),
+        hard_hops=(1, 1),
+        stage1_steps=1,
+        steps=4,
+        prompts_per_step=2,
+        learning_rate=1e-5,
+        num_microbatches=2,
+    ),
     # The notebook's CI setting: the whole protocol in a few minutes, numbers meaningless.
     "tiny": Setting(
         num_eval_questions=2,
@@ -182,7 +229,7 @@ def stage1_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | Non
     """SFT on the three roles, then M-GRPO on easy questions; returns the run directory."""
     base = train_lib.SFTStage(
         name="base", steps=setting.base_steps, batch_size=setting.base_batch_size,
-        max_length=2048, save_every=setting.base_steps, keep_checkpoints=1,
+        max_length=setting.base_max_length, save_every=setting.base_steps, keep_checkpoints=1,
         role=(None, "main", "searcher"),
         optimizer=functools.partial(
             optim.make_optimizer, learning_rate=setting.base_learning_rate, schedule="cosine",
@@ -191,9 +238,8 @@ def stage1_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | Non
     )  # fmt: skip
     stage1 = setting.mgrpo_stage("stage1", setting.stage1_steps, setting.easy_hops)
     train_lib.train(
-        run_dir, task=setting.task(data_dir), model=setting.model(), stages=[base, stage1],
-        tokenizer_vocab_size=setting.tokenizer_vocab_size, seed=seed, mesh_shape=(1, 1, 1),
-        evaluate=False, interactive=False,
+        run_dir, task=setting.task(data_dir), **setting.base(), stages=[base, stage1],
+        seed=seed, mesh_shape=(1, 1, 1), evaluate=False, interactive=False,
     )  # fmt: skip
     return run_dir
 

