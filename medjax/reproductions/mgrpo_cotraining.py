@@ -180,7 +180,9 @@ SETTINGS = {
         steps=4,
         prompts_per_step=2,
         learning_rate=1e-5,
-        num_microbatches=2,
+        # 16 sub-agent rows a step (d = 2): microbatches of 4 rows, as the quickstart's.
+        # Microbatches of 8 ran out of 24 GB in the first stage-2 arm.
+        num_microbatches=4,
     ),
     # The notebook's CI setting: the whole protocol in a few minutes, numbers meaningless.
     "tiny": Setting(
