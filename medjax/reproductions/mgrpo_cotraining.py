@@ -334,9 +334,12 @@ def plot(results: dict[str, Any], path: str | None = None):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     seeds = len(results["seeds"])
+    lo, hi = results["setting"]["hard_hops"]
+    hops = str(lo) if lo == hi else f"{lo}-{hi}"
     comparisons.plot_curves(
         results["training_curves"], ylabel="mean training reward", ax=left,
-        title=f"stage 2 (hard questions): training reward ({seeds} seeds)",
+        title=f"stage 2 ({hops}-hop questions): training reward"
+        f" ({seeds} seed{'s' * (seeds > 1)})",
     )  # fmt: skip
     held = {a: {s: c["mean_reward"] for s, c in by.items()}
             for a, by in results["heldout_curves"].items()}  # fmt: skip
