@@ -273,7 +273,7 @@ def plot(results: dict[str, Any], path: str | None = None):
     colors = {arm: f"C{i}" for i, arm in enumerate(results["curves"])}
     comparisons.plot_curves(
         results["curves"], ylabel="held-out weighted rubric coverage", ax=left, colors=colors,
-        title=f"held-out coverage (greedy; {seeds} seeds, min-max shaded)",
+        title=f"held-out coverage (greedy; {seeds} seed{'s' * (seeds > 1)}, min-max shaded)",
     )  # fmt: skip
     rl = {a: c for a, c in results["training_curves"].items() if a != "sft"}
     comparisons.plot_curves(rl, ylabel="mean training reward", title="training reward (sampled)",
