@@ -98,7 +98,7 @@ def test_smollm2_settings_use_the_papers_reward_and_the_lookup_tool():
     shaped = mgrpo_cotraining.SETTINGS["cpu"].task(data_dir=None).reward
     assert (shaped.answer_weight, shaped.error_penalty, shaped.format_weight) == (0.1, 0.02, 0.1)
     stage = mgrpo_cotraining.arm_stage("main-only", mgrpo_cotraining.SETTINGS["smollm2"], "/s1")
-    assert (stage.num_microbatches, stage.train_sub, stage.prompts_per_step) == (2, False, 2)
+    assert (stage.num_microbatches, stage.train_sub, stage.prompts_per_step) == (4, False, 2)
     assert stage.sub_init_from == "/s1/stage1/export_sub"
     doctor = grpo_vs_grao.SETTINGS["smollm2"]
     assert doctor.task("oracle", None).temperature == 0.7
