@@ -115,8 +115,8 @@ SETTINGS = {
     "cpu": Setting(),
     # SmolLM2-135M-Instruct as the base policy, sized for a seed in about an hour on 2 CPU
     # cores (32 minutes for the base, SFT, GRPO and GRAO, 2026-12-06): 4 updates of 2 cases
-    # x 4 interviews per arm, 16 held-out cases. The
-    # quickstart's lr and temperature; the base SFT as the quickstart's.
+    # x 4 interviews per arm, 16 held-out cases. The quickstart's RL learning rate,
+    # temperature and SFT learning rate.
     "smollm2": Setting(
         num_eval_cases=16,
         max_new_tokens=32,

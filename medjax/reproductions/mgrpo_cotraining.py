@@ -6,10 +6,11 @@ frozen) > single-agent GRPO with all the sub-agent's tools, and co-training with
 alignment beats co-training without it.
 
 The same protocol at small scale, through the trainer on the research task: per seed a
-1M-parameter model is trained from scratch by SFT on the expert's chats in all three roles
-(researcher, main agent, searching sub-agent), then stage 1 co-trains the two agents
-(distinct models, M-GRPO) on easy questions (2-3 hops). Every stage-2 arm starts from the
-stage-1 checkpoint and trains `steps` steps on hard questions (4-6 hops):
+1M-parameter model (or, `--setting smollm2`, SmolLM2-135M-Instruct) is trained by SFT on
+the expert's chats in all three roles (researcher, main agent, searching sub-agent), then
+stage 1 co-trains the two agents (distinct models, M-GRPO) on easy questions (2-3 hops).
+Every stage-2 arm starts from the stage-1 checkpoint and trains `steps` steps on hard
+questions (4-6 hops):
 
 - "co-training": M-GRPO, both agents learn;
 - "main-only": M-GRPO with the sub-agent frozen;
