@@ -9,6 +9,7 @@ and is *within noise* otherwise. A finding made of several claims is *reproduced
 claim holds, *not reproduced* when any is reversed, and *inconclusive* otherwise.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -76,6 +77,51 @@ def print_verdict(results: Mapping[str, Any]) -> None:
     print(f"verdict: {results['verdict']}")
 
 
+def earlier_results(path: str | None, setting) -> dict[str, Any] | None:
+    """An earlier comparison's results.json (`--reuse`), whose (arm, seed) results a run reads
+    back instead of training them again, so that the seeds of a slow setting can be spread
+    over several sessions; None without a path. Only the same setting can be reused: a
+    ValueError names the file and every field where its setting differs."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    theirs = earlier.get("setting")
+    if not isinstance(theirs, dict) or "seeds" not in earlier:
+        raise ValueError(
+            f"{path}: no 'setting' or 'seeds' field; is it a comparison's results.json?"
+        )
+    ours = json.loads(json.dumps(dataclasses.asdict(setting)))
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(
+            f"{path}: its setting differs from this run's in {', '.join(differ)}; only seeds"
+            " of the same setting can be reused."
+        )
+    return earlier
+
+
+def reused(earlier: Mapping[str, Any] | None, key: str, arm: str, seed: int) -> bool:
+    """Whether `earlier` (see `earlier_results`) holds `key`'s per-seed record of (arm, seed)."""
+    return earlier is not None and str(seed) in earlier.get(key, {}).get(arm, {})
+
+
+def provenance_of(earlier: Mapping[str, Any] | None, path: str | None, pairs) -> dict:
+    """results.json's "reused" field: the file, the (arm, seed) pairs read from it, and the
+    machine and versions that measured them (this run's "seconds" exclude them)."""
+    if earlier is None or not pairs:
+        return {}
+    by_arm: dict[str, list[int]] = {}
+    for arm, seed in pairs:
+        by_arm.setdefault(arm, []).append(seed)
+    return {
+        "reused": {
+            "file": path, "seeds": by_arm,
+            "machine": earlier.get("machine"), "versions": earlier.get("versions"),
+        }
+    }  # fmt: skip
+
+
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -110,9 +156,11 @@ def base_model(setting) -> dict[str, Any]:
     return {"init_from": setting.init_from}
 
 
-def parser(doc: str, settings: Mapping[str, Any], arms: Sequence[str] | None = None):
+def parser(
+    doc: str, settings: Mapping[str, Any], arms: Sequence[str] | None = None, reuse: bool = False
+):
     """The command line every comparison takes: --setting, --seeds, --out, --data-dir,
-    --publish (and --arms)."""
+    --publish (and --arms, and --reuse where the comparison reads earlier seeds back)."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -123,6 +171,12 @@ def parser(doc: str, settings: Mapping[str, Any], arms: Sequence[str] | None = N
     p.add_argument("--out", required=True, help="folder for the runs and results.json")
     p.add_argument("--data-dir", default=None, help="TFDS folder (default TFDS's)")
     p.add_argument("--publish", default=None, help="also copy results.json and the plot here")
+    if reuse:
+        p.add_argument(
+            "--reuse", default=None,
+            help="an earlier results.json of the same setting: the (arm, seed) results it"
+            " holds are read from it, not trained again",
+        )  # fmt: skip
     return p
 
 

