@@ -77,17 +77,49 @@ def print_verdict(results: Mapping[str, Any]) -> None:
     print(f"verdict: {results['verdict']}")
 
 
-def earlier_results(path: str | None, setting) -> dict[str, Any] | None:
-    """An earlier comparison's results.json (`--reuse`), whose (arm, seed) results a run reads
-    back instead of training them again, so that the seeds of a slow setting can be spread
-    over several sessions; None without a path. Only the same setting can be reused: a
-    ValueError names the file and every field where its setting differs."""
-    if path is None:
+class Earlier:
+    """Earlier runs' results.json files (`--reuse`) of the same setting, whose (arm, seed)
+    results a run reads back instead of training them again, so that the seeds of a slow
+    setting can be spread over several sessions. Files are searched in order. Only the same
+    setting can be reused: a ValueError names the file and every field where its setting
+    differs."""
+
+    def __init__(self, paths: Sequence[str], setting):
+        self.files = [(path, _same_setting(path, setting)) for path in paths]
+        self.read: list[tuple[str, str, int]] = []  # (file, arm, seed) read back.
+
+    def find(self, key: str, arm: str, seed: int) -> Mapping[str, Any] | None:
+        """The first file's results that hold `key`'s record of (arm, seed), or None."""
+        for path, results in self.files:
+            if str(seed) in results.get(key, {}).get(arm, {}):
+                self.read.append((path, arm, seed))
+                return results
         return None
+
+    def provenance(self) -> dict[str, Any]:
+        """results.json's "reused" field (none when nothing was read back): per file, the
+        (arm, seed) pairs read from it and the machine and versions that measured them
+        (a run's "seconds" exclude them)."""
+        used = []
+        for path, results in self.files:
+            seeds: dict[str, list[int]] = {}
+            for file, arm, seed in self.read:
+                if file == path:
+                    seeds.setdefault(arm, []).append(seed)
+            if seeds:
+                used.append({
+                    "file": path, "seeds": seeds,
+                    "machine": results.get("machine"), "versions": results.get("versions"),
+                })  # fmt: skip
+        return {"reused": used} if used else {}
+
+
+def _same_setting(path: str, setting) -> dict[str, Any]:
+    """The results.json at `path`, checked to be of `setting`."""
     with open(path, encoding="utf-8") as f:
-        earlier = json.load(f)
-    theirs = earlier.get("setting")
-    if not isinstance(theirs, dict) or "seeds" not in earlier:
+        results = json.load(f)
+    theirs = results.get("setting")
+    if not isinstance(theirs, dict) or "seeds" not in results:
         raise ValueError(
             f"{path}: no 'setting' or 'seeds' field; is it a comparison's results.json?"
         )
@@ -98,28 +130,7 @@ def earlier_results(path: str | None, setting) -> dict[str, Any] | None:
             f"{path}: its setting differs from this run's in {', '.join(differ)}; only seeds"
             " of the same setting can be reused."
         )
-    return earlier
-
-
-def reused(earlier: Mapping[str, Any] | None, key: str, arm: str, seed: int) -> bool:
-    """Whether `earlier` (see `earlier_results`) holds `key`'s per-seed record of (arm, seed)."""
-    return earlier is not None and str(seed) in earlier.get(key, {}).get(arm, {})
-
-
-def provenance_of(earlier: Mapping[str, Any] | None, path: str | None, pairs) -> dict:
-    """results.json's "reused" field: the file, the (arm, seed) pairs read from it, and the
-    machine and versions that measured them (this run's "seconds" exclude them)."""
-    if earlier is None or not pairs:
-        return {}
-    by_arm: dict[str, list[int]] = {}
-    for arm, seed in pairs:
-        by_arm.setdefault(arm, []).append(seed)
-    return {
-        "reused": {
-            "file": path, "seeds": by_arm,
-            "machine": earlier.get("machine"), "versions": earlier.get("versions"),
-        }
-    }  # fmt: skip
+    return results
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> None:
@@ -173,9 +184,9 @@ def parser(
     p.add_argument("--publish", default=None, help="also copy results.json and the plot here")
     if reuse:
         p.add_argument(
-            "--reuse", default=None,
-            help="an earlier results.json of the same setting: the (arm, seed) results it"
-            " holds are read from it, not trained again",
+            "--reuse", nargs="+", default=(), metavar="RESULTS_JSON",
+            help="earlier results.json files of the same setting: the (arm, seed) results"
+            " they hold are read from them (the first that has one), not trained again",
         )  # fmt: skip
     return p
 

@@ -207,27 +207,26 @@ def run(
     *,
     arms: Sequence[str] = ARMS,
     data_dir: str | None = None,
-    reuse: str | None = None,
+    reuse: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Every arm from every seed's base policy; writes and returns `results.json`'s dict.
 
     Runs resume: a finished base or arm is read back, not trained again, and so are the
-    (arm, seed) results of `reuse`, an earlier results.json of the same setting.
+    (arm, seed) results of `reuse`, earlier results.json files of the same setting.
     """
     t0 = time.perf_counter()
-    earlier = comparisons.earlier_results(reuse, setting)
+    earlier = comparisons.Earlier(reuse, setting)
     curves = {arm: {} for arm in arms}
     rewards = {arm: {} for arm in arms}
     base_scores = {}
-    read_back = []
     for seed in seeds:
         seed_dir = os.path.join(out_dir, f"seed{seed}")
         base = None
         for arm in arms:
-            if comparisons.reused(earlier, "curves", arm, seed):
-                read_back.append((arm, seed))
-                curves[arm][str(seed)] = earlier["curves"][arm][str(seed)]
-                rewards[arm][str(seed)] = earlier["training_curves"][arm][str(seed)]
+            found = earlier.find("curves", arm, seed)
+            if found is not None:
+                curves[arm][str(seed)] = found["curves"][arm][str(seed)]
+                rewards[arm][str(seed)] = found["training_curves"][arm][str(seed)]
                 base_scores[str(seed)] = curves[arm][str(seed)][0][1]  # Step 0 is the base.
                 continue
             if base is None:
@@ -258,7 +257,7 @@ def run(
         "curves": curves,
         "training_curves": rewards,
         "seconds": time.perf_counter() - t0,
-        **comparisons.provenance_of(earlier, reuse, read_back),
+        **earlier.provenance(),
         "machine": provenance.machine(),
         "versions": provenance.versions("jax", "flax", "optax", "numpy"),
     }

@@ -271,28 +271,27 @@ def run(
     *,
     arms: Sequence[str] = ARMS,
     data_dir: str | None = None,
-    reuse: str | None = None,
+    reuse: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Every arm from every seed's stage-1 policies; writes and returns results.json's dict.
     Runs resume: finished stages are read back, not trained again, and so are the (arm, seed)
-    results of `reuse`, an earlier results.json of the same setting."""
+    results of `reuse`, earlier results.json files of the same setting."""
     t0 = time.perf_counter()
-    earlier = comparisons.earlier_results(reuse, setting)
+    earlier = comparisons.Earlier(reuse, setting)
     rewards = {arm: {} for arm in arms}
     heldout = {arm: {} for arm in arms}
     delegation = {arm: {} for arm in arms if arm != "single-agent"}
-    read_back = []
     for seed in seeds:
         seed_dir = os.path.join(out_dir, f"seed{seed}")
         stage1 = None
         for arm in arms:
-            if comparisons.reused(earlier, "training_curves", arm, seed):
-                read_back.append((arm, seed))
-                rewards[arm][str(seed)] = earlier["training_curves"][arm][str(seed)]
-                heldout[arm][str(seed)] = earlier["heldout_curves"][arm][str(seed)]
+            found = earlier.find("training_curves", arm, seed)
+            if found is not None:
+                rewards[arm][str(seed)] = found["training_curves"][arm][str(seed)]
+                heldout[arm][str(seed)] = found["heldout_curves"][arm][str(seed)]
                 if arm in delegation:
-                    index = earlier["seeds"].index(seed)
-                    delegation[arm][str(seed)] = earlier["delegation"][arm]["values"][index]
+                    index = found["seeds"].index(seed)
+                    delegation[arm][str(seed)] = found["delegation"][arm]["values"][index]
                 continue
             if stage1 is None:
                 stage1 = stage1_policy(setting, seed, os.path.join(seed_dir, "stage1"), data_dir)
@@ -335,7 +334,7 @@ def run(
         "training_curves": rewards,
         "heldout_curves": heldout,
         "seconds": time.perf_counter() - t0,
-        **comparisons.provenance_of(earlier, reuse, read_back),
+        **earlier.provenance(),
         "machine": provenance.machine(),
         "versions": provenance.versions("jax", "flax", "optax", "numpy"),
     }

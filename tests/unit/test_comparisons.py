@@ -126,16 +126,22 @@ def _jsonl(path, rows):
 
 def test_mgrpo_reads_earlier_seeds_back_and_trains_only_the_rest(tmp_path, monkeypatch):
     setting = mgrpo_cotraining.SETTINGS["cpu"]  # 4 questions x 4 rollouts per step.
-    earlier = _write_earlier(tmp_path / "earlier.json", setting, {
+    heldout = {"accuracy": [[2, 0.5]], "mean_reward": [[2, 0.55]]}
+    first = _write_earlier(tmp_path / "first.json", setting, {
         "seeds": [0, 1],
-        "training_curves": {"co-training": {"0": [[1, 0.2], [2, 0.6]], "1": [[1, 0.1], [2, 0.3]]},
+        "training_curves": {"co-training": {"0": [[1, 0.2], [2, 0.6]], "1": [[1, 0.1], [2, 0.3]]}},
+        "heldout_curves": {"co-training": {"0": heldout, "1": heldout}},
+        "delegation": {"co-training": {"values": [1.0, 0.5]}},
+    })  # fmt: skip
+    second = _write_earlier(tmp_path / "second.json", setting, {
+        "seeds": [0],  # Its co-training seed 0 is shadowed by the first file's.
+        "training_curves": {"co-training": {"0": [[1, 9.0]]},
                             "main-only": {"0": [[1, 0.3], [2, 0.4]]}},
         "heldout_curves": {
-            "co-training": {s: {"accuracy": [[2, 0.5]], "mean_reward": [[2, 0.55]]}
-                            for s in ("0", "1")},
+            "co-training": {"0": heldout},
             "main-only": {"0": {"accuracy": [[2, 0.25]], "mean_reward": [[2, 0.3]]}},
         },
-        "delegation": {"co-training": {"values": [1.0, 0.5]}, "main-only": {"values": [0.75]}},
+        "delegation": {"co-training": {"values": [0.0]}, "main-only": {"values": [0.75]}},
     })  # fmt: skip
     trained = []
 
@@ -151,7 +157,7 @@ def test_mgrpo_reads_earlier_seeds_back_and_trains_only_the_rest(tmp_path, monke
     monkeypatch.setattr(mgrpo_cotraining.train_lib, "train", fake_train)
     out = tmp_path / "out"
     results = mgrpo_cotraining.run(setting, [0, 1], str(out), arms=("co-training", "main-only"),
-                                   reuse=earlier)  # fmt: skip
+                                   reuse=[first, second])  # fmt: skip
     assert trained == [(str(out / "seed1" / "main-only"), 1)]
     assert results["stage2_reward"]["co-training"]["values"] == [0.6, 0.3]
     assert results["stage2_reward"]["main-only"]["values"] == [0.4, 0.2]
@@ -163,9 +169,10 @@ def test_mgrpo_reads_earlier_seeds_back_and_trains_only_the_rest(tmp_path, monke
     assert results["delegation"]["co-training"]["values"] == [1.0, 0.5]
     assert results["delegation"]["main-only"]["values"] == [0.75, 0.875]  # 1 - 4/32.
     assert results["heldout_final"]["main-only"]["accuracy"]["values"] == [0.25, 0.125]
-    assert results["reused"]["file"] == earlier
-    assert results["reused"]["seeds"] == {"co-training": [0, 1], "main-only": [0]}
-    assert json.loads((out / "results.json").read_text())["reused"]["seeds"]["main-only"] == [0]
+    reused = json.loads((out / "results.json").read_text())["reused"]
+    assert [(r["file"], r["seeds"]) for r in reused] == [
+        (first, {"co-training": [0, 1]}), (second, {"main-only": [0]}),
+    ]  # fmt: skip
 
 
 def test_grao_reads_earlier_seeds_back_and_trains_the_base_only_when_needed(tmp_path, monkeypatch):
@@ -193,8 +200,11 @@ def test_grao_reads_earlier_seeds_back_and_trains_the_base_only_when_needed(tmp_
     monkeypatch.setattr(grpo_vs_grao, "base_policy", fake_base)
     monkeypatch.setattr(grpo_vs_grao.train_lib, "train", fake_train)
     out = tmp_path / "out"
-    results = grpo_vs_grao.run(setting, [0, 1], str(out), arms=("sft", "grpo"), reuse=earlier)
+    results = grpo_vs_grao.run(setting, [0, 1], str(out), arms=("sft", "grpo"), reuse=[earlier])
     assert bases == [1] and trained == ["sft", "grpo"]  # Seed 0 entirely read back.
+    assert results["reused"] == [
+        {"file": earlier, "seeds": {"sft": [0], "grpo": [0]}, "machine": None, "versions": None}
+    ]
     assert results["base"]["heldout_coverage"]["values"] == [0.1, 0.05]
     assert results["final"]["grpo"]["values"] == [0.3, 0.25]
     assert results["curves"]["sft"]["1"] == [(0, 0.05), (4, 0.15)]
@@ -211,12 +221,16 @@ def test_reuse_of_another_setting_names_the_file_and_fields(tmp_path):
     with pytest.raises(
         ValueError, match=r"r.json: its setting differs .* in learning_rate, steps;"
     ):
-        comparisons.earlier_results(path, cpu)
+        comparisons.Earlier([path], cpu)
     (tmp_path / "plot.json").write_text('{"curves": {}}')
     with pytest.raises(ValueError, match=r"plot.json: no 'setting' or 'seeds' field"):
-        comparisons.earlier_results(str(tmp_path / "plot.json"), cpu)
-    assert comparisons.earlier_results(None, cpu) is None
+        comparisons.Earlier([str(tmp_path / "plot.json")], cpu)
+    nothing = comparisons.Earlier([], cpu)
+    assert nothing.find("curves", "grao", 0) is None and nothing.provenance() == {}
     args = comparisons.parser("doc", mgrpo_cotraining.SETTINGS, reuse=True).parse_args(
-        ["--out", "o", "--reuse", path]
+        ["--out", "o", "--reuse", path, "b.json"]
     )
-    assert args.reuse == path
+    assert args.reuse == [path, "b.json"]
+    assert comparisons.parser("doc", mgrpo_cotraining.SETTINGS).parse_args(["--out", "o"])
+    with pytest.raises(SystemExit):  # Comparisons that cannot read seeds back refuse it.
+        comparisons.parser("doc", mgrpo_cotraining.SETTINGS).parse_args(["--reuse", path])
