@@ -164,7 +164,8 @@ def load_policy(path: str | os.PathLike, *, seed: int = 0):
 
 
 def make_backend(spec: str, *, seed: int = 0) -> tuple[str, Any]:
-    """(name, backend) of `openai:BASE_URL:MODEL` or `checkpoint:DIR`.
+    """(name, backend) of `openai:BASE_URL:MODEL` ("openai-MODEL") or `checkpoint:PATH`, a
+    Hugging Face folder or GGUF file ("checkpoint-" and the folder's or file's name).
 
     Raises:
       EvalError: another kind of spec, or an openai spec without a URL or model.
@@ -178,8 +179,10 @@ def make_backend(spec: str, *, seed: int = 0) -> tuple[str, Any]:
         if not base_url or not model:
             raise EvalError(f"backend {spec!r}: expected openai:BASE_URL:MODEL.")
         return f"openai-{model}", OpenAICompatibleBackend(base_url, model)
-    if kind == "checkpoint":
-        return "checkpoint", load_policy(rest, seed=seed)
+    if kind == "checkpoint":  # Named by its folder or GGUF file, as openai's by its model.
+        return f"checkpoint-{os.path.basename(os.path.normpath(rest))}", load_policy(
+            rest, seed=seed
+        )
     raise EvalError(
         f"unknown backend {spec!r}; use random/checklist/oracle (doctors),"
         " openai:BASE_URL:MODEL or checkpoint:DIR."

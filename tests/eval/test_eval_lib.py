@@ -75,6 +75,16 @@ def test_research_gin_file_on_a_tiny_checkpoint(checkpoint, env, tmp_path):
     assert "max_new_tokens = 8" in operative and str(checkpoint) in operative
 
 
+def test_checkpoint_backends_are_named_by_their_folder(checkpoint):
+    from medjax import eval_lib
+
+    name, backend = eval_lib.make_backend(f"checkpoint:{checkpoint}/", seed=0)
+    assert name == f"checkpoint-{checkpoint.name}"
+    assert backend.model.config.hidden_size == 32  # The fixture's model, loaded.
+    with pytest.raises(eval_lib.EvalError, match=r"expected openai:BASE_URL:MODEL"):
+        eval_lib.make_backend("openai:gpt")
+
+
 def test_missing_checkpoint_is_a_one_line_error(env, tmp_path):
     missing = tmp_path / "no_such_checkpoint"
     result = run_eval(["--task", "research", "--checkpoint", str(missing)], env)
