@@ -179,10 +179,9 @@ def make_backend(spec: str, *, seed: int = 0) -> tuple[str, Any]:
         if not base_url or not model:
             raise EvalError(f"backend {spec!r}: expected openai:BASE_URL:MODEL.")
         return f"openai-{model}", OpenAICompatibleBackend(base_url, model)
-    if kind == "checkpoint":  # Named by its folder or GGUF file, as openai's by its model.
-        return f"checkpoint-{os.path.basename(os.path.normpath(rest))}", load_policy(
-            rest, seed=seed
-        )
+    if kind == "checkpoint":
+        name = f"checkpoint-{os.path.basename(os.path.normpath(rest))}"
+        return name, load_policy(rest, seed=seed)
     raise EvalError(
         f"unknown backend {spec!r}; use random/checklist/oracle (doctors),"
         " openai:BASE_URL:MODEL or checkpoint:DIR."
