@@ -14,14 +14,15 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from medjax.models import smollm2
 from medjax.models.config import ModelConfig
 from medjax.training import metrics
 
 HOLDS, REVERSED, NOISE = "holds", "reversed", "within noise"
+T = TypeVar("T")
 
 
 def curve(run_dir: str, stage: str, key: str) -> list[tuple[int, float]]:
@@ -88,12 +89,23 @@ class Earlier:
         self.files = [(path, _same_setting(path, setting)) for path in paths]
         self.read: list[tuple[str, str, int]] = []  # (file, arm, seed) read back.
 
-    def find(self, key: str, arm: str, seed: int) -> Mapping[str, Any] | None:
-        """The first file's results that hold `key`'s record of (arm, seed), or None."""
+    def take(
+        self, key: str, arm: str, seed: int, read: Callable[[Mapping[str, Any], str, int], T]
+    ) -> T | None:
+        """`read(results, arm, seed)` of the first file whose `key` holds (arm, seed), or
+        None when no file does. A file that holds it under `key` but lacks a field `read`
+        needs (edited by hand) is refused with a ValueError naming the file."""
         for path, results in self.files:
             if str(seed) in results.get(key, {}).get(arm, {}):
+                try:
+                    value = read(results, arm, seed)
+                except (KeyError, IndexError, TypeError, ValueError) as e:
+                    raise ValueError(
+                        f"{path}: holds {key} of {arm!r}, seed {seed}, but not the rest of"
+                        f" its results ({type(e).__name__}: {e})"
+                    ) from e
                 self.read.append((path, arm, seed))
-                return results
+                return value
         return None
 
     def provenance(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medjax import losses, train_lib
@@ -200,6 +200,11 @@ def base_policy(setting: Setting, seed: int, run_dir: str, data_dir: str | None)
     return os.path.join(run_dir, "base", "export")
 
 
+def _read_back(results: Mapping[str, Any], arm: str, seed: int) -> tuple[Any, Any]:
+    """An earlier results.json's held-out and training curves of (arm, seed)."""
+    return results["curves"][arm][str(seed)], results["training_curves"][arm][str(seed)]
+
+
 def run(
     setting: Setting,
     seeds: Sequence[int],
@@ -223,11 +228,10 @@ def run(
         seed_dir = os.path.join(out_dir, f"seed{seed}")
         base = None
         for arm in arms:
-            found = earlier.find("curves", arm, seed)
+            found = earlier.take("curves", arm, seed, _read_back)
             if found is not None:
-                curves[arm][str(seed)] = found["curves"][arm][str(seed)]
-                rewards[arm][str(seed)] = found["training_curves"][arm][str(seed)]
-                base_scores[str(seed)] = curves[arm][str(seed)][0][1]  # Step 0 is the base.
+                curves[arm][str(seed)], rewards[arm][str(seed)] = found
+                base_scores[str(seed)] = found[0][0][1]  # Step 0 is the base.
                 continue
             if base is None:
                 base = base_policy(setting, seed, os.path.join(seed_dir, "base"), data_dir)

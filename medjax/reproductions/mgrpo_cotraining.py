@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medjax import losses, train_lib
@@ -264,6 +264,19 @@ def _delegation(run_dir: str, setting: Setting) -> float:
     return 1.0 - sum(v for _, v in without) / rollouts
 
 
+def _read_back(results: Mapping[str, Any], arm: str, seed: int) -> tuple[Any, Any, Any]:
+    """An earlier results.json's training curve, held-out curves and delegation (None for
+    the single agent) of (arm, seed)."""
+    delegated = None
+    if arm != "single-agent":
+        delegated = results["delegation"][arm]["values"][results["seeds"].index(seed)]
+    return (
+        results["training_curves"][arm][str(seed)],
+        results["heldout_curves"][arm][str(seed)],
+        delegated,
+    )
+
+
 def run(
     setting: Setting,
     seeds: Sequence[int],
@@ -285,13 +298,11 @@ def run(
         seed_dir = os.path.join(out_dir, f"seed{seed}")
         stage1 = None
         for arm in arms:
-            found = earlier.find("training_curves", arm, seed)
+            found = earlier.take("training_curves", arm, seed, _read_back)
             if found is not None:
-                rewards[arm][str(seed)] = found["training_curves"][arm][str(seed)]
-                heldout[arm][str(seed)] = found["heldout_curves"][arm][str(seed)]
+                rewards[arm][str(seed)], heldout[arm][str(seed)], delegated = found
                 if arm in delegation:
-                    index = found["seeds"].index(seed)
-                    delegation[arm][str(seed)] = found["delegation"][arm]["values"][index]
+                    delegation[arm][str(seed)] = delegated
                 continue
             if stage1 is None:
                 stage1 = stage1_policy(setting, seed, os.path.join(seed_dir, "stage1"), data_dir)

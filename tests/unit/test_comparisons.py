@@ -226,7 +226,8 @@ def test_reuse_of_another_setting_names_the_file_and_fields(tmp_path):
     with pytest.raises(ValueError, match=r"plot.json: no 'setting' or 'seeds' field"):
         comparisons.Earlier([str(tmp_path / "plot.json")], cpu)
     nothing = comparisons.Earlier([], cpu)
-    assert nothing.find("curves", "grao", 0) is None and nothing.provenance() == {}
+    assert nothing.take("curves", "grao", 0, lambda *_: 1) is None
+    assert nothing.provenance() == {}
     args = comparisons.parser("doc", mgrpo_cotraining.SETTINGS, reuse=True).parse_args(
         ["--out", "o", "--reuse", path, "b.json"]
     )
@@ -234,3 +235,29 @@ def test_reuse_of_another_setting_names_the_file_and_fields(tmp_path):
     assert comparisons.parser("doc", mgrpo_cotraining.SETTINGS).parse_args(["--out", "o"])
     with pytest.raises(SystemExit):  # Comparisons that cannot read seeds back refuse it.
         comparisons.parser("doc", mgrpo_cotraining.SETTINGS).parse_args(["--reuse", path])
+
+
+def test_reuse_of_a_file_missing_part_of_a_seed_names_the_file(tmp_path, monkeypatch):
+    grao = grpo_vs_grao.SETTINGS["cpu"]
+    edited = _write_earlier(tmp_path / "edited.json", grao, {
+        "seeds": [0], "curves": {"grpo": {"0": [[0, 0.1], [4, 0.3]]}}, "training_curves": {},
+    })  # fmt: skip
+    monkeypatch.setattr(grpo_vs_grao.train_lib, "train", _must_not_run)
+    with pytest.raises(
+        ValueError, match=r"edited.json: holds curves of 'grpo', seed 0, but not the rest"
+    ):
+        grpo_vs_grao.run(grao, [0], str(tmp_path / "out"), arms=("grpo",), reuse=[edited])
+    mgrpo = mgrpo_cotraining.SETTINGS["cpu"]
+    no_delegation = _write_earlier(tmp_path / "nodeleg.json", mgrpo, {
+        "seeds": [0], "training_curves": {"main-only": {"0": [[2, 0.5]]}},
+        "heldout_curves": {"main-only": {"0": {"accuracy": [], "mean_reward": []}}},
+    })  # fmt: skip
+    monkeypatch.setattr(mgrpo_cotraining.train_lib, "train", _must_not_run)
+    with pytest.raises(ValueError, match=r"nodeleg.json: .*'main-only', seed 0.*'delegation'"):
+        mgrpo_cotraining.run(
+            mgrpo, [0], str(tmp_path / "out2"), arms=("main-only",), reuse=[no_delegation]
+        )
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("a reused seed was trained")
