@@ -231,7 +231,7 @@ def run(
             found = earlier.take("curves", arm, seed, _read_back)
             if found is not None:
                 curves[arm][str(seed)], rewards[arm][str(seed)] = found
-                base_scores[str(seed)] = found[0][0][1]  # Step 0 is the base.
+                base_scores[str(seed)] = curves[arm][str(seed)][0][1]  # Step 0 is the base.
                 continue
             if base is None:
                 base = base_policy(setting, seed, os.path.join(seed_dir, "base"), data_dir)
