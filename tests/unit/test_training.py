@@ -1,6 +1,7 @@
 """medjax.training: chat masks, batching, exact gradient accumulation, the non-finite guard,
 and that SFT and GRPO steps learn tiny tasks (thresholds stated in each test)."""
 
+import functools
 import json
 
 import jax
@@ -144,25 +145,135 @@ def test_accumulated_step_equals_the_full_batch_gradient(num_microbatches):
     )  # fmt: skip
 
 
-def test_non_finite_loss_skips_the_update():
+@jax.custom_vjp
+def scaled_gradient(x, factor):
+    """x, whose gradient is multiplied by `factor`: a finite loss with a non-finite gradient."""
+    return x
+
+
+scaled_gradient.defvjp(
+    lambda x, factor: (x, factor), lambda factor, g: (g * factor, jnp.zeros_like(factor))
+)
+
+
+def poisoned_sft_loss_fn(model, batch):
+    """The SFT loss with every gradient multiplied by `batch["factor"]` (the value unchanged)."""
+    value, metrics = steps.sft_loss_fn(model, batch)
+    metrics = dict(
+        metrics, loss_numerator=scaled_gradient(metrics["loss_numerator"], batch["factor"])
+    )
+    return value, metrics
+
+
+@pytest.mark.parametrize(
+    "poison", ["nan advantage", "nan gradient", "inf gradient", "none"]
+)  # fmt: skip
+def test_the_non_finite_guard_skips_the_update(poison):
+    """A non-finite loss, or a finite loss whose gradient is NaN or inf, leaves parameters
+    and optimizer state untouched (`update_skipped` 1); a finite one updates. Catches a guard
+    that checks the loss alone, or lets the optimizer state take the bad gradient."""
     model, mesh = tiny_model()
     tx = optim.make_optimizer(1e-2)
     graphdef, state = steps.create_state(model, tx, 0, mesh)
     before = jax.tree.map(np.asarray, (state.params, state.opt_state))
     batch = {k: jnp.asarray(v) for k, v in ragged_batch().items()}
-    batch["advantages"] = jnp.array([1.0, np.nan, -1.0, 0.5])
-    step = steps.make_train_step(
-        graphdef, tx, steps.policy_loss_fn(losses.grpo_loss),
-        state_shardings=steps.shardings_of(state),
-    )  # fmt: skip
+    if poison == "nan advantage":
+        loss_fn = steps.policy_loss_fn(losses.grpo_loss)
+        batch["advantages"] = jnp.array([1.0, np.nan, -1.0, 0.5])
+    else:
+        loss_fn = poisoned_sft_loss_fn
+        batch["factor"] = jnp.float32(
+            {"nan gradient": np.nan, "inf gradient": np.inf}.get(poison, 1)
+        )
+    step = steps.make_train_step(graphdef, tx, loss_fn, state_shardings=steps.shardings_of(state))
     state, metrics = step(state, batch)
-    assert int(metrics["update_skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 1
     after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    if poison == "none":
+        assert int(metrics["update_skipped"]) == 0 and np.isfinite(float(metrics["grad_norm"]))
+        changed = jax.tree.map(lambda b, a: not np.array_equal(b, a), before[0], after[0])
+        assert all(jax.tree.leaves(changed))
+        return
+    assert int(metrics["update_skipped"]) == 1
+    if poison == "nan advantage":
+        assert not np.isfinite(float(metrics["loss"]))
+    else:  # The loss itself is finite: only the gradient tells.
+        assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
     jax.tree.map(np.testing.assert_array_equal, before, after)
-    batch["advantages"] = jnp.array([1.0, -0.5, -1.0, 0.5])
-    state, metrics = step(state, batch)
-    assert int(metrics["update_skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_score_and_update_scores_the_reference_with_the_reference_parameters(tmp_path, plain_logps):
+    """KL to a reference that differs from the policy equals the k3 estimate by hand from
+    plain forwards of both models; a reference equal to the policy gives exactly 0. Catches
+    the reference scored with the policy's parameters (KL always 0) or the reverse."""
+    from medjax.training import runtime, stages
+
+    run, policy = score_and_update_setup(tmp_path, beta=0.1)
+    batch = rollout_batch()
+    other, _ = tiny_model(seed=5)
+    want_policy = plain_logps(policy.model(), batch["input_ids"], batch["loss_mask"])
+    want_ref = plain_logps(other, batch["input_ids"], batch["loss_mask"])
+    stage = stages.RLStage(kl_beta=0.1, prompts_per_step=1)
+    bad = runtime.BadSteps(0, "rl", str(tmp_path))
+    job = dict(batch)
+    metrics, _, _ = runtime.score_and_update(
+        run, stage, [(policy, job)], runtime.params_copy(other), bad, 0, None
+    )
+    mask = batch["loss_mask"] > 0
+    np.testing.assert_allclose(job["ref_logps"][mask], want_ref[mask], rtol=1e-5, atol=1e-6)
+    d = want_ref[mask] - want_policy[mask]
+    kl = np.mean(np.exp(d) - d - 1)  # k3, token mean.
+    assert kl > 0.01  # The two models really differ.
+    np.testing.assert_allclose(metrics["update/kl_mean"], kl, rtol=1e-4)
+    assert "old_logps" not in job  # One iteration: exactly on-policy.
+
+    run, policy = score_and_update_setup(tmp_path, beta=0.1)
+    job = dict(batch)
+    metrics, _, _ = runtime.score_and_update(
+        run, stage, [(policy, job)], runtime.params_copy(policy.model()), bad, 0, None
+    )
+    assert metrics["update/kl_mean"] == 0.0
+
+
+def test_score_and_update_scores_old_logps_with_the_pre_update_policy(tmp_path, plain_logps):
+    """With num_iterations 2 the old log-probs are the policy's before this step's updates
+    (plain forward), not the sampler's stored ones nor the updated policy's. Catches old
+    log-probs scored after an update, or left as sampled."""
+    from medjax.training import runtime, stages
+
+    run, policy = score_and_update_setup(tmp_path, beta=0.0)
+    batch = rollout_batch()
+    want_old = plain_logps(policy.model(), batch["input_ids"], batch["loss_mask"])
+    stage = stages.RLStage(num_iterations=2, prompts_per_step=1)
+    job = dict(batch)
+    runtime.score_and_update(
+        run, stage, [(policy, job)], None, runtime.BadSteps(0, "rl", str(tmp_path)), 0, None
+    )
+    mask = batch["loss_mask"] > 0
+    np.testing.assert_allclose(job["old_logps"][mask], want_old[mask], rtol=1e-5, atol=1e-6)
+    after = plain_logps(policy.model(), batch["input_ids"], batch["loss_mask"])
+    assert np.abs(after[mask] - want_old[mask]).max() > 1e-3  # Two updates moved the policy.
+    assert int(policy.state.step) == 2 and "ref_logps" not in job
+
+
+def score_and_update_setup(tmp_path, *, beta):
+    from medjax.training import runtime
+
+    model, mesh = tiny_model()
+    run = runtime.Run(
+        str(tmp_path), task=None, env=None, data=None, tokenizer=None, mesh=mesh, seed=0,
+        max_bad_steps=0, interactive=False, operative_config=None,
+    )  # fmt: skip
+    loss_fn = steps.policy_loss_fn(functools.partial(losses.grpo_loss, beta=beta))
+    policy = runtime.Policy(run, model, optim.make_optimizer(1e-2), loss_fn, 1, 1.0)
+    return run, policy
+
+
+def rollout_batch():
+    batch = ragged_batch()
+    batch["advantages"] = np.array([1.0, -0.5, -1.0, 0.5], np.float32)
+    batch["old_logps"] = np.full(batch["input_ids"].shape, -0.25, np.float32)  # As sampled.
+    return batch
 
 
 def test_sft_memorises_four_sequences():
