@@ -78,7 +78,15 @@ class SampleOutput(NamedTuple):
 
 
 def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """Sets the logits of tokens outside the top-k / top-p set to -inf."""
+    """Sets the logits of tokens outside the top-k / top-p set to -inf.
+
+    Top-k keeps every token at least as likely as the k-th (ties with it included); then
+    top-p keeps, of what is left and renormalised, the most likely tokens until their mass
+    reaches top_p, the token that crosses it included, so at least one token always
+    survives; of tied tokens it takes the lower ids first (a stable sort). The order (top-k,
+    then top-p) and top-k's ties are those of transformers' warpers. `top_k` 0 and `top_p`
+    1 are off.
+    """
     if top_k:
         kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)

@@ -60,23 +60,86 @@ def test_same_key_same_samples_and_groups_differ(model, prompts):
     assert len({tuple(np.asarray(t)) for t in a.tokens[:4]}) > 1  # G samples of one prompt.
 
 
-@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.5)])
-def test_top_k_and_top_p_never_emit_excluded_tokens(model, prompts, top_k, top_p):
+NEG = -np.inf
+
+
+def filtered(logits, **kwargs):
+    return np.asarray(sampling.filter_logits(jnp.asarray(logits, jnp.float32), **kwargs))
+
+
+@pytest.mark.parametrize(
+    "logits,top_k,want",
+    [
+        ([[1.0, 3.0, 2.0, 0.5]], 2, [[NEG, 3.0, 2.0, NEG]]),
+        # Every token tied with the k-th is kept (as transformers' top-k warper does).
+        ([[3.0, 2.0, 2.0, 1.0]], 2, [[3.0, 2.0, 2.0, NEG]]),
+        ([[0.5, 4.0, 1.0, 2.0]], 1, [[NEG, 4.0, NEG, NEG]]),
+        ([[2.0, 5.0, 5.0, 1.0]], 1, [[NEG, 5.0, 5.0, NEG]]),
+        ([[1.0, 3.0, 2.0, 0.5]], 4, [[1.0, 3.0, 2.0, 0.5]]),  # k = V: all kept.
+        ([[1.0, 3.0, 2.0, 0.5]], 0, [[1.0, 3.0, 2.0, 0.5]]),  # 0: off.
+        # Each row on its own.
+        ([[1.0, 3.0, 2.0], [9.0, 7.0, 8.0]], 2, [[NEG, 3.0, 2.0], [9.0, NEG, 8.0]]),
+    ],
+)
+def test_top_k_by_hand(logits, top_k, want):
+    """Catches an off-by-one at the k-th value (`<=` drops it, or a k+1-th kept), ties
+    dropped, rows mixed."""
+    np.testing.assert_array_equal(filtered(logits, top_k=top_k), want)
+
+
+# Probabilities 0.15, 0.5, 0.05, 0.3 (ids 0..3): sorted 0.5 (id 1), 0.3 (3), 0.15 (0), 0.05
+# (2), whose mass before each is 0, 0.5, 0.8, 0.95.
+PROBS = np.array([[0.15, 0.5, 0.05, 0.3]])
+
+
+@pytest.mark.parametrize(
+    "top_p,kept",
+    [
+        (0.6, [1, 3]),  # 0.3 crosses 0.6: kept, so the set's mass reaches top_p.
+        (0.79, [1, 3]),
+        (0.81, [0, 1, 3]),
+        (0.96, [0, 1, 2, 3]),
+        (0.01, [1]),  # A tiny top_p keeps the most likely token, never nothing.
+        (1.0, [0, 1, 2, 3]),  # 1: off.
+    ],
+)
+def test_top_p_by_hand(top_p, kept):
+    """Catches the token that crosses top_p dropped (too little kept; nothing at all for a
+    small top_p), one too many kept, the mass summed in id order instead of by probability."""
+    got = filtered(np.log(PROBS), top_p=top_p)
+    np.testing.assert_array_equal(np.flatnonzero(np.isfinite(got[0])), kept)
+    np.testing.assert_allclose(got[0, kept], np.log(PROBS[0, kept]), rtol=1e-6)
+
+
+def test_top_p_ties_and_top_k_first():
+    """Ties: of two tokens at 0.3 after a 0.4, top_p 0.5 keeps the lower id (a stable sort).
+    Both filters: top-k first, then top-p over the k survivors renormalised (transformers'
+    warper order): of 0.4, 0.3, 0.2, 0.1 with top_k 2, 0.3 is 3/7 of what is left, so top_p
+    0.55 keeps 0.4 alone (the mass before 0.3 is 4/7 > 0.55), where the unnormalised 0.4
+    would have kept both."""
+    got = filtered(np.log([[0.3, 0.4, 0.3]]), top_p=0.5)
+    np.testing.assert_array_equal(np.isfinite(got), [[True, True, False]])
+    got = filtered(np.log([[0.1, 0.3, 0.4, 0.2]]), top_k=2, top_p=0.55)
+    np.testing.assert_array_equal(np.isfinite(got), [[False, False, True, False]])
+    got = filtered(np.log([[0.1, 0.3, 0.4, 0.2]]), top_k=2, top_p=0.6)
+    np.testing.assert_array_equal(np.isfinite(got), [[False, True, True, False]])
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.5), (10, 0.5)])
+def test_top_k_and_top_p_draw_exactly_the_allowed_tokens(model, prompts, top_k, top_p):
+    """Both directions: nothing outside the allowed set is drawn, and every token in it is
+    (1,024 draws; the least likely allowed token is expected at least 20 times)."""
     ids, mask = prompts
     params = sampling.SamplingParams(max_new_tokens=1, top_k=top_k, top_p=top_p, temperature=2.0)
-    out = sampling.sample(model, ids[:1], mask[:1], jax.random.key(2), params, num_samples=512)
-    logits = np.asarray(model(ids[:1]))[0, -1] / 2.0
-    order = np.argsort(-logits)
-    if top_k:
-        allowed = set(order[:top_k].tolist())
-    else:
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        before = np.cumsum(probs[order]) - probs[order]
-        allowed = set(order[before < top_p].tolist())
+    out = sampling.sample(model, ids[:1], mask[:1], jax.random.key(2), params, num_samples=1024)
+    logits = np.asarray(model(ids[:1]), np.float64)[0, -1] / 2.0
+    order = np.argsort(-logits, kind="stable")[: top_k or None]
+    probs = np.exp(logits[order] - logits[order].max())
+    probs /= probs.sum()
+    kept = probs[np.cumsum(probs) - probs < top_p]  # A prefix: mass before each is sorted.
+    assert 1024 * kept.min() / kept.sum() >= 20
     drawn = set(np.asarray(out.tokens[:, 0]).tolist())
-    assert drawn <= allowed
-    assert len(drawn) > 1  # Really sampling, not collapsing to the argmax.
+    assert drawn == set(order[: len(kept)].tolist())
 
 
 def test_eos_and_stop_sequences_end_rows(model, prompts):
