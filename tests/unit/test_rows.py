@@ -148,37 +148,50 @@ def loss_of(stage, model, batch):
 
 
 # Log-ratios log pi - log pi_old of each generated token (row-major), both sides of the clip
-# range [0.8, 1.2]: ratios 0.67 to 1.35.
+# range: ratios 0.67 to 1.35.
 LOG_RATIOS = np.array([0.3, -0.1, 0.05, -0.4, 0.15, 0.0, 0.25, 0.1, -0.2, 0.12, -0.05, 0.2, -0.3])
 
 
-def surrogate_terms():
-    """Each row's per-token losses -min(r A, clip(r, 0.8, 1.2) A), by hand."""
-    adv = np.repeat(expected_advantages("group", 1), GENERATED)
-    r = np.exp(LOG_RATIOS)
-    per_token = -np.minimum(r * adv, np.clip(r, 0.8, 1.2) * adv)
-    return np.split(per_token, np.cumsum(GENERATED)[:-1])
+def surrogate_terms(adv, lengths, log_ratios, level="token", eps_high=0.2):
+    """Each row's per-token losses -min(r A, clip(r, 0.8, 1 + eps_high) A), by hand, with r
+    per token, or per row: exp of the mean ("sequence", GSPO) or sum ("trajectory", M-GRPO
+    Eq. 15) of the row's log-ratios."""
+    terms = []
+    for a, x in zip(adv, np.split(log_ratios, np.cumsum(lengths)[:-1]), strict=True):
+        if level != "token":
+            x = np.full(len(x), x.mean() if level == "sequence" else x.sum())
+        r = np.exp(x)
+        terms.append(-np.minimum(r * a, np.clip(r, 0.8, 1 + eps_high) * a))
+    return terms
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def off_policy(rows, model, plain_logps, log_ratios):
+    """The rows with old log-probs that put `log_ratios` between the policy and them."""
+    old = plain_logps(model, rows["input_ids"], rows["loss_mask"])
+    old[rows["loss_mask"] > 0] -= log_ratios
+    return {**rows, "old_logps": old.astype(np.float32)}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "gspo"])
 def test_grpo_loss_on_the_rows_by_hand(loss_type, plain_logps):
     """Old log-probs set to the policy's own (from plain forwards) minus LOG_RATIOS, so each
-    token's ratio is known; each loss type reduces the clipped surrogate its own way. Catches
-    the loss's options (bound on `RLStage.loss`) or the advantages not reaching the loss."""
-    stage = grpo_stage(loss=functools.partial(losses.grpo_loss, loss_type=loss_type))
+    token's ratio is known; each loss type reduces the clipped surrogate its own way (GSPO:
+    one ratio per row). Catches the loss's options (bound on `RLStage.loss`) or the
+    advantages not reaching the loss."""
+    options = {"gspo": dict(importance_sampling_level="sequence")}.get(
+        loss_type, dict(loss_type=loss_type)
+    )
+    stage = grpo_stage(loss=functools.partial(losses.grpo_loss, **options))
     rows = stage.method.rows(stage, rollouts(GRPO_EPISODES, [0, 1], research_run())).policy
     model = tiny_model()
-    old = plain_logps(model, rows["input_ids"], rows["loss_mask"])
-    old[rows["loss_mask"] > 0] -= LOG_RATIOS
-    rows["old_logps"] = old.astype(np.float32)
-    value, _ = loss_of(stage, model, rows)
-    terms = surrogate_terms()
+    value, _ = loss_of(stage, model, off_policy(rows, model, plain_logps, LOG_RATIOS))
+    level = "sequence" if loss_type == "gspo" else "token"
+    terms = surrogate_terms(expected_advantages("group", 1), GENERATED, LOG_RATIOS, level)
     want = {
-        "grpo": np.mean([t.mean() for t in terms]),  # Each row's token mean, then rows'.
         "bnpo": sum(t.sum() for t in terms) / GENERATED.sum(),
         "dapo": sum(t.sum() for t in terms) / GENERATED.sum(),
         "dr_grpo": sum(t.sum() for t in terms) / (6 * 64),  # B x the width, its default.
-    }[loss_type]
+    }.get(loss_type, np.mean([t.mean() for t in terms]))  # Rows' token means, averaged.
     np.testing.assert_allclose(float(value), want, rtol=1e-4)
 
 
@@ -347,13 +360,20 @@ def test_mgrpo_rows_with_two_models_by_hand(train_sub):
     assert rows.sub["input_ids"][:, 0].tolist() == [40, 41, 42, 43, PAD, PAD, 44, 45]
 
 
-def test_mgrpo_loss_on_the_rows_by_hand():
-    """M-GRPO's default loss on the shared rows, on-policy: each row's token mean of -A,
-    averaged over the rows that have tokens (the padding rows have none)."""
-    stage = stages.RLStage(algorithm="mgrpo", prompts_per_step=2, num_generations=2)
-    batch = dict(mgrpo_rows().policy)
-    del batch["old_logps"]
-    value, _ = loss_of(stage, tiny_model(), batch)
+@pytest.mark.parametrize("ratio_level", ["token", "trajectory"])
+def test_mgrpo_loss_on_the_rows_by_hand(ratio_level, plain_logps):
+    """M-GRPO's loss (clip 0.2 / 0.28, as released) on the shared rows, off-policy by known
+    log-ratios: each row's token mean of the clipped surrogate, averaged over all 12 rows,
+    the 2 padding rows as zeros (the fixed 1 / (d K) of Eq. 16, and TRL's mean over B);
+    "trajectory" takes one ratio per row, exp of its summed log-ratios (Eq. 15)."""
+    loss = functools.partial(losses.mgrpo_policy_loss, ratio_level=ratio_level)
+    stage = stages.RLStage(algorithm="mgrpo", prompts_per_step=2, num_generations=2, loss=loss)
+    rows = mgrpo_rows().policy
+    lengths = rows["loss_mask"].sum(axis=1)
+    log_ratios = np.resize(LOG_RATIOS, lengths.sum())
+    model = tiny_model()
+    value, _ = loss_of(stage, model, off_policy(rows, model, plain_logps, log_ratios))
     adv = np.concatenate([MAIN_ADVANTAGES, SUB_ADVANTAGES])
-    has_tokens = batch["loss_mask"].sum(axis=1) > 0
-    np.testing.assert_allclose(float(value), -adv[has_tokens].mean(), rtol=1e-5, atol=1e-7)
+    terms = surrogate_terms(adv, lengths, log_ratios, ratio_level, eps_high=0.28)
+    want = sum(t.mean() for t in terms if len(t)) / 12
+    np.testing.assert_allclose(float(value), want, rtol=1e-4)
