@@ -154,6 +154,9 @@ def main(words: list[str]) -> int:
                 missed += not caught
                 verdict = "CAUGHT" if caught else f"MISSED (pytest exit {out.returncode})"
                 print(f"{verdict}  {name}  <-  {test}  ({time.time() - t0:.0f} s)", flush=True)
+                why = [line for line in out.stdout.splitlines() if line.startswith("E   ")]
+                if caught and why:
+                    print(f"        {why[0][4:].strip()[:160]}", flush=True)
             (copy / path).write_text(original)
     return 1 if missed else 0
 

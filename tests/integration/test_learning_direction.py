@@ -141,6 +141,11 @@ class FirstLetterTask:
         return [self._chat(r["question"], self.expert_reply)["messages"] for r in records]
 
 
+@nnx.jit
+def last_logits(model, ids):
+    return model(ids)[:, -1]
+
+
 def p_letter(model, tokenizer, records) -> float:
     """Mean over records of P(first reply token is a letter), from a plain forward."""
     letters = letter_ids(tokenizer)
@@ -148,7 +153,7 @@ def p_letter(model, tokenizer, records) -> float:
     for r in records:
         chat = [{"role": "user", "content": r["question"]}]
         ids = tokenizer_lib.apply_chat_template(tokenizer, chat, tokenize=True)
-        logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray([ids]))[0, -1]
+        logits = last_logits(model, jnp.asarray([ids]))[0]
         total += float(jax.nn.softmax(logits)[letters].sum())
     return total / len(records)
 
@@ -161,8 +166,8 @@ def train(tmp_path, *stages, task=FirstLetterTask()):
     return results["before"], results[f"after_{stages[-1].name}"]
 
 
-ADAM = functools.partial(optim.make_optimizer, 3e-2)
-RL = dict(steps=20, prompts_per_step=8, num_generations=4, optimizer=ADAM, save_every=100)
+ADAM = functools.partial(optim.make_optimizer, 6e-2)
+RL = dict(steps=10, prompts_per_step=8, num_generations=4, optimizer=ADAM, save_every=100)
 
 
 def test_sft_raises_the_experts_first_token(tmp_path):
@@ -189,9 +194,9 @@ WITHOUT_IMITATION = functools.partial(losses.grao_loss, use_imitation=False)
     ids=["grpo", "grao", "grao-samples-only", "mgrpo-shared", "mgrpo-two-models"],
 )
 def test_rl_raises_the_rewarded_mass(tmp_path, algorithm, options, expert):
-    """20 RL steps of 8 questions x G=4: P(letter first) from ~0.09 to above 0.5 (it
-    reaches 0.98-1.0; with the advantages' signs flipped it falls below 0.01), for M-GRPO
-    the sub-agent's too."""
+    """10 RL steps of 8 questions x G=4: P(letter first) from ~0.09 to above 0.5 (it
+    reaches 0.96-1.0; with the advantages' signs flipped it ends at 0.04 or below), for
+    M-GRPO the sub-agent's too."""
     stage = train_lib.RLStage(algorithm=algorithm, **RL, **options)
     before, after = train(tmp_path, stage, task=FirstLetterTask(expert_reply=expert))
     keys = ["p_letter", "p_letter_sub"] if algorithm == "mgrpo" else ["p_letter"]
