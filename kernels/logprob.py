@@ -30,10 +30,13 @@ Implementations (`impl=`):
                peak memory ~ N * block_v. What CPU runs use.
   "pallas"     Pallas kernels: forward grid (N / block_n, V / block_v) with the vocab as the
                sequential reduction axis; backward as a d hidden kernel (reduce over V) and a
-               d W kernel (reduce over N). Run in interpret mode on CPU (the tests); its
-               GPU/TPU lowering has not been run in CI.
-  "auto"       "xla" on every backend for now: the Pallas kernels have been checked in
-               interpret mode only, never lowered for a GPU or TPU.
+               d W kernel (reduce over N). Interpret mode and compiler parameters follow
+               the platform the program is lowered for: interpret mode on CPU (where the
+               tests check the numerics), Mosaic on TPU. They compile for TPU
+               (tests/kernels/test_tpu_lowering.py, ahead of time, with libtpu), but have
+               never run on a TPU, nor been lowered or run for a GPU.
+  "auto"       "xla" on every backend for now: the Pallas kernels have never run on a TPU
+               or GPU.
 
 Dimension letters: N tokens (rows of hidden states, e.g. the gathered completion positions),
 D model dim, V vocab.
@@ -51,9 +54,13 @@ IMPLS = ("auto", "reference", "xla", "pallas")
 # Default tiles. xla: chunks of 512 to 4096 columns ran within 5% of each other on the 2-core
 # CPU (N = 2048 and 8192, D = 896, V = 151,936); 1024 was never slower and needs the least
 # memory. Pallas: power-of-two starting points (TPU wants the last block dim divisible by
-# 128), not tuned on any accelerator.
+# 128), not tuned on any accelerator; halved where a large D would overflow VMEM.
 DEFAULT_BLOCK_V = {"xla": 1024, "pallas": 512}
 DEFAULT_BLOCK_N = 256
+# Default Pallas tiles shrink until `_vmem_bytes` fits this. The estimate is conservative:
+# tiles it put at 13.9 MiB compiled for v4, v5e, v5p and v6e, whose default scoped VMEM
+# limit is 16 MiB (all of a v4 core's VMEM); ones at 16.6 MiB failed on v4 and v5p.
+_VMEM_BUDGET = 12 * 2**20
 
 # dot_general dimension numbers: a @ b^T and a^T @ b.
 _NT = (((1,), (1,)), ((), ()))
@@ -91,11 +98,15 @@ def fused_logprob(
         the ones trained on describe different distributions.
       return_entropy: also return the entropy of each row's distribution.
       block_n: rows per tile (pallas only; the xla scan takes all N rows at once).
-        Defaults to 256.
-      block_v: vocab columns per tile or chunk. Defaults to 1024 (xla) or 512 (pallas).
-        Peak memory of the xla path is about 3 * N * block_v accumulator-dtype words.
+        Defaults to 256, halved (after block_v) while the kernels' VMEM estimate exceeds
+        12 MiB, which happens for large D.
+      block_v: vocab columns per tile or chunk. Defaults to 1024 (xla) or 512 (pallas,
+        halved down to 128 while the VMEM estimate exceeds 12 MiB). Peak memory of the
+        xla path is about 3 * N * block_v accumulator-dtype words.
       impl: "auto", "reference", "xla" or "pallas" (see the module docstring).
-      interpret: run Pallas kernels in interpret mode; None means True on CPU.
+      interpret: run Pallas kernels in interpret mode. None means on CPU only, decided by
+        the platform the program is lowered for (so an ahead-of-time compile for TPU on a
+        CPU host gets the Mosaic kernels), not by `jax.default_backend()`.
 
     Returns:
       logp: [N] log p(targets), float32 (float64 for float64 inputs), always <= 0, not
@@ -111,27 +122,26 @@ def fused_logprob(
     if impl not in IMPLS:
         raise ValueError(f"fused_logprob: `impl` must be one of {list(IMPLS)}, got {impl!r}.")
     if impl == "auto":
-        # The Pallas kernels have run in interpret mode only; until a GPU/TPU run checks their
-        # lowering, the chunked XLA path is the one known correct on every backend.
+        # The Pallas kernels have run in interpret mode only (and compiled for TPU, never run
+        # there); until a GPU/TPU run checks them, the chunked XLA path is the one known
+        # correct on every backend.
         impl = "xla"
     if impl == "reference":
         return reference_fused_logprob(
             hidden, lm_head, targets, temperature=temperature, return_entropy=return_entropy
         )
-    block_n = DEFAULT_BLOCK_N if block_n is None else block_n
-    block_v = DEFAULT_BLOCK_V[impl] if block_v is None else block_v
+    if impl == "xla" and block_v is None:
+        block_v = DEFAULT_BLOCK_V["xla"]
     for name, value in (("block_n", block_n), ("block_v", block_v)):
-        if not isinstance(value, int) or value < 1:
+        if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"fused_logprob: `{name}` must be a positive int, got {value!r}.")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     config = _Config(
         impl=impl,
         temperature=float(temperature),
         with_entropy=bool(return_entropy),
         block_n=block_n,
         block_v=block_v,
-        interpret=bool(interpret),
+        interpret=None if interpret is None else bool(interpret),
     )
     return _fused(hidden, lm_head, targets, config)
 
@@ -174,9 +184,9 @@ class _Config:
     impl: str
     temperature: float
     with_entropy: bool
-    block_n: int
-    block_v: int
-    interpret: bool
+    block_n: int | None  # None: Pallas default, fitted to VMEM.
+    block_v: int | None
+    interpret: bool | None  # None: interpret mode on CPU only, chosen at lowering.
 
 
 def _check_inputs(hidden, lm_head, targets, temperature, fn):
@@ -376,11 +386,32 @@ def _xla_backward(hidden, lm_head, targets, rows, config):
 # accepts, where 1-D (block_n,) blocks are not portable.
 
 
-def _pallas_tiles(rows, vocab, config):
-    """Power-of-two tiles no larger than the (padded) problem: (block_n, block_v)."""
-    block_n = min(config.block_n, max(8, pl.next_power_of_2(rows)))
-    block_v = min(config.block_v, max(128, pl.next_power_of_2(vocab)))
+def _vmem_bytes(block_n, block_v, dim, itemsize):
+    """Upper estimate of the VMEM the largest kernel (d lm_head) holds in one grid step: the
+    double-buffered hidden and lm_head blocks and float32 [D, block] output block, seven
+    [block_n, 1] row blocks (padded to 128 lanes) and about six float32 logits tiles."""
+    blocks = 2 * (block_n + block_v) * dim * itemsize + 2 * max(block_n, block_v) * dim * 4
+    return blocks + 2 * 7 * block_n * 128 * 4 + 6 * block_n * block_v * 4
+
+
+def _pallas_tiles(rows, dim, vocab, itemsize, config):
+    """Power-of-two tiles no larger than the (padded) problem: (block_n, block_v). Tiles not
+    given shrink from the defaults, block_v first, until `_vmem_bytes` fits the budget; the
+    whole of D sits in every block, so a 7B model's D = 3584 needs smaller tiles."""
+    block_n = min(config.block_n or DEFAULT_BLOCK_N, max(8, pl.next_power_of_2(rows)))
+    block_v = min(config.block_v or DEFAULT_BLOCK_V["pallas"], max(128, pl.next_power_of_2(vocab)))
+    while _vmem_bytes(block_n, block_v, dim, itemsize) > _VMEM_BUDGET:
+        if config.block_v is None and block_v > 128:
+            block_v //= 2
+        elif config.block_n is None and block_n > 8:
+            block_n //= 2
+        else:
+            break
     return block_n, block_v
+
+
+def _itemsize(hidden, lm_head):
+    return max(hidden.dtype.itemsize, lm_head.dtype.itemsize)
 
 
 def _pad_rows(x, multiple):
@@ -390,16 +421,15 @@ def _pad_rows(x, multiple):
     return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
 
 
-def _compiler_params(semantics):
-    """Marks the reduction grid axis as sequential on the backends that ask for it."""
-    backend = jax.default_backend()
-    if backend == "tpu":
+def _compiler_params(platform, semantics):
+    """Marks the reduction grid axis as sequential on the platforms that ask for it."""
+    if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(
             dimension_semantics=tuple("arbitrary" if s == "seq" else "parallel" for s in semantics)
         )
-    if backend == "gpu":
+    if platform == "cuda":
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
         return plgpu.CompilerParams(
@@ -408,16 +438,31 @@ def _compiler_params(semantics):
     return None
 
 
-def _call(kernel, out_shape, grid, in_specs, out_specs, semantics, config):
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        interpret=config.interpret,
-        compiler_params=None if config.interpret else _compiler_params(semantics),
-    )
+def _call(kernel, out_shape, grid, in_specs, out_specs, semantics, config, name):
+    """`pl.pallas_call` whose interpret mode and compiler parameters follow the platform the
+    program is lowered for (the devices its arrays are on), not `jax.default_backend()`: an
+    ahead-of-time compile for a TPU topology on a CPU host must get Mosaic and its
+    parameters. `lax.platform_dependent` stages one branch per platform and lowers only the
+    one of the lowering platform."""
+
+    def make(interpret, platform=None):
+        return pl.pallas_call(
+            kernel,
+            out_shape=out_shape,
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            interpret=interpret,
+            compiler_params=None if interpret else _compiler_params(platform, semantics),
+            name=name,
+        )
+
+    if config.interpret:
+        return make(True)
+    branches = {"tpu": make(False, "tpu"), "cuda": make(False, "cuda"), "default": make(False)}
+    if config.interpret is None:
+        branches["cpu"] = make(True)
+    return lambda *args: lax.platform_dependent(*args, **branches)
 
 
 def _forward_kernel(h_ref, w_ref, y_ref, m_ref, l_ref, s_ref, t_ref, *, vocab, config):
@@ -447,7 +492,7 @@ def _pallas_forward(hidden, lm_head, targets, config):
     acc = _acc_dtype(hidden, lm_head)
     if rows == 0:  # A grid over zero row blocks cannot be expressed.
         return (jnp.zeros((0,), acc),) * 3
-    block_n, block_v = _pallas_tiles(rows, vocab, config)
+    block_n, block_v = _pallas_tiles(rows, dim, vocab, _itemsize(hidden, lm_head), config)
     hidden_p = _pad_rows(hidden, block_n)
     y_p = _pad_rows(targets[:, None].astype(jnp.int32), block_n)
     row = pl.BlockSpec((block_n, 1), lambda i, j: (i, 0))
@@ -463,6 +508,7 @@ def _pallas_forward(hidden, lm_head, targets, config):
         out_specs=[row] * 4,
         semantics=("par", "seq"),
         config=config,
+        name="fused_logprob_forward",
     )(hidden_p, lm_head, y_p)
     return tuple(x[:rows] for x in _finish(*stats))
 
@@ -516,7 +562,7 @@ def _pallas_backward(hidden, lm_head, targets, rows, config):
     acc = _acc_dtype(hidden, lm_head)
     if num_rows == 0:
         return jnp.zeros(hidden.shape, acc), jnp.zeros(lm_head.shape, acc)
-    block_n, block_v = _pallas_tiles(num_rows, vocab, config)
+    block_n, block_v = _pallas_tiles(num_rows, dim, vocab, _itemsize(hidden, lm_head), config)
     hidden_p = _pad_rows(hidden, block_n)
     y_p = _pad_rows(targets[:, None].astype(jnp.int32), block_n)
     # Padded rows get zero cotangents, hence dz = 0 there.
@@ -538,6 +584,7 @@ def _pallas_backward(hidden, lm_head, targets, rows, config):
         out_specs=pl.BlockSpec((block_n, dim), lambda i, j: (i, 0)),
         semantics=("par", "seq"),
         config=config,
+        name="fused_logprob_d_hidden",
     )(*args)
 
     # d lm_head: grid (j over V, i over N), reduce over i.
@@ -554,5 +601,6 @@ def _pallas_backward(hidden, lm_head, targets, rows, config):
         out_specs=pl.BlockSpec((dim, block_v), lambda j, i: (0, j)),
         semantics=("par", "seq"),
         config=config,
+        name="fused_logprob_d_lm_head",
     )(*args)
     return d_hidden[:num_rows], d_lm_head

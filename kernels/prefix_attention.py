@@ -30,13 +30,20 @@ Attention implementations (`grouped_attention(impl=...)`):
   with two Pallas kernels (dq over key blocks; dk, dv over query blocks) that recompute the
   probabilities from the saved per-row logsumexp and skip the same pairs.
   `count_visited_blocks` evaluates the very predicate the kernels use.
-* "auto": "xla" on every backend for now: the Pallas kernels have been checked in interpret
-  mode only, never lowered for a GPU or TPU.
+* "auto": "xla" on every backend for now: the Pallas kernels have never run on a TPU or GPU.
 
-The kernels are written against Pallas' generic (Triton-style) lowering and are tested in
-interpret mode only. GQA is handled by packing the G = H // N query heads that share a kv head
-into the query rows of one program ([block_q * G, K] tiles), so K and V are read once per
-group. TPU would want the group on a leading axis and scalar-prefetched block bounds.
+The kernels are TPU (Mosaic) kernels: each grid's last axis is a sequential reduction over
+tiles, with float32 accumulators in VMEM scratch, so VMEM use does not grow with L. Interpret
+mode and compiler parameters follow the platform the program is lowered for: interpret mode
+on CPU, where the tests check the numerics, Mosaic on TPU. They compile for TPU (forward and
+backward, bf16 and f32, GQA, head dim 64 and 128, L up to 16,384; see
+tests/kernels/test_tpu_lowering.py, ahead of time with libtpu) but have never run there. On
+GPU they fail to lower: Pallas' Triton backend implements no scratch memory (nor would it run
+a grid axis in sequence). GQA is handled by packing the G = H // N query heads that share a
+kv head into the query rows of one program ([G * block_q, K] tiles), so K and V are read once
+per group. `grouped_attention` transposes q, k and v into the kernels' head-major layouts
+(see "Pallas kernels" below): XLA copies that Mosaic's block-shape rule asks for, since a
+block cannot take G of the H heads of [B, L, H, K] unless G is a multiple of 8.
 
 Dimension letters: B batch, L packed length, H query heads, N kv heads, K head dim, G
 completions per prompt (also, inside the kernels, query heads per kv head).
@@ -49,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 IMPLS = ("auto", "reference", "xla", "pallas")
 
@@ -66,10 +74,11 @@ def _visible(seg_q, seg_k, idx_q, idx_k):
     return (seg_q >= 0) & (seg_k >= 0) & (idx_k <= idx_q) & ((seg_k == 0) | (seg_k == seg_q))
 
 
-def _segment_bounds(seg):
-    """(lowest real segment, highest segment) over the last axis; (MAX, -1) if all padding."""
-    lo = jnp.min(jnp.where(seg >= 0, seg, _NO_SEGMENT), axis=-1)
-    return lo, jnp.max(seg, axis=-1)
+def _segment_bounds(seg, axis=-1):
+    """(lowest real segment, highest segment) over `axis` (None: all); (MAX, -1) if all
+    padding."""
+    lo = jnp.min(jnp.where(seg >= 0, seg, _NO_SEGMENT), axis=axis)
+    return lo, jnp.max(seg, axis=axis)
 
 
 def _block_visible(q_lo, q_hi, q_last, k_lo, k_hi, k_first):
@@ -265,7 +274,12 @@ def _causal_chunked_attention(q, k, v, segment_ids, scale, chunk):
 
 
 # ------------------------------------------------------------------------------------------
-# Pallas kernels. Query tiles hold the G heads of one kv head as rows: row r = t * G + g.
+# Pallas kernels. Their layouts obey Mosaic's rule that the last two dims of a block be
+# divisible by (8, 128) or equal to the array's: queries (and out, dO, dq) as [B, N, G, L, K],
+# keys and values as [B, N, L, K], per-query statistics (lse, delta) as [B, N, G, L] and
+# segment ids as [B, 1, L], the last two lane-dense (a trailing dim of 1 would be padded to
+# 128 lanes in HBM and VMEM). A query tile holds the G heads of one kv head as rows:
+# row r = g * block_q + t; per-row values travel inside the kernels as [G * block_q, 1].
 
 
 def _dot_t(a, b):
@@ -278,166 +292,267 @@ def _t_dot(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _query_rows(seg_ref, q_start, block_q, group):
-    """Segment ids and row indices of the block_q * group rows of a query tile."""
-    seg_q = seg_ref[pl.ds(q_start, block_q)]
-    seg_rows = jnp.broadcast_to(seg_q[:, None], (block_q, group)).reshape(-1)
-    idx = q_start + lax.broadcasted_iota(jnp.int32, (block_q, group), 0)
-    return seg_q, seg_rows, idx.reshape(-1)
+def _query_rows(seg_q, q_start, group):
+    """[G * block_q, 1] segment ids and indices of the rows of the query tile at `q_start`,
+    whose segment ids are the [1, block_q] row `seg_q`."""
+    shape = (group, seg_q.shape[1], 1)
+    seg_rows = jnp.broadcast_to(seg_q.T[None], shape).reshape(-1, 1)
+    idx_rows = q_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return seg_rows, idx_rows.reshape(-1, 1)
+
+
+def _load_rows(ref):
+    """A [G, block_q] block of per-query values as the [G * block_q, 1] column of the tile's
+    rows. Mosaic cannot reshape [G, block_q] to that; it transposes one head at a time (a
+    reshape between row and column needs a sublane gather, which v4 lacks)."""
+    return jnp.concatenate([ref[g : g + 1, :].T for g in range(ref.shape[0])])
+
+
+def _store_rows(ref, x):
+    """Inverse of `_load_rows`: the [G * block_q, 1] column `x` into a [G, block_q] block."""
+    block_q = ref.shape[1]
+    for g in range(ref.shape[0]):
+        ref[g : g + 1, :] = x[g * block_q : (g + 1) * block_q].T
 
 
 def _tile_scores(q, k, seg_rows, idx_rows, seg_k, k_start, scale):
-    """Scaled, masked [rows, block_k] scores and the mask."""
-    idx_k = k_start + lax.broadcasted_iota(jnp.int32, (1, seg_k.shape[0]), 1)
-    mask = _visible(seg_rows[:, None], seg_k[None, :], idx_rows[:, None], idx_k)
+    """Scaled, masked [rows, block_k] scores and the mask; `seg_k` is a [1, block_k] row."""
+    idx_k = k_start + lax.broadcasted_iota(jnp.int32, seg_k.shape, 1)
+    mask = _visible(seg_rows, seg_k, idx_rows, idx_k)
     return jnp.where(mask, _dot_t(q, k) * scale, _MASKED), mask
 
 
-def _forward_kernel(seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block_k):
-    block_q, group, head_dim = q_ref.shape
-    rows = block_q * group
-    q_start = pl.program_id(2) * block_q
-    seg_q, seg_rows, idx_rows = _query_rows(seg_ref, q_start, block_q, group)
-    q_lo, q_hi = _segment_bounds(seg_q)
-    q = q_ref[...].reshape(rows, head_dim)
+def _keep(seg_q, seg_k, q_start, k_start):
+    """The block predicate for a [1, block_q] query and a [1, block_k] key segment tile."""
+    q_lo, q_hi = _segment_bounds(seg_q, axis=None)
+    k_lo, k_hi = _segment_bounds(seg_k, axis=None)
+    return _block_visible(q_lo, q_hi, q_start + seg_q.shape[1] - 1, k_lo, k_hi, k_start)
 
-    def visit(k_start, carry):
-        acc, m, denom = carry
-        seg_k = seg_ref[pl.ds(k_start, block_k)]
-        s, mask = _tile_scores(
-            q, k_ref[pl.ds(k_start, block_k), :], seg_rows, idx_rows, seg_k, k_start, scale
-        )
-        m_new = jnp.maximum(m, s.max(axis=-1))
+
+# Each kernel runs over a 4-D grid whose last axis is the sequential reduction: key tiles for
+# the forward and dq kernels (grid (b, n, i, j)), query tiles for the dk, dv kernel (grid
+# (b, n, j, i)). Float32 accumulators live in VMEM scratch from its first step to its last,
+# which writes the output; the steps in between skip the pairs `_keep` rules out.
+
+
+def _forward_kernel(
+    segq_ref, segk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, scale
+):
+    group, block_q, head_dim = q_ref.shape
+    j = pl.program_id(3)
+    q_start, k_start = pl.program_id(2) * block_q, j * k_ref.shape[0]
+
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+
+    seg_q, seg_k = segq_ref[...], segk_ref[...]
+
+    @pl.when(_keep(seg_q, seg_k, q_start, k_start))
+    def _visit():
+        seg_rows, idx_rows = _query_rows(seg_q, q_start, group)
+        q = q_ref[...].reshape(-1, head_dim)
+        s, mask = _tile_scores(q, k_ref[...], seg_rows, idx_rows, seg_k, k_start, scale)
+        m = m_ref[...]
+        m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
         # Masked entries are zeroed, not exp(_MASKED - m): a row with nothing visible yet
         # has m == _MASKED and would count them as weight 1.
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
         alpha = jnp.exp(m - m_new)
-        v = v_ref[pl.ds(k_start, block_k), :]
-        acc = alpha[:, None] * acc + lax.dot(
-            p.astype(v.dtype), v, preferred_element_type=jnp.float32
-        )
-        return acc, m_new, alpha * denom + p.sum(axis=-1)
+        v = v_ref[...]
+        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc_ref[...] = alpha * acc_ref[...] + pv
+        l_ref[...] = alpha * l_ref[...] + p.sum(axis=-1, keepdims=True)
+        m_ref[...] = m_new
 
-    def body(j, carry):
-        k_start = j * block_k
-        k_lo, k_hi = _segment_bounds(seg_ref[pl.ds(k_start, block_k)])
-        keep = _block_visible(q_lo, q_hi, q_start + block_q - 1, k_lo, k_hi, k_start)
-        return lax.cond(keep, functools.partial(visit, k_start), lambda c: c, carry)
-
-    init = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), _MASKED, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-    )
-    # Causal bound: no key block starting after the query block's last row.
-    num_k = lax.div(q_start + block_q + block_k - 1, block_k)
-    acc, m, denom = lax.fori_loop(0, num_k, body, init)
-    # denom >= 1 for any row with a visible key (its maximum contributes exp(0)).
-    seen = denom > 0
-    safe_denom = jnp.where(seen, denom, 1.0)
-    o_ref[...] = (acc / safe_denom[:, None]).reshape(block_q, group, head_dim).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_denom), 0.0).reshape(block_q, group)
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        # denom >= 1 for any row with a visible key (its maximum contributes exp(0)).
+        denom = l_ref[...]
+        seen = denom > 0
+        safe_denom = jnp.where(seen, denom, 1.0)
+        o_ref[...] = (acc_ref[...] / safe_denom).reshape(o_ref.shape).astype(o_ref.dtype)
+        _store_rows(lse_ref, jnp.where(seen, m_ref[...] + jnp.log(safe_denom), 0.0))
 
 
-def _dq_kernel(seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block_k):
-    block_q, group, head_dim = q_ref.shape
-    rows = block_q * group
-    q_start = pl.program_id(2) * block_q
-    seg_q, seg_rows, idx_rows = _query_rows(seg_ref, q_start, block_q, group)
-    q_lo, q_hi = _segment_bounds(seg_q)
-    q = q_ref[...].reshape(rows, head_dim)
-    do = do_ref[...].reshape(rows, head_dim)
-    lse = lse_ref[...].reshape(rows)
-    delta = delta_ref[...].reshape(rows)
+def _dq_kernel(
+    segq_ref, segk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref, *, scale
+):
+    group, block_q, head_dim = q_ref.shape
+    j = pl.program_id(3)
+    q_start, k_start = pl.program_id(2) * block_q, j * k_ref.shape[0]
 
-    def visit(k_start, dq):
-        seg_k = seg_ref[pl.ds(k_start, block_k)]
-        k = k_ref[pl.ds(k_start, block_k), :]
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    seg_q, seg_k = segq_ref[...], segk_ref[...]
+
+    @pl.when(_keep(seg_q, seg_k, q_start, k_start))
+    def _visit():
+        seg_rows, idx_rows = _query_rows(seg_q, q_start, group)
+        q = q_ref[...].reshape(-1, head_dim)
+        do = do_ref[...].reshape(-1, head_dim)
+        lse, delta = _load_rows(lse_ref), _load_rows(delta_ref)
+        k = k_ref[...]
         s, mask = _tile_scores(q, k, seg_rows, idx_rows, seg_k, k_start, scale)
-        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-        ds = p * (_dot_t(do, v_ref[pl.ds(k_start, block_k), :]) - delta[:, None])
-        return dq + lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+        ds = p * (_dot_t(do, v_ref[...]) - delta)
+        acc_ref[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    def body(j, dq):
-        k_start = j * block_k
-        k_lo, k_hi = _segment_bounds(seg_ref[pl.ds(k_start, block_k)])
-        keep = _block_visible(q_lo, q_hi, q_start + block_q - 1, k_lo, k_hi, k_start)
-        return lax.cond(keep, functools.partial(visit, k_start), lambda c: c, dq)
-
-    num_k = lax.div(q_start + block_q + block_k - 1, block_k)
-    dq = lax.fori_loop(0, num_k, body, jnp.zeros((rows, head_dim), jnp.float32))
-    dq_ref[...] = (dq * scale).reshape(block_q, group, head_dim).astype(dq_ref.dtype)
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = (acc_ref[...] * scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
-    seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, block_q
+    segq_ref,
+    segk_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    dk_acc_ref,
+    dv_acc_ref,
+    *,
+    scale,
 ):
-    length, group, head_dim = q_ref.shape
-    block_k = k_ref.shape[0]
-    k_start = pl.program_id(2) * block_k
-    seg_k = seg_ref[pl.ds(k_start, block_k)]
-    k_lo, k_hi = _segment_bounds(seg_k)
-    k, v = k_ref[...], v_ref[...]
+    group, block_q, head_dim = q_ref.shape
+    i = pl.program_id(3)
+    q_start, k_start = i * block_q, pl.program_id(2) * k_ref.shape[0]
 
-    def visit(q_start, carry):
-        dk, dv = carry
-        _, seg_rows, idx_rows = _query_rows(seg_ref, q_start, block_q, group)
-        q = q_ref[pl.ds(q_start, block_q)].reshape(-1, head_dim)
-        do = do_ref[pl.ds(q_start, block_q)].reshape(-1, head_dim)
-        lse = lse_ref[pl.ds(q_start, block_q)].reshape(-1)
-        delta = delta_ref[pl.ds(q_start, block_q)].reshape(-1)
+    @pl.when(i == 0)
+    def _init():
+        dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
+        dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+
+    seg_q, seg_k = segq_ref[...], segk_ref[...]
+
+    @pl.when(_keep(seg_q, seg_k, q_start, k_start))
+    def _visit():
+        seg_rows, idx_rows = _query_rows(seg_q, q_start, group)
+        q = q_ref[...].reshape(-1, head_dim)
+        do = do_ref[...].reshape(-1, head_dim)
+        lse, delta = _load_rows(lse_ref), _load_rows(delta_ref)
+        k, v = k_ref[...], v_ref[...]
         s, mask = _tile_scores(q, k, seg_rows, idx_rows, seg_k, k_start, scale)
-        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-        dv = dv + _t_dot(p.astype(do.dtype), do)
-        ds = p * (_dot_t(do, v) - delta[:, None])
-        return dk + _t_dot(ds.astype(q.dtype), q), dv
+        p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+        dv_acc_ref[...] += _t_dot(p.astype(do.dtype), do)
+        ds = p * (_dot_t(do, v) - delta)
+        dk_acc_ref[...] += _t_dot(ds.astype(q.dtype), q)
 
-    def body(i, carry):
-        q_start = i * block_q
-        q_lo, q_hi = _segment_bounds(seg_ref[pl.ds(q_start, block_q)])
-        keep = _block_visible(q_lo, q_hi, q_start + block_q - 1, k_lo, k_hi, k_start)
-        return lax.cond(keep, functools.partial(visit, q_start), lambda c: c, carry)
-
-    zeros = jnp.zeros((block_k, head_dim), jnp.float32)
-    # Causal bound: start at the query block that holds this key block's first key.
-    dk, dv = lax.fori_loop(lax.div(k_start, block_q), length // block_q, body, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    @pl.when(i == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = (dk_acc_ref[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _specs(length, group, head_dim, block_q, block_k):
-    """BlockSpecs over grid (b, n, i) for arrays in [B, L, H or N, K] layout."""
+def _pallas_call(kernel, *, interpret, **kwargs):
+    """`pl.pallas_call` over a 4-D grid whose last axis is sequential, in the interpret mode
+    and with the compiler parameters of the platform the program is lowered for (the devices
+    its arrays are on), not `jax.default_backend()`: an ahead-of-time compile for a TPU
+    topology on a CPU host must get Mosaic. `lax.platform_dependent` stages one branch per
+    platform and lowers only the lowering platform's. `interpret`: True always, False
+    never, None on CPU only."""
+
+    def make(interpret, compiler_params=None):
+        return pl.pallas_call(
+            kernel, interpret=interpret, compiler_params=compiler_params, **kwargs
+        )
+
+    if interpret:
+        return make(True)
+    semantics = ("parallel", "parallel", "parallel", "arbitrary")
+    branches = {
+        "tpu": make(False, pltpu.CompilerParams(dimension_semantics=semantics)),
+        # Pallas' own choice elsewhere; on GPU that fails to lower (module docstring).
+        "default": make(False),
+    }
+    if interpret is None:
+        branches["cpu"] = make(True)
+    return lambda *args: lax.platform_dependent(*args, **branches)
+
+
+def _query_major_specs(group, head_dim, block_q, block_k):
+    """BlockSpecs over grid (b, n, i, j) (forward, dq): query tile i, key tile j. A key tile
+    past query tile i's causal bound maps to the last tile within it: the index repeats, so
+    TPU's pipeline copies nothing for the steps the kernel skips."""
+
+    def key_tile(i, j):
+        # lax.div, not //: floor division lowers through `sign`, whose Mosaic rule asks the
+        # default device (the CPU in an ahead-of-time compile) for its TPU generation.
+        return jnp.minimum(j, lax.div(i * block_q + block_q - 1, block_k))
+
     return {
-        "seg": pl.BlockSpec((None, length), lambda b, n, i: (b, 0)),
-        "q_tile": pl.BlockSpec((None, block_q, group, head_dim), lambda b, n, i: (b, i, n, 0)),
-        "q_full": pl.BlockSpec((None, length, group, head_dim), lambda b, n, i: (b, 0, n, 0)),
-        "row_tile": pl.BlockSpec((None, block_q, group), lambda b, n, i: (b, i, n)),
-        "row_full": pl.BlockSpec((None, length, group), lambda b, n, i: (b, 0, n)),
-        "kv_tile": pl.BlockSpec((None, block_k, None, head_dim), lambda b, n, i: (b, i, n, 0)),
-        "kv_full": pl.BlockSpec((None, length, None, head_dim), lambda b, n, i: (b, 0, n, 0)),
+        "seg_q": pl.BlockSpec((None, 1, block_q), lambda b, n, i, j: (b, 0, i)),
+        "seg_k": pl.BlockSpec((None, 1, block_k), lambda b, n, i, j: (b, 0, key_tile(i, j))),
+        "q": pl.BlockSpec(
+            (None, None, group, block_q, head_dim), lambda b, n, i, j: (b, n, 0, i, 0)
+        ),
+        "kv": pl.BlockSpec(
+            (None, None, block_k, head_dim), lambda b, n, i, j: (b, n, key_tile(i, j), 0)
+        ),
+        "row": pl.BlockSpec((None, None, group, block_q), lambda b, n, i, j: (b, n, 0, i)),
     }
 
 
+def _key_major_specs(group, head_dim, block_q, block_k):
+    """BlockSpecs over grid (b, n, j, i) (dk, dv): key tile j, query tile i. A query tile
+    before key tile j's causal bound maps to the first tile after it (see above)."""
+
+    def query_tile(j, i):
+        return jnp.maximum(i, lax.div(j * block_k, block_q))
+
+    return {
+        "seg_q": pl.BlockSpec((None, 1, block_q), lambda b, n, j, i: (b, 0, query_tile(j, i))),
+        "seg_k": pl.BlockSpec((None, 1, block_k), lambda b, n, j, i: (b, 0, j)),
+        "q": pl.BlockSpec(
+            (None, None, group, block_q, head_dim),
+            lambda b, n, j, i: (b, n, 0, query_tile(j, i), 0),
+        ),
+        "kv": pl.BlockSpec((None, None, block_k, head_dim), lambda b, n, j, i: (b, n, j, 0)),
+        "row": pl.BlockSpec(
+            (None, None, group, block_q), lambda b, n, j, i: (b, n, 0, query_tile(j, i))
+        ),
+    }
+
+
+_ARGS = ("seg_q", "seg_k", "q", "kv", "kv", "q", "row", "row")  # seg, seg, q, k, v, dO, lse, delta
+
+
 def _flash_forward(q, k, v, seg, scale, block_q, block_k, interpret):
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    spec = _specs(length, heads // kv_heads, head_dim, block_q, block_k)
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, scale=scale, block_k=block_k),
-        grid=(batch, kv_heads, length // block_q),
-        in_specs=[spec["seg"], spec["q_tile"], spec["kv_full"], spec["kv_full"]],
-        out_specs=[spec["q_tile"], spec["row_tile"]],
+    batch, kv_heads, group, length, head_dim = q.shape
+    spec = _query_major_specs(group, head_dim, block_q, block_k)
+    rows = group * block_q
+    return _pallas_call(
+        functools.partial(_forward_kernel, scale=scale),
+        grid=(batch, kv_heads, length // block_q, length // block_k),
+        in_specs=[spec[name] for name in _ARGS[:5]],
+        out_specs=[spec["q"], spec["row"]],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, length, heads), jnp.float32),
+            jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((rows, head_dim), jnp.float32),
+            pltpu.VMEM((rows, 1), jnp.float32),
+            pltpu.VMEM((rows, 1), jnp.float32),
         ],
         interpret=interpret,
         name="grouped_attention_forward",
-    )(seg, q, k, v)
+    )(seg, seg, q, k, v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash(q, k, v, seg, scale, block_q, block_k, interpret):
+    """Attention in the kernels' layouts: q [B, N, G, L, K], k and v [B, N, L, K], segment
+    ids [B, 1, L]; returns [B, N, G, L, K]."""
     return _flash_forward(q, k, v, seg, scale, block_q, block_k, interpret)[0]
 
 
@@ -448,48 +563,35 @@ def _flash_fwd(q, k, v, seg, scale, block_q, block_k, interpret):
 
 def _flash_bwd(scale, block_q, block_k, interpret, residuals, d_out):
     q, k, v, seg, out, lse = residuals
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    spec = _specs(length, heads // kv_heads, head_dim, block_q, block_k)
+    batch, kv_heads, group, length, head_dim = q.shape
     # delta_i = sum_k dO_ik O_ik = sum_j P_ij dP_ij (FlashAttention-2, Alg. 2): the softmax
     # Jacobian's row term, computed once instead of per key block.
-    delta = jnp.einsum("blhk,blhk->blh", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, block_k=block_k),
-        grid=(batch, kv_heads, length // block_q),
-        in_specs=[
-            spec["seg"],
-            spec["q_tile"],
-            spec["kv_full"],
-            spec["kv_full"],
-            spec["q_tile"],
-            spec["row_tile"],
-            spec["row_tile"],
-        ],
-        out_specs=spec["q_tile"],
+    delta = jnp.einsum("bngtk,bngtk->bngt", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    args = (seg, seg, q, k, v, d_out, lse, delta)
+    spec = _query_major_specs(group, head_dim, block_q, block_k)
+    dq = _pallas_call(
+        functools.partial(_dq_kernel, scale=scale),
+        grid=(batch, kv_heads, length // block_q, length // block_k),
+        in_specs=[spec[name] for name in _ARGS],
+        out_specs=spec["q"],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((group * block_q, head_dim), jnp.float32)],
         interpret=interpret,
         name="grouped_attention_dq",
-    )(seg, q, k, v, d_out, lse, delta)
-    # One program per (kv head, key block) sums over the whole query group and every query
-    # block itself: no atomics, deterministic.
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, block_q=block_q),
-        grid=(batch, kv_heads, length // block_k),
-        in_specs=[
-            spec["seg"],
-            spec["q_full"],
-            spec["kv_tile"],
-            spec["kv_tile"],
-            spec["q_full"],
-            spec["row_full"],
-            spec["row_full"],
-        ],
-        out_specs=[spec["kv_tile"], spec["kv_tile"]],
+    )(*args)
+    # One program per (kv head, key tile) sums over the whole query group and, along its
+    # last grid axis, every query tile itself: no atomics, deterministic.
+    spec = _key_major_specs(group, head_dim, block_q, block_k)
+    dk, dv = _pallas_call(
+        functools.partial(_dkv_kernel, scale=scale),
+        grid=(batch, kv_heads, length // block_k, length // block_q),
+        in_specs=[spec[name] for name in _ARGS],
+        out_specs=[spec["kv"], spec["kv"]],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32)] * 2,
         interpret=interpret,
         name="grouped_attention_dkv",
-    )(seg, q, k, v, d_out, lse, delta)
+    )(*args)
     return dq, dk, dv, None
 
 
@@ -525,9 +627,11 @@ def grouped_attention(
         kernel with a Pallas backward), "auto" ("xla"; see the module docstring).
       block_q: query tile of the Pallas kernels and query chunk of "xla", a power of two;
         capped at the next power of two >= L. L is padded (segment -1) to a multiple of the
-        larger tile (Pallas only).
+        larger tile (Pallas only). On TPU both tiles must be multiples of 128 unless capped.
       block_k: key tile, likewise.
-      interpret: run the Pallas kernels in interpret mode; None means on CPU only.
+      interpret: run the Pallas kernels in interpret mode. None means on CPU only, decided
+        by the platform the program is lowered for (so an ahead-of-time compile for TPU on
+        a CPU host gets the Mosaic kernels), not by `jax.default_backend()`.
 
     Returns:
       [B, L, H, K] in q's dtype (scores and softmax in float32). Rows that see no key
@@ -537,30 +641,38 @@ def grouped_attention(
     _check_inputs("grouped_attention", q, k, v, segment_ids)
     if impl not in IMPLS:
         raise ValueError(f"grouped_attention: `impl` must be one of {list(IMPLS)}, got {impl!r}.")
-    backend = jax.default_backend()
     if impl == "auto":
-        # The Pallas kernels have run in interpret mode only; until a GPU/TPU run checks
-        # their lowering, the XLA path is the one known correct on every backend.
+        # The Pallas kernels have run in interpret mode only (and compiled for TPU, never
+        # run there); until a GPU/TPU run checks them, the XLA path is the one known correct.
         impl = "xla"
     if impl == "reference":
         return reference_grouped_attention(q, k, v, segment_ids, scale=scale)
     if impl == "xla":
         return _causal_chunked_attention(q, k, v, segment_ids, scale, block_q)
-    length, head_dim = q.shape[1], q.shape[3]
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
     scale = head_dim**-0.5 if scale is None else float(scale)
-    interpret = backend == "cpu" if interpret is None else bool(interpret)
+    interpret = None if interpret is None else bool(interpret)
     block_q, block_k, padded = _resolve_blocks(length, block_q, block_k)
     pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    # The kernels' layouts (see "Pallas kernels" above); the transposes are XLA copies.
+    q_BxNxGxLxK = (
+        jnp.pad(q, pad)
+        .reshape(batch, padded, kv_heads, heads // kv_heads, head_dim)
+        .transpose(0, 2, 3, 1, 4)
+    )
+    k_BxNxLxK, v_BxNxLxK = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (k, v))
     out = _flash(
-        jnp.pad(q, pad),
-        jnp.pad(k, pad),
-        jnp.pad(v, pad),
-        _pad_segments(segment_ids, padded),
+        q_BxNxGxLxK,
+        k_BxNxLxK,
+        v_BxNxLxK,
+        _pad_segments(segment_ids, padded)[:, None, :],
         scale,
         block_q,
         block_k,
         interpret,
     )
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, padded, heads, head_dim)
     return out[:, :length]
 
 

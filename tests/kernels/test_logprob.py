@@ -94,6 +94,18 @@ def test_auto_is_xla_on_cpu_and_jit_matches_eager():
     np.testing.assert_allclose(auto, xla, rtol=0, atol=1e-6)
 
 
+def test_interpret_follows_the_platform_unless_given():
+    # interpret=None picks interpret mode from the platform the program is lowered for (CPU
+    # here); an explicit False is kept, and Pallas rejects it on CPU. The TPU side is
+    # tests/kernels/test_tpu_lowering.py.
+    hidden, lm_head, targets = _inputs(7, 64, 1000)
+    chosen = jax.jit(_fused("pallas"))(hidden, lm_head, targets)
+    given = jax.jit(_fused("pallas", interpret=True))(hidden, lm_head, targets)
+    np.testing.assert_array_equal(chosen, given)
+    with pytest.raises(ValueError, match="Only interpret mode is supported on CPU"):
+        jax.jit(_fused("pallas", interpret=False))(hidden, lm_head, targets)
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_no_rows(impl):
     hidden, lm_head, targets = _inputs(0, 64, 1000)

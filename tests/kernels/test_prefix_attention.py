@@ -93,6 +93,20 @@ _CASES = [
     ),
     # Plain causal attention (segment 0 only), L = 20.
     ("causal", np.zeros((1, 20), np.int32), 2, 1, 16, 8),
+    # Three query heads per kv head (SmolLM2's 9 / 3), key tiles larger than query tiles.
+    (
+        "gqa_g3",
+        packing.pack_groups(
+            np.array([5, 2]),
+            np.array([[3, 1, 4], [4, 0, 2]]),
+            prompt_capacity=6,
+            completion_capacity=4,
+        ).segment_ids,
+        6,
+        2,
+        8,
+        16,
+    ),
 ]
 
 
@@ -277,6 +291,23 @@ def test_jit_grad_of_pallas():
     got = jax.jit(grad)(q, k, v)
     want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, "reference")
     _assert_all_close(got, want, F32_TOL, ("dq", "dk", "dv"))
+
+
+def test_interpret_follows_the_platform_unless_given():
+    # interpret=None picks interpret mode from the platform the program is lowered for (CPU
+    # here); an explicit False is kept, and Pallas rejects it on CPU. The TPU side is
+    # tests/kernels/test_tpu_lowering.py.
+    seg = _CASES[1][1]
+    q, k, v, _ = _inputs(7, 1, seg.shape[1], 2, 2, 8)
+
+    def attend(interpret):
+        return jax.jit(
+            functools.partial(pa.grouped_attention, impl="pallas", block_q=4, interpret=interpret)
+        )(q, k, v, seg)
+
+    np.testing.assert_array_equal(attend(None), attend(True))
+    with pytest.raises(ValueError, match="Only interpret mode is supported on CPU"):
+        attend(False)
 
 
 def test_xla_chunks_equal_the_reference_and_auto_is_xla():
