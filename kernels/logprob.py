@@ -50,6 +50,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from medjax.kernels import platforms
+
 IMPLS = ("auto", "reference", "xla", "pallas")
 # Default tiles. xla: chunks of 512 to 4096 columns ran within 5% of each other on the 2-core
 # CPU (N = 2048 and 8192, D = 896, V = 151,936); 1024 was never slower and needs the least
@@ -439,13 +441,10 @@ def _compiler_params(platform, semantics):
 
 
 def _call(kernel, out_shape, grid, in_specs, out_specs, semantics, config, name):
-    """`pl.pallas_call` whose interpret mode and compiler parameters follow the platform the
-    program is lowered for (the devices its arrays are on), not `jax.default_backend()`: an
-    ahead-of-time compile for a TPU topology on a CPU host must get Mosaic and its
-    parameters. `lax.platform_dependent` stages one branch per platform and lowers only the
-    one of the lowering platform."""
+    """`pl.pallas_call` in the interpret mode and with the compiler parameters of the
+    platform the program is lowered for (`platforms.by_platform`)."""
 
-    def make(interpret, platform=None):
+    def make(interpret, platform):
         return pl.pallas_call(
             kernel,
             out_shape=out_shape,
@@ -457,12 +456,7 @@ def _call(kernel, out_shape, grid, in_specs, out_specs, semantics, config, name)
             name=name,
         )
 
-    if config.interpret:
-        return make(True)
-    branches = {"tpu": make(False, "tpu"), "cuda": make(False, "cuda"), "default": make(False)}
-    if config.interpret is None:
-        branches["cpu"] = make(True)
-    return lambda *args: lax.platform_dependent(*args, **branches)
+    return platforms.by_platform(make, config.interpret)
 
 
 def _forward_kernel(h_ref, w_ref, y_ref, m_ref, l_ref, s_ref, t_ref, *, vocab, config):

@@ -58,6 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from medjax.kernels import platforms
+
 IMPLS = ("auto", "reference", "xla", "pallas")
 
 # Finite, like the model's mask value: a fully masked row must not produce inf - inf = NaN.
@@ -315,11 +317,24 @@ def _store_rows(ref, x):
         ref[g : g + 1, :] = x[g * block_q : (g + 1) * block_q].T
 
 
-def _tile_scores(q, k, seg_rows, idx_rows, seg_k, k_start, scale):
-    """Scaled, masked [rows, block_k] scores and the mask; `seg_k` is a [1, block_k] row."""
+def _tile_scores(q, k, seg_q, seg_k, q_start, k_start, scale):
+    """Scaled, masked [G * block_q, block_k] scores of the query tile at `q_start` (rows `q`,
+    segment ids the [1, block_q] row `seg_q`) against the key tile at `k_start` (`seg_k` a
+    [1, block_k] row), and the mask."""
+    seg_rows, idx_rows = _query_rows(seg_q, q_start, q.shape[0] // seg_q.shape[1])
     idx_k = k_start + lax.broadcasted_iota(jnp.int32, seg_k.shape, 1)
     mask = _visible(seg_rows, seg_k, idx_rows, idx_k)
     return jnp.where(mask, _dot_t(q, k) * scale, _MASKED), mask
+
+
+def _backward_tile(seg_q, seg_k, q_start, k_start, q_ref, k, v, do_ref, lse_ref, delta_ref, scale):
+    """The query tile's rows q and dO, and against the key tile the probabilities p
+    (recomputed from the forward's lse) and the score gradients ds (before `scale`)."""
+    head_dim = q_ref.shape[-1]
+    q, do = q_ref[...].reshape(-1, head_dim), do_ref[...].reshape(-1, head_dim)
+    s, mask = _tile_scores(q, k, seg_q, seg_k, q_start, k_start, scale)
+    p = jnp.where(mask, jnp.exp(s - _load_rows(lse_ref)), 0.0)
+    return q, do, p, p * (_dot_t(do, v) - _load_rows(delta_ref))
 
 
 def _keep(seg_q, seg_k, q_start, k_start):
@@ -338,7 +353,7 @@ def _keep(seg_q, seg_k, q_start, k_start):
 def _forward_kernel(
     segq_ref, segk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref, *, scale
 ):
-    group, block_q, head_dim = q_ref.shape
+    _, block_q, head_dim = q_ref.shape
     j = pl.program_id(3)
     q_start, k_start = pl.program_id(2) * block_q, j * k_ref.shape[0]
 
@@ -352,9 +367,8 @@ def _forward_kernel(
 
     @pl.when(_keep(seg_q, seg_k, q_start, k_start))
     def _visit():
-        seg_rows, idx_rows = _query_rows(seg_q, q_start, group)
         q = q_ref[...].reshape(-1, head_dim)
-        s, mask = _tile_scores(q, k_ref[...], seg_rows, idx_rows, seg_k, k_start, scale)
+        s, mask = _tile_scores(q, k_ref[...], seg_q, seg_k, q_start, k_start, scale)
         m = m_ref[...]
         m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
         # Masked entries are zeroed, not exp(_MASKED - m): a row with nothing visible yet
@@ -380,7 +394,7 @@ def _forward_kernel(
 def _dq_kernel(
     segq_ref, segk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, acc_ref, *, scale
 ):
-    group, block_q, head_dim = q_ref.shape
+    block_q = q_ref.shape[1]
     j = pl.program_id(3)
     q_start, k_start = pl.program_id(2) * block_q, j * k_ref.shape[0]
 
@@ -392,14 +406,10 @@ def _dq_kernel(
 
     @pl.when(_keep(seg_q, seg_k, q_start, k_start))
     def _visit():
-        seg_rows, idx_rows = _query_rows(seg_q, q_start, group)
-        q = q_ref[...].reshape(-1, head_dim)
-        do = do_ref[...].reshape(-1, head_dim)
-        lse, delta = _load_rows(lse_ref), _load_rows(delta_ref)
         k = k_ref[...]
-        s, mask = _tile_scores(q, k, seg_rows, idx_rows, seg_k, k_start, scale)
-        p = jnp.where(mask, jnp.exp(s - lse), 0.0)
-        ds = p * (_dot_t(do, v_ref[...]) - delta)
+        *_, ds = _backward_tile(
+            seg_q, seg_k, q_start, k_start, q_ref, k, v_ref[...], do_ref, lse_ref, delta_ref, scale
+        )
         acc_ref[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -423,7 +433,7 @@ def _dkv_kernel(
     *,
     scale,
 ):
-    group, block_q, head_dim = q_ref.shape
+    block_q = q_ref.shape[1]
     i = pl.program_id(3)
     q_start, k_start = i * block_q, pl.program_id(2) * k_ref.shape[0]
 
@@ -436,15 +446,11 @@ def _dkv_kernel(
 
     @pl.when(_keep(seg_q, seg_k, q_start, k_start))
     def _visit():
-        seg_rows, idx_rows = _query_rows(seg_q, q_start, group)
-        q = q_ref[...].reshape(-1, head_dim)
-        do = do_ref[...].reshape(-1, head_dim)
-        lse, delta = _load_rows(lse_ref), _load_rows(delta_ref)
-        k, v = k_ref[...], v_ref[...]
-        s, mask = _tile_scores(q, k, seg_rows, idx_rows, seg_k, k_start, scale)
-        p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+        q, do, p, ds = _backward_tile(
+            seg_q, seg_k, q_start, k_start, q_ref, k_ref[...], v_ref[...], do_ref, lse_ref,
+            delta_ref, scale,
+        )  # fmt: skip
         dv_acc_ref[...] += _t_dot(p.astype(do.dtype), do)
-        ds = p * (_dot_t(do, v) - delta)
         dk_acc_ref[...] += _t_dot(ds.astype(q.dtype), q)
 
     @pl.when(i == pl.num_programs(3) - 1)
@@ -455,28 +461,16 @@ def _dkv_kernel(
 
 def _pallas_call(kernel, *, interpret, **kwargs):
     """`pl.pallas_call` over a 4-D grid whose last axis is sequential, in the interpret mode
-    and with the compiler parameters of the platform the program is lowered for (the devices
-    its arrays are on), not `jax.default_backend()`: an ahead-of-time compile for a TPU
-    topology on a CPU host must get Mosaic. `lax.platform_dependent` stages one branch per
-    platform and lowers only the lowering platform's. `interpret`: True always, False
-    never, None on CPU only."""
-
-    def make(interpret, compiler_params=None):
-        return pl.pallas_call(
-            kernel, interpret=interpret, compiler_params=compiler_params, **kwargs
-        )
-
-    if interpret:
-        return make(True)
+    and with the compiler parameters of the platform the program is lowered for
+    (`platforms.by_platform`). Platforms other than TPU get Pallas' own choice; on GPU that
+    fails to lower (module docstring)."""
     semantics = ("parallel", "parallel", "parallel", "arbitrary")
-    branches = {
-        "tpu": make(False, pltpu.CompilerParams(dimension_semantics=semantics)),
-        # Pallas' own choice elsewhere; on GPU that fails to lower (module docstring).
-        "default": make(False),
-    }
-    if interpret is None:
-        branches["cpu"] = make(True)
-    return lambda *args: lax.platform_dependent(*args, **branches)
+
+    def make(interpret, platform):
+        params = pltpu.CompilerParams(dimension_semantics=semantics) if platform == "tpu" else None
+        return pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kwargs)
+
+    return platforms.by_platform(make, interpret)
 
 
 def _query_major_specs(group, head_dim, block_q, block_k):
