@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_grao import grao_numpy  # The float64 loop-by-loop Eq. 3 of GRAO's paper.
+from test_training import TINY
 
 from medjax import agents, losses
-from medjax.models import DecoderLM, ModelConfig
+from medjax.models import DecoderLM
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.training import algorithms, rl, stages
 
@@ -135,11 +136,8 @@ def test_grpo_rows_pair_each_group_with_its_own_question():
 
 
 def tiny_model(vocab_size=64, seed=0):
-    config = ModelConfig(
-        family="qwen2", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-        num_layers=2, num_heads=2, num_kv_heads=1, qkv_bias=True, tie_word_embeddings=True,
-    )  # fmt: skip
-    return DecoderLM(config, rngs=nnx.Rngs(seed))
+    """test_training's tiny model, on one device, unsharded."""
+    return DecoderLM(TINY.replace(vocab_size=vocab_size), rngs=nnx.Rngs(seed))
 
 
 def loss_of(stage, model, batch):

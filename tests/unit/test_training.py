@@ -165,13 +165,12 @@ def poisoned_sft_loss_fn(model, batch):
     return value, metrics
 
 
-@pytest.mark.parametrize(
-    "poison", ["nan advantage", "nan gradient", "inf gradient", "none"]
-)  # fmt: skip
+@pytest.mark.parametrize("poison", ["nan advantage", "nan gradient", "inf gradient"])
 def test_the_non_finite_guard_skips_the_update(poison):
     """A non-finite loss, or a finite loss whose gradient is NaN or inf, leaves parameters
-    and optimizer state untouched (`update_skipped` 1); a finite one updates. Catches a guard
-    that checks the loss alone, or lets the optimizer state take the bad gradient."""
+    and optimizer state untouched (`update_skipped` 1); the next, finite step updates every
+    parameter. Catches a guard that checks the loss alone, or lets the optimizer state take
+    the bad gradient."""
     model, mesh = tiny_model()
     tx = optim.make_optimizer(1e-2)
     graphdef, state = steps.create_state(model, tx, 0, mesh)
@@ -180,26 +179,26 @@ def test_the_non_finite_guard_skips_the_update(poison):
     if poison == "nan advantage":
         loss_fn = steps.policy_loss_fn(losses.grpo_loss)
         batch["advantages"] = jnp.array([1.0, np.nan, -1.0, 0.5])
+        clean = dict(batch, advantages=jnp.array([1.0, -0.5, -1.0, 0.5]))
     else:
         loss_fn = poisoned_sft_loss_fn
-        batch["factor"] = jnp.float32(
-            {"nan gradient": np.nan, "inf gradient": np.inf}.get(poison, 1)
-        )
+        batch["factor"] = jnp.float32(np.nan if poison == "nan gradient" else np.inf)
+        clean = dict(batch, factor=jnp.float32(1.0))
     step = steps.make_train_step(graphdef, tx, loss_fn, state_shardings=steps.shardings_of(state))
     state, metrics = step(state, batch)
-    assert int(state.step) == 1
-    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
-    if poison == "none":
-        assert int(metrics["update_skipped"]) == 0 and np.isfinite(float(metrics["grad_norm"]))
-        changed = jax.tree.map(lambda b, a: not np.array_equal(b, a), before[0], after[0])
-        assert all(jax.tree.leaves(changed))
-        return
-    assert int(metrics["update_skipped"]) == 1
+    assert int(state.step) == 1 and int(metrics["update_skipped"]) == 1
     if poison == "nan advantage":
         assert not np.isfinite(float(metrics["loss"]))
     else:  # The loss itself is finite: only the gradient tells.
         assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
     jax.tree.map(np.testing.assert_array_equal, before, after)
+    state, metrics = step(state, clean)
+    assert int(metrics["update_skipped"]) == 0 and np.isfinite(float(metrics["loss"]))
+    changed = jax.tree.map(
+        lambda b, a: not np.array_equal(b, np.asarray(a)), before[0], state.params
+    )
+    assert all(jax.tree.leaves(changed))
 
 
 def test_score_and_update_scores_the_reference_with_the_reference_parameters(tmp_path, plain_logps):
