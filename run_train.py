@@ -9,6 +9,16 @@
 gin files resolve against `--gin_search_paths` (default: this folder and the installed
 package, so `include 'gin/models/tiny.gin'` works from a clone and from an installed wheel).
 On a multi-host TPU/GPU slice pass `--multihost` (every host runs the same command).
+
+Before renting a slice, compile every program of the run for it here, on a CPU, with the
+TPU compiler (`pip install -e ".[tpu]"`; no weights are read, no data is built):
+
+    python run_train.py --gin_file=... --compile_only --topology=v5e-8 \
+        [--model_shape=qwen2_5_7b]
+
+prints per-chip HBM and FLOPs of each program, writes `run_dir/compile_only.json` and
+exits 1 when a program does not fit. `--model_shape` takes the shapes of a gin/models
+file instead of the run's checkpoint.
 """
 
 import argparse
@@ -136,8 +146,23 @@ def show_progress() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = gin_flags(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--multihost", action="store_true", help="jax.distributed.initialize()")
+    parser.add_argument(
+        "--compile_only", action="store_true",
+        help="compile every program for --topology ahead of time instead of training",
+    )  # fmt: skip
+    parser.add_argument("--topology", help="a Cloud TPU slice (v5e-8, v5p-8, ...) or v5e:2x4")
+    parser.add_argument(
+        "--model_shape", help="with --compile_only: a gin/models name (qwen2_5_7b) to size"
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    overrides = {}
+    if args.compile_only:
+        overrides = compile_only_setup(args, parser)
+    elif args.topology or args.model_shape:
+        parser.error("--topology and --model_shape go with --compile_only.")
     configure(args, "run_train")
+    if args.compile_only:
+        overrides.update(compile_only_model(args))
     if args.multihost:
         from medjax import partitioning
 
@@ -149,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     show_progress()
     try:
         # Dynamic registration leaves the module attribute alone: call the configured one.
-        gin.get_configurable(train_lib.train)(
-            operative_config=gin.operative_config_str, config_text=gin.config_str
+        result = gin.get_configurable(train_lib.train)(
+            operative_config=gin.operative_config_str, config_text=gin.config_str, **overrides
         )
     except train_lib.TrainError as e:
         raise SystemExit(f"run_train: error: {_one_line(_without_gin_context(e))}") from None
@@ -166,6 +191,38 @@ def main(argv: list[str] | None = None) -> None:
             where = e.filename or "the run directory"
             raise SystemExit(f"run_train: error: {where}: no space left ({e.strerror})") from None
         raise
+    if args.compile_only and not result.fits:
+        raise SystemExit(1)
+
+
+def compile_only_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Checks the --compile_only flags before anything is parsed or imported: the topology
+    and libtpu (one line saying how to install it). JAX runs on this host's CPU; the TPU
+    compiler is libtpu's."""
+    if not args.topology:
+        parser.error("--compile_only needs --topology (v5e-8, v5p-8, v6e-8, v5e:2x4, ...).")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from medjax import topologies
+
+    try:
+        topologies.resolve(args.topology)
+        topologies.require_libtpu()
+    except (topologies.TopologyError, topologies.MissingLibtpu) as e:
+        raise SystemExit(f"run_train: error: --compile_only: {e}") from None
+    if args.model_shape:
+        name = args.model_shape.removesuffix(".gin")
+        args.gin_file.append(f"gin/models/{name}.gin")
+    return {"compile_only": args.topology}
+
+
+def compile_only_model(args: argparse.Namespace) -> dict:
+    """With --model_shape: the configured ModelConfig of its gin/models file replaces the
+    run's checkpoint (whose shapes would be read from it)."""
+    if not args.model_shape:
+        return {}
+    from medjax.models import config
+
+    return {"model": gin.get_configurable(config.ModelConfig)(), "init_from": None}
 
 
 if __name__ == "__main__":

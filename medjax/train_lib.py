@@ -78,6 +78,7 @@ def train(
     interactive: bool | None = None,
     operative_config: Callable[[], str] | None = None,
     config_text: Callable[[], str] | None = None,
+    compile_only: str | None = None,
 ) -> dict:
     """Runs the stages in order in `run_dir` (resuming what is there).
 
@@ -107,9 +108,14 @@ def train(
       operative_config: returns the config text written to `run_dir/config.gin` at step 0.
       config_text: returns the whole configuration (`gin.config_str()`); its bindings are
         recorded and compared too (an optimizer's learning rate is not in the values).
+      compile_only: a Cloud TPU slice ("v5e-8") or topology ("v5e:2x4"): instead of
+        training, compile every program of the run for it ahead of time (no weights, no
+        data, no TPU: `medjax.training.aot`), print the per-chip table and write it to
+        `run_dir/compile_only.json`.
 
     Returns:
-      {evaluation point: {accuracy, reward/mean, ...}} (empty without `evaluate`).
+      {evaluation point: {accuracy, reward/mean, ...}} (empty without `evaluate`); with
+      `compile_only`, the `aot.Report`.
 
     Raises:
       TrainError: anything that stops the run, with what to do about it.
@@ -151,6 +157,8 @@ def train(
                     validate_lib.checkpoint_path, f"RLStage {stage.name!r}", field,
                     getattr(stage, field), checkpoint_lib.is_checkpoint,
                 )  # fmt: skip
+    if compile_only is not None:
+        return _compile_only(compile_only, values)
     try:
         mesh = partitioning.make_mesh(*mesh_shape)
     except ValueError as e:
@@ -209,6 +217,29 @@ def train(
         raise TrainError(disk.no_space_message(full, run_dir)) from None
     quiet.remove()
     return result
+
+
+def _compile_only(topology: str, values: dict) -> "aot.Report":
+    from medjax import topologies
+    from medjax.training import aot
+
+    try:
+        config = aot.model_config(
+            values["init_from"], values["model"], jnp.dtype(values["dtype"]),
+            values["tokenizer_vocab_size"],
+        )  # fmt: skip
+        report = aot.compile_run(
+            topology, config=config, stages=values["stages"], task=values["task"],
+            mesh_shape=tuple(values["mesh_shape"]), evaluate=values["evaluate"],
+        )  # fmt: skip
+    except (topologies.TopologyError, topologies.MissingLibtpu) as e:
+        raise TrainError(f"compile_only: {e}") from None
+    except ValueError as e:  # A mesh the slice cannot hold, a size left unbounded.
+        raise TrainError(f"compile_only {topology}: {' '.join(str(e).split())}") from None
+    print(aot.format_table(report), flush=True)
+    if jax.process_index() == 0:
+        print(f"compile_only: wrote {aot.write_report(report, os.path.abspath(values['run_dir']))}")
+    return report
 
 
 def _run_stages(run: runtime.Run, stages, policy, dtype, evaluate: bool) -> dict:

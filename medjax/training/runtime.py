@@ -27,6 +27,8 @@ from medjax.training import validate as validate_lib
 from medjax.training.task import Task, TaskData
 
 RUN_FILE = "run.json"
+# What `run_train.py --compile_only` writes; a run may start in the folder afterwards.
+COMPILE_REPORT = "compile_only.json"
 
 
 class TrainError(RuntimeError):
@@ -56,7 +58,9 @@ def check_run_dir(run_dir: str, stages: Sequence[Any]) -> bool:
         return False
     if not os.path.isdir(run_dir):
         raise TrainError(f"run_dir {run_dir} is a file, not a directory.")
-    entries = [e for e in os.listdir(run_dir) if not e.startswith(".")]
+    entries = [
+        e for e in os.listdir(run_dir) if not e.startswith(".") and e != COMPILE_REPORT
+    ]
     if not entries:
         return False
     if RUN_FILE not in entries:

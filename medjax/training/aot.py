@@ -1,0 +1,605 @@
+"""Every program of a run, compiled ahead of time for a Cloud TPU slice, without a TPU.
+
+`python run_train.py --gin_file=F --compile_only --topology=v5e-8` calls `train()`, which
+hands its checked arguments to `compile_run` instead of training. No weights are read and
+no data is built: the model's shapes come from the checkpoint's config.json or GGUF
+metadata (or `model`), the programs' sizes from the stages and the task, and
+`jax.jit(f).lower(abstract arguments).compile()` runs the TPU compiler (libtpu) on the
+slice's devices (`medjax.topologies`). Each program is the one the run jits, at the
+largest size the run can give it:
+
+- SFT: the train step at `batch_size` rows of `max_length` tokens (bucketed as the run
+  buckets), with its microbatches.
+- RL: the update step of each policy at `prompts_per_step * num_generations /
+  num_minibatches` rows (M-GRPO: main rows and `sub_target_count` aligned sub rows per
+  rollout; GRAO: and a reference row per question), episodes of `max_context_tokens`;
+  old/reference log-prob scoring where the run scores (`num_iterations` > 1, a KL term);
+  the sampler's longest turn: every episode's row with a prompt of `max_context_tokens`,
+  a KV cache of prompt + `max_new_tokens` (rows and lengths bucketed as
+  `JaxPolicyBackend` buckets them).
+- Evaluation: the greedy sampler over `num_eval_questions` rows and the expert-NLL
+  scoring of as many chats.
+
+Per program: the compiler's per-chip bytes (arguments, outputs, temporaries; donated
+buffers counted once) against the chip's HBM, and XLA's FLOPs per chip with loop bodies
+counted as often as they run (the microbatch loop `num_microbatches` times, the decode
+loop `max_new_tokens` times), which the cost analysis itself counts once.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from medjax import partitioning, sampling, topologies
+from medjax.models.config import ModelConfig
+from medjax.models.transformer import DecoderLM
+from medjax.training import algorithms, data, runtime, steps
+from medjax.training.stages import RLStage, SFTStage
+
+REPORT_FILE = runtime.COMPILE_REPORT
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class Program:
+    """One program of the run: a jitted function and abstract arguments.
+
+    Attributes:
+      name: e.g. "sft: train step".
+      shape: its sizes in words.
+      build: () -> (jitted function, positional arguments); built when compiled.
+      flops: the model FLOPs of one run of it on the whole slice (`model_flops`).
+    """
+
+    name: str
+    shape: str
+    build: Callable[[], tuple[Any, tuple]]
+    flops: float
+
+
+@dataclasses.dataclass
+class Result:
+    """What the compiler says about one program, per chip."""
+
+    program: str
+    shape: str
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    alias_bytes: int | None = None
+    temp_bytes: int | None = None
+    code_bytes: int | None = None
+    total_bytes: int | None = None
+    hbm_bytes: int | None = None
+    fits: bool = False
+    model_flops: float | None = None
+    xla_flops: float | None = None
+    seconds_at_peak: float | None = None
+    compile_s: float | None = None
+    error: str | None = None
+    largest: list[str] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Abstract arguments.
+
+
+def _abstract(shape, dtype, sharding=None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def abstract_model(config: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, parameters as ShapeDtypeStructs sharded on `mesh` by their logical axes),
+    as `partitioning.shard_module` places a real model."""
+    model = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    shardings = partitioning.state_shardings(params, mesh)
+    params = jax.tree.map(
+        lambda v, s: v.replace(_abstract(v.shape, v.dtype, s)), params, shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )  # fmt: skip
+    return graphdef, params
+
+
+def abstract_train_state(params, tx, mesh) -> steps.TrainState:
+    """A TrainState of ShapeDtypeStructs: the optimizer state where `tx.init` puts it on
+    the mesh (`partitioning.init_optimizer_state`: moments like their parameters, the rest
+    replicated)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shapes = jax.eval_shape(tx.init, params)
+    placed = jax.jit(tx.init).lower(params).compile().output_shardings
+
+    def one(shape, sharding):
+        on_mesh = isinstance(sharding, NamedSharding) and sharding.mesh.shape == mesh.shape
+        return _abstract(shape.shape, shape.dtype, sharding if on_mesh else replicated)
+
+    opt_state = jax.tree.map(one, shapes, placed)
+    return steps.TrainState(
+        _abstract((), jnp.int32, replicated), params, opt_state,
+        _abstract((2,), jnp.uint32, replicated),
+    )  # fmt: skip
+
+
+def _batch(mesh, rows: int, fields: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
+    return {
+        k: _abstract(shape, dtype, partitioning.batch_sharding(mesh, len(shape)))
+        for k, (shape, dtype) in fields.items()
+    }
+
+
+def _tokens(rows: int, width: int, prefix: str = "") -> dict:
+    return {
+        f"{prefix}{k}": ((rows, width), jnp.int32)
+        for k in ("input_ids", "attention_mask", "loss_mask")
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The programs of each stage.
+
+
+def _matmul_weights(config: ModelConfig, lm_head: bool = True) -> int:
+    """Weights a token is multiplied by: the projections of every layer (+ the LM head)."""
+    c = config
+    k = c.head_dim or c.hidden_size // c.num_heads
+    attention = c.hidden_size * k * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return c.num_layers * (attention + mlp) + (c.hidden_size * c.vocab_size if lm_head else 0)
+
+
+def model_flops(config: ModelConfig, kind: str, rows: int, width: int, new: int = 0) -> float:
+    """The model FLOPs of one program on `rows` sequences (the dense decoder's matmuls and
+    causal attention, 2 FLOPs a multiply-add; nothing for padding, masking or remat: the
+    work any implementation must do, so `FLOPs / peak` bounds the time from below).
+
+    kind: "train" (forward and backward of `width` tokens: 3x the forward), "score"
+    (forward), "sample" (prefill of `width` prompt tokens, the LM head on the last only,
+    then `new` decode steps, each attending to the whole cache so far).
+    """
+    c = config
+    k = c.head_dim or c.hidden_size // c.num_heads
+    per_key = 4 * c.num_layers * c.num_heads * k  # QK^T and PV, per query and key.
+    causal = width * (width + 1) / 2  # Keys attended by a sequence's queries, in all.
+    if kind in ("train", "score"):
+        forward = 2 * _matmul_weights(c) * width + per_key * causal
+        return rows * forward * (3 if kind == "train" else 1)
+    if kind != "sample":
+        raise ValueError(f"model_flops: kind {kind!r} is not train, score or sample.")
+    prefill = 2 * _matmul_weights(c, lm_head=False) * width + per_key * causal
+    prefill += 2 * c.hidden_size * c.vocab_size
+    decode = new * 2 * _matmul_weights(c) + per_key * sum(width + i + 1 for i in range(new))
+    return rows * (prefill + decode)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the programs are built from."""
+
+    config: ModelConfig
+    mesh: Any
+    graphdef: nnx.GraphDef
+    params: Any  # Abstract, sharded.
+
+    def train_step(self, name, tx, loss_fn, rows: int, width: int, microbatches: int,
+                   fields: dict, flops: float | None = None) -> Program:  # fmt: skip
+        """The update step on `rows` rows; `flops` when the loss scores more than the
+        rows (GRAO's references)."""
+
+        def build():
+            state = abstract_train_state(self.params, tx, self.mesh)
+            step = steps.make_train_step(
+                self.graphdef, tx, loss_fn, num_microbatches=microbatches,
+                state_shardings=steps.shardings_of(state),
+            )  # fmt: skip
+            return step, (state, _batch(self.mesh, rows, fields))
+
+        shape = f"{rows} rows x {width} tokens" + (
+            f", {microbatches} microbatches" if microbatches > 1 else ""
+        )
+        if flops is None:
+            flops = model_flops(self.config, "train", rows, width)
+        return Program(name, shape, build, flops)
+
+    def score(self, name, rows: int, width: int, temperature: float) -> Program:
+        def build():
+            # The run passes host arrays: the compiler places them (unspecified shardings).
+            args = [_abstract((rows, width), jnp.int32) for _ in range(3)]
+            return steps.make_score_fn(self.graphdef, temperature=temperature), (
+                self.params, *args,
+            )  # fmt: skip
+
+        flops = model_flops(self.config, "score", rows, width)
+        return Program(name, f"{rows} rows x {width} tokens", build, flops)
+
+    def sampler(self, name, rows: int, width: int, params: sampling.SamplingParams,
+                num_samples: int = 1) -> Program:  # fmt: skip
+        """`sampling._generate` as `JaxPolicyBackend.generate_ids` calls it: `rows` prompts
+        (bucketed) left-padded to `width` (bucketed), `num_samples` each."""
+        batch = rows * num_samples
+        new = params.max_new_tokens
+
+        def build():
+            key = jax.eval_shape(lambda: jax.random.key(0))
+            args = (
+                self.graphdef, self.params, _abstract((rows, width), jnp.int32),
+                _abstract((rows, width), jnp.int32), key, _abstract((batch,), jnp.int32),
+                params, num_samples, None,
+            )  # fmt: skip
+            return sampling._generate, args
+
+        flops = model_flops(self.config, "sample", batch, width, new)
+        return Program(name, f"{batch} rows, prompt {width} + {new} new tokens", build, flops)
+
+
+def _sampling_params(task, greedy: bool) -> sampling.SamplingParams:
+    return sampling.SamplingParams(
+        max_new_tokens=task.max_new_tokens, temperature=task.temperature,
+        top_p=getattr(task, "top_p", 1.0), greedy=greedy,
+    )  # fmt: skip
+
+
+def _context(task, where: str) -> int:
+    limit = getattr(task, "max_context_tokens", None)
+    if not limit:
+        raise ValueError(
+            f"{where}: {type(task).__name__}.max_context_tokens is None (unbounded): set it to"
+            " size the episodes' programs."
+        )
+    return int(limit)
+
+
+def _rl_programs(plan: Plan, stage: RLStage, task, notes: list[str]) -> list[Program]:
+    method = stage.method
+    where = f"RLStage {stage.name!r}"
+    context = _context(task, where)
+    width = data.bucket(context)
+    p, g = stage.prompts_per_step, stage.num_generations
+    loss_fn = method.loss_fn(stage, task.temperature)
+    total = stage.steps * stage.num_iterations * stage.num_minibatches
+    tx = stage.optimizer(total_steps=total)
+    parts, micro = stage.num_minibatches, stage.num_microbatches
+    scored = stage.num_iterations > 1
+    kl = bool(method.kl_beta(stage))
+    out = []
+
+    def episode_fields(rows):
+        fields = _tokens(rows, width)
+        if scored:
+            fields["old_logps"] = ((rows, width), jnp.float32)
+        if kl:
+            fields["ref_logps"] = ((rows, width), jnp.float32)
+        fields["advantages"] = ((rows,), jnp.float32)
+        return fields
+
+    def update(label, rows, fields, flops=None):
+        out.append(plan.train_step(
+            f"{stage.name}: {label}", tx, loss_fn, rows, width, micro, fields, flops
+        ))  # fmt: skip
+
+    if method.name == "grao":
+        rows = p * g // parts
+        fields = {**_tokens(rows, width), "rewards": ((rows,), jnp.float32)}
+        fields.update(_tokens(p // parts, width, "ref_"))
+        fields["ref_rewards"] = ((p // parts,), jnp.float32)
+        flops = model_flops(plan.config, "train", rows + p // parts, width)
+        update("update step (+ references)", rows, fields, flops)
+        notes.append(
+            f"{stage.name}: GRAO's reference rows are sized at max_context_tokens; the run"
+            " pads them to its longest expert chat."
+        )
+        scored = kl = False  # GRAO scores nothing besides the update.
+    elif method.hierarchical:
+        d = stage.sub_target_count or task.max_turns
+        if stage.sub_target_count is None:
+            notes.append(
+                f"{stage.name}: sub_target_count None (the 0.99 quantile per step): sized at"
+                f" max_turns = {d} sub-trajectories per rollout."
+            )
+        main, sub = p * g, p * g * d
+        if stage.shared_model:
+            update("update step (main + sub rows)", (main + sub) // parts,
+                   episode_fields((main + sub) // parts))  # fmt: skip
+        else:
+            update("update step (main agent)", main // parts, episode_fields(main // parts))
+            if stage.train_sub:
+                update("update step (sub-agent)", sub // parts, episode_fields(sub // parts))
+    else:
+        update("update step", p * g // parts, episode_fields(p * g // parts))
+    if scored or kl:
+        why = " and ".join(
+            w for w, on in (("old", scored), ("reference", kl)) if on
+        )  # fmt: skip
+        out.append(
+            plan.score(f"{stage.name}: {why} log-probs", p * g, width, task.temperature)
+        )
+    rows = sampling.ladder_length(p * g, fine_from=8)
+    prompt = sampling.ladder_length(context - 1, fine_from=512)
+    out.append(
+        plan.sampler(
+            f"{stage.name}: sampler (longest turn)", rows, prompt, _sampling_params(task, False)
+        )
+    )
+    return out
+
+
+def _eval_programs(plan: Plan, task, notes: list[str]) -> list[Program]:
+    count = task.num_eval_questions
+    if count is None:
+        notes.append(
+            "evaluation: num_eval_questions None (the whole split): not sized; set it to"
+            " compile the evaluation's programs."
+        )
+        return []
+    context = _context(task, "evaluation")
+    rows = sampling.ladder_length(count, fine_from=8)
+    prompt = sampling.ladder_length(context - 1, fine_from=512)
+    return [
+        plan.sampler("eval: sampler (greedy, longest turn)", rows, prompt,
+                     _sampling_params(task, True)),  # fmt: skip
+        plan.score("eval: expert NLL scoring", count, data.bucket(context), 1.0),
+    ]
+
+
+def programs(plan: Plan, stages: Sequence[SFTStage | RLStage], task, evaluate: bool,
+             notes: list[str]) -> list[Program]:  # fmt: skip
+    """Every program the run jits, in the order it first runs them."""
+    out = []
+    evaluated = evaluate or any(s.heldout_every for s in stages)
+    for stage in stages:
+        if isinstance(stage, SFTStage):
+            width = min(data.bucket(stage.max_length), stage.max_length)
+            method = algorithms.SFT()
+            out.append(
+                plan.train_step(
+                    f"{stage.name}: train step", stage.optimizer(total_steps=stage.steps),
+                    method.loss_fn(stage), stage.batch_size, width, stage.num_microbatches,
+                    _tokens(stage.batch_size, width),
+                )
+            )  # fmt: skip
+        else:
+            out.extend(_rl_programs(plan, stage, task, notes))
+    if evaluated:
+        out.extend(_eval_programs(plan, task, notes))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Compiling and reporting.
+
+_TEMPS = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\)")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+_VALUE = re.compile(r"value: <\d+ ([^ ]+) @\d+> \(size=(\d+),offset=\d+\): (\S+)")
+_OP_NAME = re.compile(r'metadata=\{[^}]*op_name="([^"]+)"')
+
+
+def largest_buffers(dump_dir: str, count: int = 5) -> list[str]:
+    """The largest HBM buffers of a compiled (or failed) program, one line each: size,
+    shape, kind and the JAX operation that made it, from the compiler's buffer assignment
+    and optimised HLO in `dump_dir` (XLA's --xla_dump_to)."""
+    files = sorted(os.listdir(dump_dir)) if os.path.isdir(dump_dir) else []
+    assignment = [f for f in files if f.endswith("after_optimizations-buffer-assignment.txt")]
+    if not assignment:
+        return []
+    buffers: dict[str, tuple[int, str, str]] = {}
+    kind = "temp"
+    with open(os.path.join(dump_dir, assignment[-1]), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("allocation "):
+                kind = (
+                    "argument" if "parameter" in line
+                    else "output" if "output shape" in line
+                    else "temp"
+                )  # fmt: skip
+                if ", color " in line:  # On-chip scratch (VMEM, SMEM), not HBM.
+                    kind = None
+            elif kind and (m := _VALUE.search(line)):
+                name, size, shape = m.group(1), int(m.group(2)), m.group(3).split("{")[0]
+                if size > buffers.get(name, (0,))[0]:
+                    buffers[name] = (size, shape, kind)
+    biggest = sorted(buffers.items(), key=lambda item: -item[1][0])[:count]
+    ops = {}
+    hlo = assignment[-1].replace("-buffer-assignment.txt", ".txt")
+    if hlo in files:
+        wanted = {f"%{name.split('{')[0]} = " for name, _ in biggest}
+        with open(os.path.join(dump_dir, hlo), encoding="utf-8") as f:
+            for line in f:
+                head = line.strip().split("= ", 1)[0] + "= "
+                if head in wanted and (m := _OP_NAME.search(line)):
+                    ops[head[1:-3]] = m.group(1)
+    return [
+        f"{size / GIB:.2f} GiB {shape} {kind}: {ops.get(name.split('{')[0], name)}"
+        for name, (size, shape, kind) in biggest
+    ]
+
+
+def compile_program(program: Program, hbm: int, chips: int, peak: float) -> Result:
+    """Compiles one program; a program that does not fit (or fails) is a Result with its
+    error, not an exception."""
+    result = Result(program.name, program.shape, hbm_bytes=hbm)
+    result.model_flops = program.flops / chips
+    result.seconds_at_peak = result.model_flops / peak
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="medjax_aot_") as dump:
+        # The buffer assignment the compiler writes even when it runs out of memory.
+        options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True,
+                   "xla_dump_hlo_pass_re": "^$"}  # fmt: skip
+        try:
+            fn, args = program.build()
+            compiled = fn.lower(*args).compile(options)
+        except Exception as e:  # XlaRuntimeError and friends: the message is the report.
+            result.compile_s = round(time.perf_counter() - start, 1)
+            message = str(e)
+            temps = _TEMPS.search(message)
+            if temps:
+                result.temp_bytes = int(float(temps.group(1)) * _UNITS[temps.group(2)])
+                result.error = "does not fit: " + " ".join(
+                    message.split("RESOURCE_EXHAUSTED:")[-1].split("\n")[0].split()
+                )
+            else:
+                result.error = " ".join(message.split())[:500]
+            result.largest = largest_buffers(dump)
+            return result
+        result.largest = largest_buffers(dump)
+    result.compile_s = round(time.perf_counter() - start, 1)
+    memory = compiled.memory_analysis()
+    result.argument_bytes = int(memory.argument_size_in_bytes)
+    result.output_bytes = int(memory.output_size_in_bytes)
+    result.alias_bytes = int(memory.alias_size_in_bytes)
+    result.temp_bytes = int(memory.temp_size_in_bytes)
+    result.code_bytes = int(memory.generated_code_size_in_bytes)
+    result.total_bytes = (
+        result.argument_bytes + result.output_bytes - result.alias_bytes + result.temp_bytes
+        + result.code_bytes
+    )  # fmt: skip
+    result.fits = result.total_bytes <= hbm
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    result.xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
+    return result
+
+
+@dataclasses.dataclass
+class Report:
+    topology: topologies.Topology
+    model: dict
+    mesh: dict
+    results: list[Result]
+    notes: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return all(r.fits for r in self.results)
+
+    def as_json(self) -> dict:
+        t = self.topology
+        return {
+            "topology": {
+                "name": t.name, "topology": t.topology, "chips": t.chips, "hosts": t.hosts,
+                "chips_per_host": list(t.chips_per_host), "peak_bf16_flops_per_chip": t.peak_flops,
+                "device_kind": self.model.get("device_kind"),
+            },
+            "model": {k: v for k, v in self.model.items() if k != "device_kind"},
+            "mesh": self.mesh,
+            "fits": self.fits,
+            "programs": [dataclasses.asdict(r) for r in self.results],
+            "notes": self.notes,
+            "versions": {"jax": jax.__version__, "libtpu": _libtpu_version()},
+        }  # fmt: skip
+
+
+def _libtpu_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GIB:.2f}"
+
+
+def format_table(report: Report) -> str:
+    """The report as a text table, then each failing program's largest buffers."""
+    hbm = report.results[0].hbm_bytes if report.results else None
+    head = (
+        f"{report.topology.describe()}, {_gib(hbm)} GiB HBM a chip; model"
+        f" {report.model['parameters'] / 1e9:.2f}B parameters ({report.model['dtype']}),"
+        f" mesh {report.mesh}"
+    )
+    columns = ("program", "shape", "args GiB", "out GiB", "temp GiB", "total GiB", "fits",
+               "TFLOPs/chip", "XLA TFLOPs", "s at peak")  # fmt: skip
+    rows = []
+    for r in report.results:
+        out_bytes = None if r.output_bytes is None else r.output_bytes - (r.alias_bytes or 0)
+        rows.append((
+            r.program, r.shape, _gib(r.argument_bytes), _gib(out_bytes), _gib(r.temp_bytes),
+            _gib(r.total_bytes) if r.total_bytes is not None else f">{_gib(r.temp_bytes)}",
+            "yes" if r.fits else "NO",
+            f"{r.model_flops / 1e12:.3g}",
+            "-" if r.xla_flops is None else f"{r.xla_flops / 1e12:.3g}",
+            f"{r.seconds_at_peak:.3g}",
+        ))  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(columns, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    text = [head, line(columns), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    for r in report.results:
+        if not r.fits:
+            text.append(f"{r.program}: {r.error or 'exceeds the HBM'}")
+            text.extend(f"  {b}" for b in r.largest)
+    text.extend(f"note: {n}" for n in report.notes)
+    return "\n".join(text)
+
+
+def model_config(init_from: str | None, model: ModelConfig | None, dtype,
+                 vocab_size: int) -> ModelConfig:  # fmt: skip
+    """The run's ModelConfig without reading a weight: config.json or GGUF metadata of
+    `init_from` (at `dtype`, as the run loads it), else `model` with the tokenizer's size."""
+    if init_from is not None:
+        from medjax.models import checkpoint as checkpoint_lib
+
+        if checkpoint_lib.is_gguf(init_from):
+            from medjax.models import gguf_checkpoint
+
+            file = gguf_checkpoint.open_gguf(init_from)
+            return gguf_checkpoint.gguf_config(file, dtype=dtype, param_dtype=dtype)
+        return checkpoint_lib.load_config(init_from, dtype=dtype, param_dtype=dtype)
+    return model.replace(vocab_size=vocab_size)
+
+
+def compile_run(
+    topology: str | topologies.Topology,
+    *,
+    config: ModelConfig,
+    stages: Sequence[SFTStage | RLStage],
+    task,
+    mesh_shape: tuple[int, int, int],
+    evaluate: bool,
+    log: Callable[[str], None] = print,
+) -> Report:
+    """Compiles every program of a run (see the module docstring) for `topology`."""
+    if not isinstance(topology, topologies.Topology):
+        topology = topologies.resolve(topology)
+    devices = topologies.devices(topology)
+    mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
+    hbm = topologies.available_hbm(devices[0])
+    graphdef, params = abstract_model(config, mesh)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    plan = Plan(config, mesh, graphdef, params)
+    notes: list[str] = []
+    todo = programs(plan, stages, task, evaluate, notes)
+    log(f"compile_only: {len(todo)} programs for {topology.describe()}")
+    results = []
+    for program in todo:
+        result = compile_program(program, hbm, topology.chips, topology.peak_flops)
+        status = "fits" if result.fits else "DOES NOT FIT" if result.temp_bytes else "FAILED"
+        log(f"  {program.name}: {status} ({result.compile_s} s to compile)")
+        results.append(result)
+    model = {
+        "family": config.family, "parameters": count, "dtype": jnp.dtype(config.param_dtype).name,
+        "hidden_size": config.hidden_size, "num_layers": config.num_layers,
+        "vocab_size": config.vocab_size, "device_kind": devices[0].device_kind,
+    }  # fmt: skip
+    return Report(topology, model, dict(mesh.shape), results, notes)
+
+
+def write_report(report: Report, run_dir: str) -> str:
+    """Writes the report as JSON in `run_dir`; returns the path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, REPORT_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report.as_json(), f, indent=1)
+    return path
