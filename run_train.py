@@ -217,12 +217,13 @@ def compile_only_setup(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 def compile_only_model(args: argparse.Namespace) -> dict:
     """With --model_shape: the configured ModelConfig of its gin/models file replaces the
-    run's checkpoint (whose shapes would be read from it)."""
+    run's checkpoint (whose shapes would be read from it), its vocabulary included."""
     if not args.model_shape:
         return {}
     from medjax.models import config
 
-    return {"model": gin.get_configurable(config.ModelConfig)(), "init_from": None}
+    model = gin.get_configurable(config.ModelConfig)()
+    return {"model": model, "init_from": None, "tokenizer_vocab_size": model.vocab_size}
 
 
 if __name__ == "__main__":

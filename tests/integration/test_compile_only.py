@@ -1,0 +1,125 @@
+"""`run_train.py --compile_only --topology=NAME` runs the real TPU compiler (libtpu) on every
+program of a run, ahead of time on this CPU host: the quickstart's programs on a v5e 2x2,
+M-GRPO's two trainers on a 2-host v5p slice, and a configuration that does not fit, which
+exits 1 naming its largest buffer.
+
+The quickstart is compiled at its own sizes (stages, rows, widths, microbatches, sampler)
+with the tiny model shape: SmolLM2-135M's 30 unrolled layers take the compiler 11 minutes
+here (its figures: benchmarks/results/tpu_plan_quickstart.json). Needs libtpu, which the
+test extras install; skipped without it.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import gin
+import pytest
+
+pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is not installed")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # One lock file per machine.
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import run_train  # noqa: E402
+
+V5E_HBM = int(15.75 * 2**30)  # What libtpu states for a v5e chip ("available HBM (15.75G)").
+
+
+def reset_gin():
+    with gin.unlock_config():
+        gin.clear_config(clear_constants=True)
+    gin.config._set_config_is_locked(False)
+
+
+def compile_only(args, run_dir) -> tuple[int, dict]:
+    """(exit code, the written report) of run_train.main in this process."""
+    reset_gin()
+    old = os.getcwd()
+    os.chdir(ROOT)
+    code = 0
+    try:
+        run_train.main([*args, f"--gin_bindings=RUN_DIR='{run_dir}'", "--compile_only"])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.chdir(old)
+        reset_gin()
+    with open(os.path.join(run_dir, "compile_only.json"), encoding="utf-8") as f:
+        return code, json.load(f)
+
+
+def test_every_quickstart_program_compiles_for_a_v5e_2x2(tmp_path, capsys):
+    """Catches: a program of the run missing from the plan, a program the TPU compiler
+    refuses, sizes other than the quickstart's, the chip's HBM misread, the model's
+    parameters counted from the wrong config, bytes that do not add up."""
+    code, report = compile_only(
+        ["--gin_file=gin/experiments/quickstart_cpu.gin", "--topology=v5e:2x2",
+         "--model_shape=tiny"], tmp_path,
+    )  # fmt: skip
+    assert code == 0 and report["fits"]
+    assert [(p["program"], p["shape"]) for p in report["programs"]] == [
+        ("sft: train step", "4 rows x 512 tokens"),
+        ("rl: update step", "16 rows x 1024 tokens, 4 microbatches"),
+        ("rl: sampler (longest turn)", "16 rows, prompt 1024 + 64 new tokens"),
+        ("eval: sampler (greedy, longest turn)", "16 rows, prompt 1024 + 64 new tokens"),
+        ("eval: expert NLL scoring", "16 rows x 1024 tokens"),
+    ]
+    assert report["topology"]["chips"] == 4 and report["topology"]["hosts"] == 1
+    assert report["topology"]["device_kind"] == "TPU v5 lite"
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    # gin/models/tiny.gin by hand: embedding 512x64, 2 layers of 37,120, final norm 64.
+    assert report["model"]["parameters"] == 107_072
+    for p in report["programs"]:
+        assert p["hbm_bytes"] == V5E_HBM and p["fits"] and p["error"] is None
+        total = p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"]
+        assert p["total_bytes"] == total + p["code_bytes"]
+        assert p["xla_flops"] > 0
+    sft = report["programs"][0]
+    # Data parallel: each chip holds the f32 parameters and both Adam moments.
+    assert sft["argument_bytes"] >= 3 * 4 * 107_072
+    # The state is donated: the outputs alias it.
+    assert sft["alias_bytes"] >= 3 * 4 * 107_072
+    out = capsys.readouterr().out
+    assert "v5e:2x2 (v5e:2x2, 4 chips, 1 host), 15.75 GiB HBM a chip" in out
+    assert out.count(" yes ") == 5
+
+
+def test_mgrpo_trainers_compile_on_a_two_host_v5p_slice(tmp_path):
+    """gin/testing/mgrpo_distinct.gin (main and sub-agent as two models, 4 questions x K=4,
+    d=2) with FSDP over the 8 chips of v5p:2x2x2, whose devices belong to 2 hosts. Catches
+    a plan that only works on one host's devices, the sub-agent's trainer left out."""
+    code, report = compile_only(
+        ["--gin_file=gin/testing/mgrpo_distinct.gin", "--topology=v5p:2x2x2",
+         "--gin_bindings=train_lib.train.mesh_shape=(1, -1, 1)"], tmp_path,
+    )  # fmt: skip
+    assert code == 0 and report["fits"]
+    assert report["topology"]["hosts"] == 2 and report["topology"]["chips"] == 8
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert [(p["program"], p["shape"]) for p in report["programs"]] == [
+        ("rl: update step (main agent)", "16 rows x 1536 tokens"),
+        ("rl: update step (sub-agent)", "32 rows x 1536 tokens"),
+        ("rl: sampler (longest turn)", "16 rows, prompt 1536 + 32 new tokens"),
+    ]
+    assert report["programs"][0]["hbm_bytes"] > 90 * 2**30  # A v5p chip: 95.74 GiB.
+
+
+def test_a_run_that_does_not_fit_exits_1_naming_its_largest_buffer(tmp_path, capsys):
+    """64 chats of 8,192 tokens on one v5e chip: the f32 logits of 64 x 8,192 tokens over
+    the 1,024-token vocabulary (2 GiB) lead the largest buffers. Catches: exit 0 on a
+    program that does not fit, the table left unprinted, the buffers unnamed."""
+    code, report = compile_only(
+        ["--gin_file=gin/testing/sft.gin", "--topology=v5e-1",
+         "--gin_bindings=train_lib.SFTStage.batch_size=64",
+         "--gin_bindings=train_lib.SFTStage.max_length=8192",
+         "--gin_bindings=train_lib.train.evaluate=False"], tmp_path,
+    )  # fmt: skip
+    assert code == 1 and not report["fits"]
+    (sft,) = report["programs"]
+    assert sft["error"].startswith("does not fit: Ran out of memory on HBM")
+    assert sft["temp_bytes"] > V5E_HBM
+    assert sft["largest"][0].startswith("2.00 GiB f32[524288,1024] temp: jit(step)/")
+    out = capsys.readouterr().out
+    assert "sft: train step  64 rows x 8192 tokens" in out and " NO " in out
+    assert "f32[524288,1024]" in out
