@@ -18,7 +18,9 @@ TPU compiler (`pip install -e ".[tpu]"`; no weights are read, no data is built):
 
 prints per-chip HBM and FLOPs of each program, writes `run_dir/compile_only.json` and
 exits 1 when a program does not fit. `--model_shape` takes the shapes of a gin/models
-file instead of the run's checkpoint.
+file instead of the run's checkpoint (bind a required checkpoint macro to None:
+`--gin_bindings="CHECKPOINT=None"`); without it, only the checkpoint's config.json or GGUF
+metadata is read.
 """
 
 import argparse
@@ -158,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {}
     if args.compile_only:
         overrides = compile_only_setup(args, parser)
+        if _PROGRESS not in os.environ:
+            raise SystemExit(
+                supervise_compile(args.topology, sys.argv[1:] if argv is None else argv)
+            )
     elif args.topology or args.model_shape:
         parser.error("--topology and --model_shape go with --compile_only.")
     configure(args, "run_train")
@@ -191,8 +197,52 @@ def main(argv: list[str] | None = None) -> None:
             where = e.filename or "the run directory"
             raise SystemExit(f"run_train: error: {where}: no space left ({e.strerror})") from None
         raise
-    if args.compile_only and not result.fits:
-        raise SystemExit(1)
+    del result
+
+
+# A compiling child process's progress file and the programs to skip (supervise_compile).
+_PROGRESS, _SKIP = "MEDJAX_COMPILE_ONLY_PROGRESS", "MEDJAX_COMPILE_ONLY_SKIP"
+
+
+def supervise_compile(topology_name: str, argv: list[str]) -> int:
+    """--compile_only: runs this command again in a child process that compiles the programs
+    and appends each result to a progress file. A child the compiler crashes (a signal, no
+    Python exception) leaves the program it was compiling without a result: it is recorded as
+    crashed and a new child goes on from the next. Then the table is printed and written to
+    run_dir/compile_only.json. Returns the exit code: 1 when a program does not fit or
+    crashed, the child's code when it stopped on an error (already printed)."""
+    import subprocess
+    import tempfile
+
+    from medjax import topologies
+    from medjax.training import aot
+
+    topology = topologies.resolve(topology_name)
+    with tempfile.TemporaryDirectory(prefix="medjax_compile_only_") as tmp:
+        progress = os.path.join(tmp, "progress.jsonl")
+        open(progress, "w").close()
+        skip = 0
+        while True:
+            env = dict(os.environ, **{_PROGRESS: progress, _SKIP: str(skip)})
+            code = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *argv], env=env)
+            code = code.returncode
+            if code >= 0:
+                break
+            crashed = aot.Progress.resume_at(progress) - 1
+            total = aot.Progress.count(progress)
+            if crashed < skip:  # It died before compiling anything: nothing to resume.
+                print(f"run_train: error: --compile_only: the process died (signal {-code}).")
+                return 1
+            aot.Progress(progress).write(crashed=crashed, signal=-code)
+            skip = crashed + 1
+            if skip == total:
+                code = 0
+                break
+        if code != 0:
+            return code
+        report, run_dir = aot.Progress.report(progress, topology)
+    aot.publish(report, run_dir)
+    return 0 if report.fits else 1
 
 
 def compile_only_setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
@@ -207,12 +257,17 @@ def compile_only_setup(args: argparse.Namespace, parser: argparse.ArgumentParser
     try:
         topologies.resolve(args.topology)
         topologies.require_libtpu()
-    except (topologies.TopologyError, topologies.MissingLibtpu) as e:
+    except (topologies.TopologyError, topologies.MissingLibtpuError) as e:
         raise SystemExit(f"run_train: error: --compile_only: {e}") from None
     if args.model_shape:
         name = args.model_shape.removesuffix(".gin")
         args.gin_file.append(f"gin/models/{name}.gin")
-    return {"compile_only": args.topology}
+    if _PROGRESS not in os.environ:
+        return {}
+    from medjax.training import aot
+
+    target = aot.CompileOnly(args.topology, os.environ[_PROGRESS], int(os.environ[_SKIP]))
+    return {"compile_only": target}
 
 
 def compile_only_model(args: argparse.Namespace) -> dict:
@@ -222,7 +277,14 @@ def compile_only_model(args: argparse.Namespace) -> dict:
         return {}
     from medjax.models import config
 
-    model = gin.get_configurable(config.ModelConfig)()
+    try:  # The dtype the run would load its checkpoint at.
+        dtype = gin.query_parameter("train_lib.train.dtype")
+    except ValueError:
+        dtype = "float32"
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype)
+    model = gin.get_configurable(config.ModelConfig)().replace(dtype=dtype, param_dtype=dtype)
     return {"model": model, "init_from": None, "tokenizer_vocab_size": model.vocab_size}
 
 

@@ -3,6 +3,7 @@ Qwen2.5-7B and Llama-3.1-8B (their gin/models shapes) on v5e-8, v5p-8 and v6e-8,
 TPU compiler (libtpu, ahead of time on this CPU host: `medjax.training.aot`).
 
     python benchmarks/tpu_plan.py     # -> benchmarks/results/tpu_plan.json (appends as it goes)
+    python benchmarks/tpu_plan.py --table   # the README's table from that file
 
 The workloads, bf16 parameters and activations (the optimizer's moments follow them),
 FSDP over every chip of the slice:
@@ -18,9 +19,13 @@ time is its model FLOPs over the chip's bf16 peak (`aot.model_flops`).
 import argparse
 import json
 import pathlib
+import subprocess
+import sys
+import tempfile
 import time
 
 import gin
+import jax
 import jax.numpy as jnp
 from common import machine, versions
 
@@ -68,44 +73,119 @@ def programs(plan: aot.Plan) -> dict[str, list[aot.Program]]:
     return {"sft": [sft], "grpo": [update, sampler]}
 
 
+def _gib(n) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def table(record: dict) -> str:
+    """Markdown rows: one per (model, slice, workload); a workload of several programs
+    needs the most HBM of any of them and the sum of their FLOPs."""
+    lines = [
+        "| model | slice | workload | HBM a chip (GiB) | fits | model TFLOPs a step"
+        " | step at peak (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list] = {}
+    for r in record["results"]:
+        groups.setdefault((r["model"], r["topology"], r["workload"]), []).append(r)
+    for (model, slice_, workload), rows in groups.items():
+        fits = all(r["fits"] for r in rows)
+        hbm = next(r["hbm_bytes"] for r in rows if r.get("hbm_bytes"))
+        need = []
+        for r in rows:
+            name = r["program"].split(": ", 1)[1]
+            if r["total_bytes"] is not None:
+                need.append(f"{name} {_gib(r['total_bytes'])}")
+            elif r["temp_bytes"] is not None:
+                need.append(f"{name} >{_gib(r['temp_bytes'])} (temporaries)")
+            else:
+                need.append(f"{name}: compiler crash")
+        flops = sum(r["model_flops"] * r["chips"] for r in rows)
+        seconds = sum(r["seconds_at_peak"] for r in rows)
+        lines.append(
+            f"| {model} | {slice_} | {workload} | {'; '.join(need)} of {_gib(hbm)}"
+            f" | {'yes' if fits else 'no'} | {flops / 1e12:,.0f} | {seconds:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def compile_one(model: str, topo_name: str, index: int, out: str) -> None:
+    """Compiles program `index` of the model's workloads on the slice; its Result to `out`."""
+    config = model_config(MODELS[model])
+    topology = topologies.resolve(topo_name)
+    devices = topologies.devices(topology)
+    mesh = partitioning.make_mesh(1, -1, 1, devices=devices)
+    plan = aot.Plan(config, mesh, *aot.abstract_model(config, mesh))
+    workload, program = _flat(plan)[index]
+    hbm = topologies.available_hbm(devices[0])
+    result = aot.compile_program(program, hbm, topology.chips, topology.peak_flops)
+    row = {"model": model, "topology": topo_name, "workload": workload,
+           "chips": topology.chips, **vars(result)}  # fmt: skip
+    pathlib.Path(out).write_text(json.dumps(row))
+
+
+def _flat(plan) -> list[tuple[str, aot.Program]]:
+    return [(w, p) for w, todo in programs(plan).items() for p in todo]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
+    parser.add_argument("--table", action="store_true", help="print the README table")
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # model slice index out
     args = parser.parse_args()
+    if args.one:
+        model, topo_name, index, out = args.one
+        compile_one(model, topo_name, int(index), out)
+        return
     out = pathlib.Path(args.out)
+    if args.table:
+        print(table(json.loads(out.read_text())))
+        return
     record = json.loads(out.read_text()) if out.exists() else {}
     record.update(machine=machine(), versions=versions(), workloads=__doc__.split("\n\n")[2])
     record.setdefault("results", [])
     done = {(r["model"], r["topology"], r["program"]) for r in record["results"]}
-    for name in args.models:
-        config = model_config(MODELS[name])
+    for model in args.models:
+        # The programs' names, shapes and FLOPs, without a compile.
+        listed = _flat(_cpu_plan(model_config(MODELS[model])))
         for topo_name in args.topologies:
-            topology = topologies.resolve(topo_name)
-            devices = topologies.devices(topology)
-            mesh = partitioning.make_mesh(1, -1, 1, devices=devices)
-            hbm = topologies.available_hbm(devices[0])
-            graphdef, params = aot.abstract_model(config, mesh)
-            plan = aot.Plan(config, mesh, graphdef, params)
-            for workload, todo in programs(plan).items():
-                for program in todo:
-                    if (name, topo_name, program.name) in done:
-                        continue
-                    start = time.perf_counter()
-                    result = aot.compile_program(
-                        program, hbm, topology.chips, topology.peak_flops
-                    )
-                    print(
-                        f"{name} {topo_name} {program.name}: fits={result.fits}"
-                        f" total={result.total_bytes} temp={result.temp_bytes}"
-                        f" ({time.perf_counter() - start:.0f} s)",
-                        flush=True,
-                    )
-                    row = {"model": name, "topology": topo_name, "workload": workload,
-                           "chips": topology.chips, **vars(result)}  # fmt: skip
-                    record["results"].append(row)
-                    out.write_text(json.dumps(record, indent=1) + "\n")
+            chips = topologies.resolve(topo_name).chips
+            peak = topologies.resolve(topo_name).peak_flops
+            for index, (workload, program) in enumerate(listed):
+                name = program.name
+                if (model, topo_name, name) in done:
+                    continue
+                start = time.perf_counter()
+                # Each compile in its own process: libtpu can crash (a signal) on a program.
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = pathlib.Path(tmp) / "row.json"
+                    code = subprocess.run(
+                        [sys.executable, __file__, "--one", model, topo_name, str(index),
+                         str(path)],
+                    ).returncode  # fmt: skip
+                    if path.exists():
+                        row = json.loads(path.read_text())
+                    else:
+                        row = {
+                            "model": model, "topology": topo_name, "workload": workload,
+                            "chips": chips, "program": name, "shape": program.shape,
+                            "fits": False, "total_bytes": None, "temp_bytes": None,
+                            "model_flops": program.flops / chips,
+                            "seconds_at_peak": program.flops / chips / peak,
+                            "error": f"the TPU compiler crashed on it (exit {code})",
+                        }  # fmt: skip
+                print(f"{model} {topo_name} {name}: fits={row['fits']} {row.get('error') or ''}"
+                      f" ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+                record["results"].append(row)
+                out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _cpu_plan(config) -> aot.Plan:
+    mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return aot.Plan(config, mesh, *aot.abstract_model(config, mesh))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class TopologyError(ValueError):
     """A name that is not a Cloud TPU slice or topology string."""
 
 
-class MissingLibtpu(RuntimeError):
+class MissingLibtpuError(RuntimeError):
     """libtpu is not installed: the TPU compiler is not there."""
 
 
@@ -133,9 +133,9 @@ def resolve(name: str) -> Topology:
 
 
 def require_libtpu() -> None:
-    """Raises MissingLibtpu (one line with the install command) when libtpu is absent."""
+    """Raises MissingLibtpuError (one line with the install command) when libtpu is absent."""
     if importlib.util.find_spec("libtpu") is None:
-        raise MissingLibtpu(f"the TPU compiler (libtpu) is not installed: {INSTALL}")
+        raise MissingLibtpuError(f"the TPU compiler (libtpu) is not installed: {INSTALL}")
 
 
 def devices(topology: Topology) -> list:

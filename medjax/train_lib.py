@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medjax import partitioning
+from medjax import partitioning, topologies
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models.config import ModelConfig
-from medjax.training import algorithms, disk, evaluation, rl, rl_loop, runtime, sft_loop
+from medjax.training import algorithms, aot, disk, evaluation, rl, rl_loop, runtime, sft_loop
 from medjax.training import validate as validate_lib
 from medjax.training.evaluation import evaluate_policy, expert_nll
 from medjax.training.runtime import RUN_FILE, TrainError
@@ -78,7 +78,7 @@ def train(
     interactive: bool | None = None,
     operative_config: Callable[[], str] | None = None,
     config_text: Callable[[], str] | None = None,
-    compile_only: str | None = None,
+    compile_only: "str | aot.CompileOnly | None" = None,
 ) -> dict:
     """Runs the stages in order in `run_dir` (resuming what is there).
 
@@ -219,26 +219,26 @@ def train(
     return result
 
 
-def _compile_only(topology: str, values: dict) -> "aot.Report":
-    from medjax import topologies
-    from medjax.training import aot
-
+def _compile_only(target: "str | aot.CompileOnly", values: dict) -> aot.Report:
+    if isinstance(target, str):
+        target = aot.CompileOnly(target)
     try:
         config = aot.model_config(
             values["init_from"], values["model"], jnp.dtype(values["dtype"]),
             values["tokenizer_vocab_size"],
         )  # fmt: skip
         report = aot.compile_run(
-            topology, config=config, stages=values["stages"], task=values["task"],
+            target.topology, config=config, stages=values["stages"], task=values["task"],
             mesh_shape=tuple(values["mesh_shape"]), evaluate=values["evaluate"],
+            progress=target.progress, skip=target.skip,
+            run_dir=os.path.abspath(values["run_dir"]),
         )  # fmt: skip
-    except (topologies.TopologyError, topologies.MissingLibtpu) as e:
+    except (topologies.TopologyError, topologies.MissingLibtpuError) as e:
         raise TrainError(f"compile_only: {e}") from None
     except ValueError as e:  # A mesh the slice cannot hold, a size left unbounded.
-        raise TrainError(f"compile_only {topology}: {' '.join(str(e).split())}") from None
-    print(aot.format_table(report), flush=True)
-    if jax.process_index() == 0:
-        print(f"compile_only: wrote {aot.write_report(report, os.path.abspath(values['run_dir']))}")
+        raise TrainError(f"compile_only {target.topology}: {' '.join(str(e).split())}") from None
+    if target.progress is None:  # Else the supervising process reports.
+        aot.publish(report, values["run_dir"])
     return report
 
 

@@ -51,6 +51,22 @@ REPORT_FILE = runtime.COMPILE_REPORT
 GIB = 2**30
 
 
+@dataclasses.dataclass(frozen=True)
+class CompileOnly:
+    """`train(compile_only=...)`: compile the run's programs for a TPU slice instead.
+
+    Attributes:
+      topology: a Cloud TPU slice ("v5e-8") or topology string ("v5e:2x4").
+      progress: a JSON-lines file the results go to as they come (`Progress`), for a
+        supervising process that reports them; None: print and write the report here.
+      skip: programs an earlier process compiled (or crashed on).
+    """
+
+    topology: str
+    progress: str | None = None
+    skip: int = 0
+
+
 @dataclasses.dataclass
 class Program:
     """One program of the run: a jitted function and abstract arguments.
@@ -319,9 +335,7 @@ def _rl_programs(plan: Plan, stage: RLStage, task, notes: list[str]) -> list[Pro
         why = " and ".join(
             w for w, on in (("old", scored), ("reference", kl)) if on
         )  # fmt: skip
-        out.append(
-            plan.score(f"{stage.name}: {why} log-probs", p * g, width, task.temperature)
-        )
+        out.append(plan.score(f"{stage.name}: {why} log-probs", p * g, width, task.temperature))
     rows = sampling.ladder_length(p * g, fine_from=8)
     prompt = sampling.ladder_length(context - 1, fine_from=512)
     out.append(
@@ -343,9 +357,9 @@ def _eval_programs(plan: Plan, task, notes: list[str]) -> list[Program]:
     context = _context(task, "evaluation")
     rows = sampling.ladder_length(count, fine_from=8)
     prompt = sampling.ladder_length(context - 1, fine_from=512)
+    greedy = _sampling_params(task, True)
     return [
-        plan.sampler("eval: sampler (greedy, longest turn)", rows, prompt,
-                     _sampling_params(task, True)),  # fmt: skip
+        plan.sampler("eval: sampler (greedy, longest turn)", rows, prompt, greedy),
         plan.score("eval: expert NLL scoring", count, data.bucket(context), 1.0),
     ]
 
@@ -560,6 +574,73 @@ def model_config(init_from: str | None, model: ModelConfig | None, dtype,
     return model.replace(vocab_size=vocab_size)
 
 
+class Progress:
+    """A JSON-lines file a compiling process appends to as it goes: a header, then a
+    "start" line before each program and its result after. A compiler that crashes the
+    process (it happens: libtpu 0.0.42.1 overflows a stack on some attention shapes) leaves
+    a "start" without a result; `run_train.py --compile_only` then adds a "crashed" line
+    and resumes with the next program in a new process (`skip`)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def write(self, **record) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def report(path: str, topology: topologies.Topology) -> "tuple[Report, str]":
+        """(the Report the file holds, the run directory). A program whose process died
+        while compiling it (a "crashed" line, or a start without a result) is recorded as
+        crashed."""
+        header, results, started, crashed = None, {}, {}, {}
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if "header" in record:
+                    header = record["header"]
+                elif "start" in record:
+                    started[record["start"]] = record
+                elif "result" in record:
+                    results[record["result"]] = Result(**record["fields"])
+                elif "crashed" in record:
+                    crashed[record["crashed"]] = record["signal"]
+        if header is None:
+            raise ValueError(f"{path}: no header; nothing was compiled.")
+        for index, start in started.items():
+            if index not in results:
+                signal = crashed.get(index)
+                why = f"signal {signal}" if signal else "no result"
+                results[index] = Result(
+                    start["program"], start["shape"], hbm_bytes=start["hbm_bytes"],
+                    model_flops=start["model_flops"], seconds_at_peak=start["seconds_at_peak"],
+                    error=f"the TPU compiler crashed on it ({why}); see its log above",
+                )  # fmt: skip
+        ordered = [results[i] for i in sorted(results)]
+        report = Report(topology, header["model"], header["mesh"], ordered, header["notes"])
+        return report, header["run_dir"]
+
+    @staticmethod
+    def count(path: str) -> int | None:
+        """How many programs the run has (the header's count), None before the header."""
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if "header" in (record := json.loads(line)):
+                    return record["header"]["programs"]
+        return None
+
+    @staticmethod
+    def resume_at(path: str) -> int:
+        """The index of the first program no process has started."""
+        with open(path, encoding="utf-8") as f:
+            starts = [json.loads(line).get("start") for line in f]
+        return max((s for s in starts if s is not None), default=-1) + 1
+
+
 def compile_run(
     topology: str | topologies.Topology,
     *,
@@ -569,8 +650,19 @@ def compile_run(
     mesh_shape: tuple[int, int, int],
     evaluate: bool,
     log: Callable[[str], None] = print,
+    progress: str | None = None,
+    skip: int = 0,
+    run_dir: str | None = None,
 ) -> Report:
-    """Compiles every program of a run (see the module docstring) for `topology`."""
+    """Compiles every program of a run (see the module docstring) for `topology`.
+
+    Args:
+      progress: a JSON-lines file to append the header and each program's start and
+        result to (`Progress`), for a supervising process.
+      skip: leave out the first `skip` programs (compiled, or crashed, in an earlier
+        process).
+      run_dir: where the supervising process writes the report (in the header).
+    """
     if not isinstance(topology, topologies.Topology):
         topology = topologies.resolve(topology)
     devices = topologies.devices(topology)
@@ -581,19 +673,39 @@ def compile_run(
     plan = Plan(config, mesh, graphdef, params)
     notes: list[str] = []
     todo = programs(plan, stages, task, evaluate, notes)
-    log(f"compile_only: {len(todo)} programs for {topology.describe()}")
-    results = []
-    for program in todo:
-        result = compile_program(program, hbm, topology.chips, topology.peak_flops)
-        status = "fits" if result.fits else "DOES NOT FIT" if result.temp_bytes else "FAILED"
-        log(f"  {program.name}: {status} ({result.compile_s} s to compile)")
-        results.append(result)
     model = {
         "family": config.family, "parameters": count, "dtype": jnp.dtype(config.param_dtype).name,
         "hidden_size": config.hidden_size, "num_layers": config.num_layers,
         "vocab_size": config.vocab_size, "device_kind": devices[0].device_kind,
     }  # fmt: skip
+    record = Progress(progress)
+    if skip == 0:
+        record.write(header={"model": model, "mesh": dict(mesh.shape), "notes": notes,
+                             "run_dir": run_dir, "programs": len(todo)})  # fmt: skip
+        log(f"compile_only: {len(todo)} programs for {topology.describe()}")
+    results = []
+    for index, program in enumerate(todo):
+        if index < skip:
+            continue
+        flops = program.flops / topology.chips
+        record.write(
+            start=index, program=program.name, shape=program.shape, hbm_bytes=hbm,
+            model_flops=flops, seconds_at_peak=flops / topology.peak_flops,
+        )  # fmt: skip
+        log(f"  {program.name}: compiling ...")
+        result = compile_program(program, hbm, topology.chips, topology.peak_flops)
+        record.write(result=index, fields=dataclasses.asdict(result))
+        status = "fits" if result.fits else "DOES NOT FIT" if result.temp_bytes else "FAILED"
+        log(f"  {program.name}: {status} ({result.compile_s} s to compile)")
+        results.append(result)
     return Report(topology, model, dict(mesh.shape), results, notes)
+
+
+def publish(report: Report, run_dir: str) -> None:
+    """Prints the table and, from process 0, writes it to `run_dir`."""
+    print(format_table(report), flush=True)
+    if jax.process_index() == 0:
+        print(f"compile_only: wrote {write_report(report, os.path.abspath(run_dir))}")
 
 
 def write_report(report: Report, run_dir: str) -> str:

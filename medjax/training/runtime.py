@@ -58,9 +58,7 @@ def check_run_dir(run_dir: str, stages: Sequence[Any]) -> bool:
         return False
     if not os.path.isdir(run_dir):
         raise TrainError(f"run_dir {run_dir} is a file, not a directory.")
-    entries = [
-        e for e in os.listdir(run_dir) if not e.startswith(".") and e != COMPILE_REPORT
-    ]
+    entries = [e for e in os.listdir(run_dir) if not e.startswith(".") and e != COMPILE_REPORT]
     if not entries:
         return False
     if RUN_FILE not in entries:

@@ -123,3 +123,36 @@ def test_a_run_that_does_not_fit_exits_1_naming_its_largest_buffer(tmp_path, cap
     out = capsys.readouterr().out
     assert "sft: train step  64 rows x 8192 tokens" in out and " NO " in out
     assert "f32[524288,1024]" in out
+
+
+def test_a_program_that_crashes_the_compiler_is_reported_and_the_rest_goes_on(tmp_path, capsys):
+    """libtpu 0.0.42.1 dies (a stack overflow, signal 11) compiling the sampler's prefill
+    attention for 64 rows of 1,024 + 1,024 tokens with 12 heads of 128 on one v5e chip. The
+    compile runs in a child process: the crash is recorded against that program, the
+    programs before it keep their results, and the run exits 1. Catches: the whole command
+    dying with no table, the crash blamed on the wrong program, a crashed program called
+    fitting."""
+    code, report = compile_only(
+        ["--gin_file=gin/testing/grpo.gin", "--topology=v5e-1",
+         "--gin_bindings=train_lib.train.evaluate=False",
+         "--gin_bindings=config.ModelConfig.hidden_size=256",
+         "--gin_bindings=config.ModelConfig.intermediate_size=512",
+         "--gin_bindings=config.ModelConfig.num_heads=12",
+         "--gin_bindings=config.ModelConfig.num_kv_heads=2",
+         "--gin_bindings=config.ModelConfig.head_dim=128",
+         "--gin_bindings=train_lib.RLStage.prompts_per_step=8",
+         "--gin_bindings=train_lib.RLStage.num_generations=8",
+         "--gin_bindings=train_lib.RLStage.num_minibatches=8",
+         "--gin_bindings=rl.ResearchTask.max_context_tokens=1025",
+         "--gin_bindings=rl.ResearchTask.max_new_tokens=1024"], tmp_path,
+    )  # fmt: skip
+    assert code == 1 and not report["fits"]
+    update, sampler = report["programs"]
+    assert update["program"] == "rl: update step" and update["fits"]
+    assert (sampler["program"], sampler["shape"]) == (
+        "rl: sampler (longest turn)", "64 rows, prompt 1024 + 1024 new tokens",
+    )  # fmt: skip
+    assert not sampler["fits"] and sampler["total_bytes"] is None
+    assert sampler["error"].startswith("the TPU compiler crashed on it (signal 11)")
+    out = capsys.readouterr().out
+    assert "rl: sampler (longest turn): the TPU compiler crashed on it (signal 11)" in out

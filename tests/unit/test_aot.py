@@ -70,7 +70,7 @@ def test_missing_libtpu_is_one_line_with_the_install_command(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a)
     )
-    with pytest.raises(topologies.MissingLibtpu, match=r'pip install -e "\.\[tpu\]"'):
+    with pytest.raises(topologies.MissingLibtpuError, match=r'pip install -e "\.\[tpu\]"'):
         topologies.require_libtpu()
     sys.path.insert(0, str(ROOT))
     import run_train
@@ -137,7 +137,7 @@ def test_grpo_programs_at_the_run_sizes():
         ("eval: expert NLL scoring", "3 rows x 1536 tokens"),
     ]
     update = aot.programs(_plan(), [stage], TASK, False, [])[0]
-    _, (state, batch) = update.build()
+    _, (_, batch) = update.build()
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
         "input_ids": ((8, 1536), jnp.int32), "attention_mask": ((8, 1536), jnp.int32),
         "loss_mask": ((8, 1536), jnp.int32), "old_logps": ((8, 1536), jnp.float32),
