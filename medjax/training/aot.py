@@ -20,10 +20,14 @@ largest size the run can give it:
 - Evaluation: the greedy sampler over `num_eval_questions` rows and the expert-NLL
   scoring of as many chats.
 
+The sampler is compiled without the shared-prefix split (`prefix_ids`), which the run
+uses when every prompt of a call shares 64 tokens or more: the same cache length, with
+the shared part held once instead of once per row, so this bounds it from above.
+
 Per program: the compiler's per-chip bytes (arguments, outputs, temporaries; donated
-buffers counted once) against the chip's HBM, and XLA's FLOPs per chip with loop bodies
-counted as often as they run (the microbatch loop `num_microbatches` times, the decode
-loop `max_new_tokens` times), which the cost analysis itself counts once.
+buffers counted once) against the HBM the compiler allows a chip, model FLOPs per chip
+(`model_flops`: the lower bound on its time at the chip's peak) and the compiler's own
+FLOPs count, which counts each loop body once and counts work the chips repeat.
 """
 
 import dataclasses

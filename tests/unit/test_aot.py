@@ -4,6 +4,7 @@ names, sizes and batch fields), checked against numbers worked out here. The com
 themselves are in tests/integration/test_compile_only.py.
 """
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -207,3 +208,31 @@ def test_largest_buffers_from_a_buffer_assignment(tmp_path):
         "0.00 GiB f32[524288] temp: reduce.3{1}",
         "0.00 GiB f32[256] argument: w.1",
     ]
+
+
+def test_progress_file_to_report(tmp_path):
+    """What a supervising process reads back: program 0 compiled, program 1 crashed its
+    process (signal 11), program 2 started in a process that left no result. Catches a
+    crash blamed on the wrong program, results out of order, a resume that repeats or skips
+    a program."""
+    path = str(tmp_path / "progress.jsonl")
+    progress = aot.Progress(path)
+    progress.write(header={"model": {"parameters": 7, "dtype": "float32"}, "mesh": {"data": 1},
+                           "notes": ["n"], "run_dir": "/runs/a", "programs": 4})  # fmt: skip
+    start = dict(hbm_bytes=100, model_flops=2.0, seconds_at_peak=0.5)
+    progress.write(start=0, program="sft: train step", shape="4 rows x 8 tokens", **start)
+    done = aot.Result("sft: train step", "4 rows x 8 tokens", total_bytes=60, hbm_bytes=100,
+                      fits=True)  # fmt: skip
+    progress.write(result=0, fields=dataclasses.asdict(done))
+    progress.write(start=1, program="rl: sampler", shape="16 rows", **start)
+    progress.write(crashed=1, signal=11)
+    progress.write(start=2, program="eval: sampler", shape="4 rows", **start)
+    assert aot.Progress.resume_at(path) == 3 and aot.Progress.count(path) == 4
+    report, run_dir = aot.Progress.report(path, topologies.resolve("v5e-8"))
+    assert run_dir == "/runs/a" and report.notes == ["n"] and not report.fits
+    assert [(r.program, r.fits, r.error) for r in report.results] == [
+        ("sft: train step", True, None),
+        ("rl: sampler", False, "the TPU compiler crashed on it (signal 11); see its log above"),
+        ("eval: sampler", False, "the TPU compiler crashed on it (no result); see its log above"),
+    ]
+    assert report.results[1].model_flops == 2.0 and report.results[1].total_bytes is None
