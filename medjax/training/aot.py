@@ -31,6 +31,7 @@ FLOPs count, which counts each loop body once and counts work the chips repeat.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -52,6 +53,7 @@ from medjax.training import algorithms, data, runtime, steps
 from medjax.training.stages import RLStage, SFTStage
 
 REPORT_FILE = runtime.COMPILE_REPORT
+_print = functools.partial(print, flush=True)
 GIB = 2**30
 
 
@@ -653,7 +655,7 @@ def compile_run(
     task,
     mesh_shape: tuple[int, int, int],
     evaluate: bool,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _print,
     progress: str | None = None,
     skip: int = 0,
     run_dir: str | None = None,
