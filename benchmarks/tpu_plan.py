@@ -78,19 +78,20 @@ def _gib(n) -> str:
 
 
 def table(record: dict) -> str:
-    """Markdown rows: one per (model, slice, workload); a workload of several programs
-    needs the most HBM of any of them and the sum of their FLOPs."""
+    """Markdown rows: one per (model, slice, workload), slice by slice; a workload of
+    several programs lists each one's need and sums their FLOPs."""
     lines = [
-        "| model | slice | workload | HBM a chip (GiB) | fits | model TFLOPs a step"
-        " | step at peak (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | slice | workload | needs a chip (GiB) | HBM a chip (GiB) | fits"
+        " | model TFLOPs a step | step at peak (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list] = {}
     for r in record["results"]:
         groups.setdefault((r["model"], r["topology"], r["workload"]), []).append(r)
-    for (model, slice_, workload), rows in groups.items():
-        fits = all(r["fits"] for r in rows)
-        hbm = next(r["hbm_bytes"] for r in rows if r.get("hbm_bytes"))
+    order = lambda key: (TOPOLOGIES.index(key[1]), list(MODELS).index(key[0]), key[2] != "sft")  # noqa: E731
+    for key in sorted(groups, key=order):
+        model, slice_, workload = key
+        rows = groups[key]
         need = []
         for r in rows:
             name = r["program"].split(": ", 1)[1]
@@ -99,12 +100,15 @@ def table(record: dict) -> str:
             elif r["temp_bytes"] is not None:
                 need.append(f"{name} >{_gib(r['temp_bytes'])} (temporaries)")
             else:
-                need.append(f"{name}: compiler crash")
+                need.append(f"{name}: the compiler crashed")
+        hbm = next((r["hbm_bytes"] for r in rows if r.get("hbm_bytes")), None)
         flops = sum(r["model_flops"] * r["chips"] for r in rows)
         seconds = sum(r["seconds_at_peak"] for r in rows)
+        fits = "yes" if all(r["fits"] for r in rows) else "no"
         lines.append(
-            f"| {model} | {slice_} | {workload} | {'; '.join(need)} of {_gib(hbm)}"
-            f" | {'yes' if fits else 'no'} | {flops / 1e12:,.0f} | {seconds:.2f} |"
+            f"| {model} | {slice_} | {workload} | {'; '.join(need)}"
+            f" | {'-' if hbm is None else f'{hbm / 2**30:.2f}'} | {fits} | {flops / 1e12:,.0f}"
+            f" | {seconds:.2f} |"
         )
     return "\n".join(lines)
 
