@@ -88,19 +88,21 @@ def test_every_quickstart_program_compiles_for_a_v5e_2x2(tmp_path, capsys):
 
 def test_mgrpo_trainers_compile_on_a_two_host_v5p_slice(tmp_path):
     """gin/testing/mgrpo_distinct.gin (main and sub-agent as two models, 4 questions x K=4,
-    d=2) with FSDP over the 8 chips of v5p:2x2x2, whose devices belong to 2 hosts. Catches
-    a plan that only works on one host's devices, the sub-agent's trainer left out."""
+    d=2, episodes of up to 512 tokens) with FSDP over the 8 chips of v5p:2x2x2, whose
+    devices belong to 2 hosts. Catches a plan that only works on one host's devices, the
+    sub-agent's trainer left out."""
     code, report = compile_only(
         ["--gin_file=gin/testing/mgrpo_distinct.gin", "--topology=v5p:2x2x2",
-         "--gin_bindings=train_lib.train.mesh_shape=(1, -1, 1)"], tmp_path,
+         "--gin_bindings=train_lib.train.mesh_shape=(1, -1, 1)",
+         "--gin_bindings=rl.ResearchTask.max_context_tokens=512"], tmp_path,
     )  # fmt: skip
     assert code == 0 and report["fits"]
     assert report["topology"]["hosts"] == 2 and report["topology"]["chips"] == 8
     assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert [(p["program"], p["shape"]) for p in report["programs"]] == [
-        ("rl: update step (main agent)", "16 rows x 1536 tokens"),
-        ("rl: update step (sub-agent)", "32 rows x 1536 tokens"),
-        ("rl: sampler (longest turn)", "16 rows, prompt 1536 + 32 new tokens"),
+        ("rl: update step (main agent)", "16 rows x 512 tokens"),
+        ("rl: update step (sub-agent)", "32 rows x 512 tokens"),
+        ("rl: sampler (longest turn)", "16 rows, prompt 512 + 32 new tokens"),
     ]
     assert report["programs"][0]["hbm_bytes"] > 90 * 2**30  # A v5p chip: 95.74 GiB.
 
@@ -158,7 +160,12 @@ def test_a_program_that_crashes_the_compiler_is_reported_and_the_rest_goes_on(
     (hook / "sitecustomize.py").write_text(CRASH_HOOK)
     monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     code, report = compile_only(
-        ["--gin_file=gin/testing/grpo.gin", "--topology=v5e-1"], tmp_path / "run"
+        [
+            "--gin_file=gin/testing/grpo.gin",
+            "--topology=v5e-1",
+            "--gin_bindings=rl.ResearchTask.max_context_tokens=256",
+        ],
+        tmp_path / "run",
     )
     assert code == 1 and not report["fits"]
     assert [(p["program"], p["fits"]) for p in report["programs"]] == [
