@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     show_progress()
     try:
         # Dynamic registration leaves the module attribute alone: call the configured one.
-        result = gin.get_configurable(train_lib.train)(
+        gin.get_configurable(train_lib.train)(
             operative_config=gin.operative_config_str, config_text=gin.config_str, **overrides
         )
     except train_lib.TrainError as e:
@@ -197,7 +197,6 @@ def main(argv: list[str] | None = None) -> None:
             where = e.filename or "the run directory"
             raise SystemExit(f"run_train: error: {where}: no space left ({e.strerror})") from None
         raise
-    del result
 
 
 # A compiling child process's progress file and the programs to skip (supervise_compile).

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from common import machine, versions
 
-from medjax import partitioning, sampling, topologies
+from medjax import losses, partitioning, sampling, topologies
 from medjax.models import config as config_lib
 from medjax.training import aot, optim, steps
 
@@ -62,8 +62,6 @@ def programs(plan: aot.Plan) -> dict[str, list[aot.Program]]:
     rows = PROMPTS * G
     fields = aot._tokens(rows, width)
     fields["advantages"] = ((rows,), jnp.float32)
-    from medjax import losses
-
     update = plan.train_step(
         "grpo: update step", tx, steps.policy_loss_fn(losses.grpo_loss), rows, width,
         MICROBATCHES, fields,

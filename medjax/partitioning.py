@@ -139,14 +139,16 @@ def init_optimizer_state(tx, params, mesh: Mesh):
     """
     state = jax.jit(tx.init)(params)
     replicated = NamedSharding(mesh, P())
-
-    def place(x):
-        # A NamedSharding on the mesh, also on a 1-device mesh: a jitted step's outputs
-        # carry the mesh, and inputs without it would compile the step a second time.
-        on_mesh = isinstance(x.sharding, NamedSharding) and x.sharding.mesh.shape == mesh.shape
-        return x if on_mesh else jax.device_put(x, replicated)
-
+    # A NamedSharding on the mesh, also on a 1-device mesh: a jitted step's outputs carry
+    # the mesh, and inputs without it would compile the step a second time.
+    place = lambda x: x if on_mesh(x.sharding, mesh) else jax.device_put(x, replicated)  # noqa: E731
     return jax.tree.map(place, state)
+
+
+def on_mesh(sharding, mesh: Mesh) -> bool:
+    """Whether `sharding` is a NamedSharding on a mesh of `mesh`'s shape (what
+    `init_optimizer_state` keeps; anything else it replicates)."""
+    return isinstance(sharding, NamedSharding) and sharding.mesh.shape == mesh.shape
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:

@@ -161,14 +161,22 @@ def _devices(topology: str, generation: str, chips_per_host: tuple[int, int, int
     return list(desc.devices)
 
 
-_HBM_MESSAGE = re.compile(r"exceeds available HBM \(([\d.]+)([KMGT])\)")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _stated_bytes(message: str, label: str) -> int | None:
+    m = re.search(re.escape(label) + r" \(([\d.]+)([KMGT])\)", message)
+    return None if m is None else int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def parse_available(message: str) -> int | None:
     """The available HBM in bytes that a RESOURCE_EXHAUSTED message states, or None."""
-    m = _HBM_MESSAGE.search(message)
-    return None if m is None else int(float(m.group(1)) * _UNITS[m.group(2)])
+    return _stated_bytes(message, "exceeds available HBM")
+
+
+def parse_required(message: str) -> int | None:
+    """The bytes of temporaries a RESOURCE_EXHAUSTED message says a program needs, or None."""
+    return _stated_bytes(message, "required for HLO temporaries")
 
 
 @functools.cache

@@ -38,6 +38,16 @@ _FINE_LENGTH = 512
 _PREFIX_QUANTUM = 64
 
 
+def padded_rows(rows: int) -> int:
+    """The rows a call of `rows` prompts is padded to (`row_buckets`)."""
+    return sampling.ladder_length(rows, fine_from=_FINE_ROWS)
+
+
+def padded_length(length: int) -> int:
+    """The width prompts of at most `length` tokens are left-padded to."""
+    return sampling.ladder_length(length, fine_from=_FINE_LENGTH)
+
+
 def shared_prefix_length(prompts: Sequence[Sequence[int]], quantum: int = _PREFIX_QUANTUM) -> int:
     """How many leading tokens every prompt shares, rounded down to a multiple of `quantum`,
     leaving each prompt at least one token of its own (0 for fewer than two prompts)."""
@@ -163,8 +173,8 @@ class JaxPolicyBackend:
         # few thousand tokens feel more than the extra compiles.
         rows = len(prompts)
         if self.row_buckets:
-            rows = sampling.ladder_length(rows, fine_from=_FINE_ROWS)
-        width = sampling.ladder_length(max(len(p) for p in prompts), fine_from=_FINE_LENGTH)
+            rows = padded_rows(rows)
+        width = padded_length(max(len(p) for p in prompts))
         pad = params.pad_id if params.pad_id >= 0 else 0
         ids = np.full((rows, width), pad, np.int32)
         mask = np.zeros((rows, width), np.int32)

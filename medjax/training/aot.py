@@ -47,6 +47,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from medjax import partitioning, sampling, topologies
+from medjax.llm import jax_backend
 from medjax.models.config import ModelConfig
 from medjax.models.transformer import DecoderLM
 from medjax.training import algorithms, data, runtime, steps
@@ -142,7 +143,7 @@ def abstract_train_state(params, tx, mesh) -> steps.TrainState:
     placed = jax.jit(tx.init).lower(params).compile().output_shardings
 
     def one(shape, sharding):
-        on_mesh = isinstance(sharding, NamedSharding) and sharding.mesh.shape == mesh.shape
+        on_mesh = partitioning.on_mesh(sharding, mesh)
         return _abstract(shape.shape, shape.dtype, sharding if on_mesh else replicated)
 
     opt_state = jax.tree.map(one, shapes, placed)
@@ -152,7 +153,7 @@ def abstract_train_state(params, tx, mesh) -> steps.TrainState:
     )  # fmt: skip
 
 
-def _batch(mesh, rows: int, fields: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
+def _batch(mesh, fields: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
     return {
         k: _abstract(shape, dtype, partitioning.batch_sharding(mesh, len(shape)))
         for k, (shape, dtype) in fields.items()
@@ -223,7 +224,7 @@ class Plan:
                 self.graphdef, tx, loss_fn, num_microbatches=microbatches,
                 state_shardings=steps.shardings_of(state),
             )  # fmt: skip
-            return step, (state, _batch(self.mesh, rows, fields))
+            return step, (state, _batch(self.mesh, fields))
 
         shape = f"{rows} rows x {width} tokens" + (
             f", {microbatches} microbatches" if microbatches > 1 else ""
@@ -243,24 +244,28 @@ class Plan:
         flops = model_flops(self.config, "score", rows, width)
         return Program(name, f"{rows} rows x {width} tokens", build, flops)
 
-    def sampler(self, name, rows: int, width: int, params: sampling.SamplingParams,
-                num_samples: int = 1) -> Program:  # fmt: skip
-        """`sampling._generate` as `JaxPolicyBackend.generate_ids` calls it: `rows` prompts
-        (bucketed) left-padded to `width` (bucketed), `num_samples` each."""
-        batch = rows * num_samples
+    def sampler(self, name, rows: int, width: int, params: sampling.SamplingParams) -> Program:
+        """`sampling._generate` on `rows` prompts left-padded to `width`, one sample each."""
         new = params.max_new_tokens
 
         def build():
             key = jax.eval_shape(lambda: jax.random.key(0))
             args = (
                 self.graphdef, self.params, _abstract((rows, width), jnp.int32),
-                _abstract((rows, width), jnp.int32), key, _abstract((batch,), jnp.int32),
-                params, num_samples, None,
+                _abstract((rows, width), jnp.int32), key, _abstract((rows,), jnp.int32),
+                params, 1, None,
             )  # fmt: skip
             return sampling._generate, args
 
-        flops = model_flops(self.config, "sample", batch, width, new)
-        return Program(name, f"{batch} rows, prompt {width} + {new} new tokens", build, flops)
+        flops = model_flops(self.config, "sample", rows, width, new)
+        return Program(name, f"{rows} rows, prompt {width} + {new} new tokens", build, flops)
+
+    def longest_turn(self, name, episodes: int, context: int,
+                     params: sampling.SamplingParams) -> Program:  # fmt: skip
+        """The sampler's call of a turn where every one of `episodes` episodes is live with
+        a prompt of `context` - 1 tokens, padded as `JaxPolicyBackend.generate_ids` pads it."""
+        rows = jax_backend.padded_rows(episodes)
+        return self.sampler(name, rows, jax_backend.padded_length(context - 1), params)
 
 
 def _sampling_params(task, greedy: bool) -> sampling.SamplingParams:
@@ -342,11 +347,9 @@ def _rl_programs(plan: Plan, stage: RLStage, task, notes: list[str]) -> list[Pro
             w for w, on in (("old", scored), ("reference", kl)) if on
         )  # fmt: skip
         out.append(plan.score(f"{stage.name}: {why} log-probs", p * g, width, task.temperature))
-    rows = sampling.ladder_length(p * g, fine_from=8)
-    prompt = sampling.ladder_length(context - 1, fine_from=512)
     out.append(
-        plan.sampler(
-            f"{stage.name}: sampler (longest turn)", rows, prompt, _sampling_params(task, False)
+        plan.longest_turn(
+            f"{stage.name}: sampler (longest turn)", p * g, context, _sampling_params(task, False)
         )
     )
     return out
@@ -361,11 +364,9 @@ def _eval_programs(plan: Plan, task, notes: list[str]) -> list[Program]:
         )
         return []
     context = _context(task, "evaluation")
-    rows = sampling.ladder_length(count, fine_from=8)
-    prompt = sampling.ladder_length(context - 1, fine_from=512)
     greedy = _sampling_params(task, True)
     return [
-        plan.sampler("eval: sampler (greedy, longest turn)", rows, prompt, greedy),
+        plan.longest_turn("eval: sampler (greedy, longest turn)", count, context, greedy),
         plan.score("eval: expert NLL scoring", count, data.bucket(context), 1.0),
     ]
 
@@ -395,10 +396,6 @@ def programs(plan: Plan, stages: Sequence[SFTStage | RLStage], task, evaluate: b
 
 # ---------------------------------------------------------------------------------------
 # Compiling and reporting.
-
-_TEMPS = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\)")
-_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
 
 _VALUE = re.compile(r"value: <\d+ ([^ ]+) @\d+> \(size=(\d+),offset=\d+\): (\S+)")
 _OP_NAME = re.compile(r'metadata=\{[^}]*op_name="([^"]+)"')
@@ -461,9 +458,8 @@ def compile_program(program: Program, hbm: int, chips: int, peak: float) -> Resu
         except Exception as e:  # XlaRuntimeError and friends: the message is the report.
             result.compile_s = round(time.perf_counter() - start, 1)
             message = str(e)
-            temps = _TEMPS.search(message)
-            if temps:
-                result.temp_bytes = int(float(temps.group(1)) * _UNITS[temps.group(2)])
+            result.temp_bytes = topologies.parse_required(message)
+            if result.temp_bytes is not None:
                 result.error = "does not fit: " + " ".join(
                     message.split("RESOURCE_EXHAUSTED:")[-1].split("\n")[0].split()
                 )
@@ -547,7 +543,8 @@ def format_table(report: Report) -> str:
         out_bytes = None if r.output_bytes is None else r.output_bytes - (r.alias_bytes or 0)
         rows.append((
             r.program, r.shape, _gib(r.argument_bytes), _gib(out_bytes), _gib(r.temp_bytes),
-            _gib(r.total_bytes) if r.total_bytes is not None else f">{_gib(r.temp_bytes)}",
+            _gib(r.total_bytes) if r.total_bytes is not None
+            else "-" if r.temp_bytes is None else f">{_gib(r.temp_bytes)}",
             "yes" if r.fits else "NO",
             f"{r.model_flops / 1e12:.3g}",
             "-" if r.xla_flops is None else f"{r.xla_flops / 1e12:.3g}",

@@ -64,17 +64,17 @@ def test_grouped_mask_hand_example():
     np.testing.assert_array_equal(pa.grouped_mask(seg[None])[0], want)
 
 
+# Ragged completions of two prompt/completion layouts in one batch, padded: L = 18.
+_TWO_LAYOUTS = packing.pack_groups(
+    np.array([5, 2]), np.array([[3, 1, 4], [4, 0, 2]]), prompt_capacity=6, completion_capacity=4
+).segment_ids
+
 # (name, segment_ids [B, L], heads, kv_heads, block_q, block_k)
 _CASES = [
     # Ragged completions, two layouts in the batch, padding, GQA, L = 18 with 8-blocks.
     (
         "ragged_gqa_padding",
-        packing.pack_groups(
-            np.array([5, 2]),
-            np.array([[3, 1, 4], [4, 0, 2]]),
-            prompt_capacity=6,
-            completion_capacity=4,
-        ).segment_ids,
+        _TWO_LAYOUTS,
         4,
         2,
         8,
@@ -96,12 +96,7 @@ _CASES = [
     # Three query heads per kv head (SmolLM2's 9 / 3), key tiles larger than query tiles.
     (
         "gqa_g3",
-        packing.pack_groups(
-            np.array([5, 2]),
-            np.array([[3, 1, 4], [4, 0, 2]]),
-            prompt_capacity=6,
-            completion_capacity=4,
-        ).segment_ids,
+        _TWO_LAYOUTS,
         6,
         2,
         8,
