@@ -179,3 +179,25 @@ def test_a_program_that_crashes_the_compiler_is_reported_and_the_rest_goes_on(
     assert sampler["error"].startswith("the TPU compiler crashed on it (signal 11)")
     out = capsys.readouterr().out
     assert "rl: sampler (longest turn): the TPU compiler crashed on it (signal 11)" in out
+
+
+def test_a_mesh_the_slice_cannot_hold_is_one_line(tmp_path, capfd):
+    """mesh_shape (3, 1, 1) on the 8 chips of a v5e-8: the child stops before compiling
+    with one line naming the slice and the mesh, and no report is written."""
+    reset_gin()
+    old = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_train.main([
+                "--gin_file=gin/testing/sft.gin", "--topology=v5e-8", "--compile_only",
+                f"--gin_bindings=RUN_DIR='{tmp_path}'",
+                "--gin_bindings=train_lib.train.mesh_shape=(3, 1, 1)",
+            ])  # fmt: skip
+    finally:
+        os.chdir(old)
+        reset_gin()
+    assert stop.value.code == 1
+    err = capfd.readouterr().err
+    assert "run_train: error: compile_only v5e-8: make_mesh: data * fsdp * tensor = 3, but 8" in err
+    assert not (tmp_path / "compile_only.json").exists()

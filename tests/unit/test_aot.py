@@ -236,3 +236,22 @@ def test_progress_file_to_report(tmp_path):
         ("eval: sampler", False, "the TPU compiler crashed on it (no result); see its log above"),
     ]
     assert report.results[1].model_flops == 2.0 and report.results[1].total_bytes is None
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--compile_only"], "--compile_only needs --topology"),
+        (["--topology=v5e-8"], "--topology and --model_shape go with --compile_only"),
+        (["--compile_only", "--topology=v5e-6"], "v5e slices have [1, 4, 8, 16"),
+    ],
+)
+def test_compile_only_flags_are_checked_first(flags, message, capsys):
+    """Catches a topology without --compile_only silently training, and a bad slice name
+    reaching gin or the compiler."""
+    sys.path.insert(0, str(ROOT))
+    import run_train
+
+    with pytest.raises(SystemExit) as stop:
+        run_train.main(["--gin_file=gin/testing/sft.gin", *flags])
+    assert message in str(stop.value.code) + capsys.readouterr().err
