@@ -71,6 +71,8 @@ def train(
     tokenizer_vocab_size: int = 2048,
     chat_template: str | None = None,
     dtype: str = "float32",
+    scan_layers: bool = False,
+    remat: str = "none",
     seed: int = 0,
     mesh_shape: tuple[int, int, int] = (-1, 1, 1),
     evaluate: bool = True,
@@ -100,6 +102,10 @@ def train(
       chat_template: None keeps the checkpoint's template; "chatml" replaces it with
         medjax's verbatim ChatML (needed for Qwen3, whose template rewrites past turns).
       dtype: parameter and activation dtype of a model loaded with `init_from`.
+      scan_layers: run the decoder layers under `lax.scan`, compiled once instead of once
+        per layer (for large models; see `ModelConfig.scan_layers`).
+      remat: what each layer keeps for the backward pass: "none", "full", "save_dots" or
+        "offload_dots" (`ModelConfig.remat`).
       seed: seeds initialisation, data order and sampling.
       mesh_shape: (data, fsdp, tensor); -1 takes the remaining devices.
       evaluate: evaluate on the held-out questions before the first stage and after each.
@@ -190,7 +196,8 @@ def train(
         tokenizer, new_tokenizer = runtime.make_tokenizer(
             run_dir, init_from, loaded.chats, tokenizer_vocab_size, not resuming, chat_template
         )
-        policy = runtime.init_model(model, init_from, tokenizer, seed, mesh, dtype)
+        options = {"scan_layers": scan_layers, "remat": remat}
+        policy = runtime.init_model(model, init_from, tokenizer, seed, mesh, dtype, options)
         # Nothing was written to run_dir before this point: a setting that cannot run
         # stopped above.
         if jax.process_index() == 0:
@@ -206,8 +213,8 @@ def train(
             if new_tokenizer:
                 tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
         run = runtime.Run(run_dir, task, env, loaded, tokenizer, mesh, seed, max_bad_steps,
-                          interactive, operative_config)  # fmt: skip
-        result = _run_stages(run, stages, policy, dtype, evaluate)
+                          interactive, operative_config, dtype, options)  # fmt: skip
+        result = _run_stages(run, stages, policy, evaluate)
     except Exception as e:
         full = disk.no_space(e)
         if full is None:
@@ -226,6 +233,7 @@ def _compile_only(target: "str | aot.CompileOnly", values: dict) -> aot.Report:
         config = aot.model_config(
             values["init_from"], values["model"], jnp.dtype(values["dtype"]),
             values["tokenizer_vocab_size"],
+            {"scan_layers": values["scan_layers"], "remat": values["remat"]},
         )  # fmt: skip
         report = aot.compile_run(
             target.topology, config=config, stages=values["stages"], task=values["task"],
@@ -242,8 +250,8 @@ def _compile_only(target: "str | aot.CompileOnly", values: dict) -> aot.Report:
     return report
 
 
-def _run_stages(run: runtime.Run, stages, policy, dtype, evaluate: bool) -> dict:
-    run_dir, mesh, tokenizer = run.run_dir, run.mesh, run.tokenizer
+def _run_stages(run: runtime.Run, stages, policy, evaluate: bool) -> dict:
+    run_dir, tokenizer = run.run_dir, run.tokenizer
     points = ["before"] + [f"after_{s.name}" for s in stages]
     sub_policy = None  # M-GRPO's distinct sub-agent, carried from one RL stage to the next.
     # Each point evaluates the agent of the stage it follows (the first: of the first stage).
@@ -252,11 +260,11 @@ def _run_stages(run: runtime.Run, stages, policy, dtype, evaluate: bool) -> dict
     for i, stage in enumerate(stages):
         export = os.path.join(run_dir, stage.name, "export")
         if runtime.stage_done(run_dir, stage):
-            policy = runtime.load_policy(f"stage {stage.name!r}", export, mesh, dtype)
+            policy = run.load_policy(f"stage {stage.name!r}", export)
             if isinstance(stage, RLStage):
                 sub_export = export + "_sub"
                 sub_policy = (
-                    runtime.load_policy(f"stage {stage.name!r}", sub_export, mesh, dtype)
+                    run.load_policy(f"stage {stage.name!r}", sub_export)
                     if os.path.exists(os.path.join(sub_export, "config.json"))
                     else None
                 )

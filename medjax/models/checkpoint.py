@@ -215,6 +215,21 @@ def write_safetensors(
     os.replace(partial, path)
 
 
+def _stacked(path: tuple, config: ModelConfig) -> bool:
+    """Whether the parameter at `path` holds every layer on a leading axis (scan_layers)."""
+    return config.scan_layers and path[0] == "layers"
+
+
+def _hf_names(path: tuple, config: ModelConfig) -> tuple[list[str], bool]:
+    """nnx state path -> (its Hugging Face tensor names, whether they are transposed): one
+    name, or one per layer for a stacked parameter, in layer order."""
+    if _stacked(path, config):
+        names = [_hf_name((path[0], i, *path[1:])) for i in range(config.num_layers)]
+        return [n for n, _ in names], names[0][1]
+    name, transposed = _hf_name(path)
+    return [name], transposed
+
+
 def _hf_name(path: tuple) -> tuple[str, bool]:
     """nnx state path -> (Hugging Face tensor name, whether the tensor is transposed)."""
     parts = [str(p) for p in path]
@@ -343,6 +358,7 @@ def from_pretrained(
     param_dtype=None,
     mesh: Mesh | None = None,
     rules: partitioning.Rules = partitioning.DEFAULT_RULES,
+    **options,
 ) -> DecoderLM:
     """Loads a Hugging Face Llama 3 / Qwen2 / Qwen3 folder, or a GGUF file, as a DecoderLM.
 
@@ -353,6 +369,7 @@ def from_pretrained(
       param_dtype: parameters' dtype.
       mesh: place parameters sharded on this mesh by `rules`; None for the default device.
       rules: logical-axis rules (see medjax.partitioning).
+      **options: how the model runs, ModelConfig's `scan_layers` and `remat`.
 
     Raises:
       FileNotFoundError: no config.json.
@@ -367,9 +384,9 @@ def from_pretrained(
         from medjax.models import gguf_checkpoint  # Imports the gguf library only when needed.
 
         return gguf_checkpoint.from_gguf(
-            folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules
+            folder, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **options
         )
-    config = load_config(folder, dtype=dtype, param_dtype=param_dtype)
+    config = load_config(folder, dtype=dtype, param_dtype=param_dtype, **options)
     opened: dict[pathlib.Path, dict[str, np.ndarray]] = {}
     files = _checkpoint_files(folder, opened)
 
@@ -432,11 +449,14 @@ def build_model(
     flat = nnx.to_flat_state(state)
     expected = set()
     for path_tuple, variable in flat:
-        name, transposed = _hf_name(path_tuple)
-        expected.add(name)
+        names, transposed = _hf_names(path_tuple, config)
+        expected.update(names)
         shape = variable.get_value().shape
-        source = tensor(name, shape[::-1] if transposed else shape)
-        source = source.T if transposed else source
+        one = shape[1:] if _stacked(path_tuple, config) else shape
+        sources = [tensor(name, one[::-1] if transposed else one) for name in names]
+        sources = [s.T if transposed else s for s in sources]
+        # A stacked parameter's shard reads only its own layers' tensors.
+        source = _Stack(sources) if _stacked(path_tuple, config) else sources[0]
         if mesh is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
@@ -454,13 +474,26 @@ def build_model(
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), expected
 
 
+class _Stack:
+    """Arrays [*shape] seen as one [n, *shape] array that is indexed without stacking."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+
+    def __getitem__(self, idx: tuple) -> np.ndarray:
+        first, rest = idx[0], tuple(idx[1:])
+        return np.stack([self.arrays[i][rest] for i in range(len(self.arrays))[first]])
+
+
 def _hf_tensors(model: DecoderLM, dtype) -> Iterator[tuple[str, np.ndarray]]:
     for path_tuple, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transposed = _hf_name(path_tuple)
+        names, transposed = _hf_names(path_tuple, model.config)
         array = np.asarray(jax.device_get(variable.get_value()))
         if dtype is not None:
             array = array.astype(dtype)
-        yield name, array.T if transposed else array
+        arrays = list(array) if _stacked(path_tuple, model.config) else [array]
+        for name, a in zip(names, arrays, strict=True):
+            yield name, a.T if transposed else a
 
 
 def save_pretrained(

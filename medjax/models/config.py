@@ -11,6 +11,8 @@ from typing import Any
 import jax.numpy as jnp
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+# What each decoder layer keeps for the backward pass (`transformer.REMAT_POLICIES`).
+REMAT_POLICY_NAMES = ("none", "full", "save_dots", "offload_dots")
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -45,6 +47,15 @@ class ModelConfig:
       max_position_embeddings: longest context the checkpoint was made for.
       dtype: activations' dtype; param_dtype: parameters' dtype. Logits are always float32.
       bos_token_id, eos_token_id, pad_token_id: carried through to the exported config.
+      scan_layers: hold the layers' parameters stacked on a leading [L] axis and run them
+        under `lax.scan` (one layer compiled instead of L); Hugging Face names are unchanged
+        on import and export.
+      remat: what each layer keeps for the backward pass: "none" (everything), "full"
+        (its input only), "save_dots" (matmul outputs without batch dims: the projections
+        and MLP, not attention's scores), "offload_dots" (those, in host memory).
+
+    `scan_layers` and `remat` say how the model runs, not what it is: config.json neither
+    holds nor sets them.
     """
 
     family: str = "qwen2"
@@ -67,10 +78,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}.")
+        if self.remat not in REMAT_POLICY_NAMES:
+            raise ValueError(
+                f"ModelConfig.remat must be one of {REMAT_POLICY_NAMES}, got {self.remat!r}."
+            )
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(

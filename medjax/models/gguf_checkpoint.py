@@ -210,6 +210,7 @@ def from_gguf(
     param_dtype=None,
     mesh: Mesh | None = None,
     rules: partitioning.Rules = partitioning.DEFAULT_RULES,
+    **options,
 ) -> DecoderLM:
     """Loads a Llama / Qwen2 / Qwen3 GGUF file as a DecoderLM.
 
@@ -218,7 +219,7 @@ def from_gguf(
         Q4_0 ... Q8_0, the K-quants, ...).
       dtype: activations' dtype; also the parameters' unless `param_dtype` is given.
       param_dtype: parameters' dtype (the dequantised float32 values are cast to it).
-      mesh, rules: as for `checkpoint.from_pretrained`.
+      mesh, rules, options: as for `checkpoint.from_pretrained`.
 
     Raises:
       FileNotFoundError: no such file.
@@ -228,7 +229,7 @@ def from_gguf(
     """
     file = open_gguf(path)
     param_dtype = dtype if param_dtype is None else param_dtype
-    config = gguf_config(file, dtype=dtype, param_dtype=param_dtype)
+    config = gguf_config(file, dtype=dtype, param_dtype=param_dtype, **options)
     by_hf = _hf_names(file)
 
     def tensor(name: str, hf_shape: tuple[int, ...]) -> np.ndarray:

@@ -8,6 +8,11 @@ loading is a renaming plus a transpose. Parameters carry logical axis names in t
 
 Dimension letters: B batch, T new tokens, S cache slots, D model dim, F MLP dim, H query
 heads, N KV heads, G = H / N query heads per KV head, K head dim, V vocab.
+
+With `ModelConfig.scan_layers` the L decoder layers are one `DecoderLayer` whose parameters
+carry a leading [L] axis (logical axis "layers") and run under `jax.lax.scan`: XLA compiles
+one layer, not L. `ModelConfig.remat` rematerialises each layer in the backward pass
+(`REMAT_POLICIES`), scanned or not.
 """
 
 from typing import NamedTuple
@@ -17,7 +22,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax.kernels import prefix_attention
-from medjax.models.config import ModelConfig, rope_inverse_frequencies
+from medjax.models.config import REMAT_POLICY_NAMES, ModelConfig, rope_inverse_frequencies
+
+_policies = jax.checkpoint_policies
+# What a layer keeps for its backward pass; the rest is recomputed from the layer's input.
+REMAT_POLICIES = {
+    "none": None,  # No remat: every intermediate is kept.
+    "full": _policies.nothing_saveable,  # Keep only the layer's input.
+    # Keep the projections' and MLP's matmul outputs; recompute the rest, attention's O(T^2)
+    # scores included (their einsums have batch dimensions).
+    "save_dots": _policies.dots_with_no_batch_dims_saveable,
+    # The same matmul outputs, moved to host memory until the backward pass needs them.
+    "offload_dots": _policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+assert set(REMAT_POLICIES) == set(REMAT_POLICY_NAMES)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
@@ -191,7 +209,8 @@ class DecoderLM(nnx.Module):
             ),
             logical_axes=("vocab", "embed"),
         )
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(c.num_layers)])
+        layers = [DecoderLayer(config, rngs=rngs) for _ in range(c.num_layers)]
+        self.layers = _stack(layers) if c.scan_layers else nnx.List(layers)
         self.norm = RMSNorm(
             c.hidden_size,
             ("embed",),
@@ -283,13 +302,17 @@ class DecoderLM(nnx.Module):
                 "DecoderLM: `segment_ids` (packed groups) cannot be used with a cache."
             )
         if cache is None:
-            for layer in self.layers:
-                x, _ = layer(x, positions, inv_freq, None, segment_ids, attention_impl)
+            x, _, _ = self._layers(x, positions, inv_freq, segment_ids, attention_impl)
         else:
             slot_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
-            k, v = cache.k, cache.v
-            for i, layer in enumerate(self.layers):
-                x, (k, v) = layer(x, positions, inv_freq, (k, v, i, slot_pos, cache.index))
+            x, k, v = self._layers(
+                x,
+                positions,
+                inv_freq,
+                None,
+                attention_impl,
+                (cache.k, cache.v, slot_pos, cache.index),
+            )
             cache = KVCache(
                 k=k,
                 v=v,
@@ -300,3 +323,50 @@ class DecoderLM(nnx.Module):
         hidden = self.norm(x)
         out = hidden if return_hidden else self.logits(hidden)
         return out if cache is None else (out, cache)
+
+    def _layers(self, x, positions, inv_freq, segment_ids, impl, cache=None):
+        """The decoder layers over x [B, T, D]: a Python loop, or `lax.scan` over the
+        stacked layer when `scan_layers`; each layer under `jax.checkpoint` with the
+        config's remat policy when training (no cache).
+
+        Args:
+          cache: None, or (k, v, slot_positions, index): the stacked [L, B, S, N, K] caches
+            each layer writes its rows of, the [B, S] slot positions and the write slot.
+
+        Returns:
+          (x, k, v): the last layer's output and the caches after the writes (None, None
+          without a cache).
+        """
+        c = self.config
+        k, v, slot_pos, index = (None,) * 4 if cache is None else cache
+
+        def apply(graphdef, params, x, k, v, i):
+            layer = nnx.merge(graphdef, params)
+            kv_cache = None if k is None else (k, v, i, slot_pos, index)
+            x, kv = layer(x, positions, inv_freq, kv_cache, segment_ids, impl)
+            return (x, k, v) if kv is None else (x, *kv)
+
+        if cache is None and c.remat != "none":
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[c.remat], static_argnums=(0,))
+        if not c.scan_layers:
+            for i, layer in enumerate(self.layers):
+                x, k, v = apply(*nnx.split(layer), x, k, v, i)
+            return x, k, v
+        graphdef, params = nnx.split(self.layers)
+
+        def body(carry, layer):
+            params, i = layer
+            return apply(graphdef, params, *carry, i), None
+
+        (x, k, v), _ = jax.lax.scan(body, (x, k, v), (params, jnp.arange(c.num_layers)))
+        return x, k, v
+
+
+def _stack(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One DecoderLayer whose parameters are the layers' stacked on a leading "layers" axis."""
+    graphdef, _ = nnx.split(layers[0])
+    state = jax.tree.map(lambda *p: jnp.stack(p), *(nnx.state(layer) for layer in layers))
+    for _, variable in nnx.to_flat_state(state):
+        axes = variable.get_metadata()["logical_axes"]
+        variable.set_metadata(logical_axes=("layers", *axes))
+    return nnx.merge(graphdef, state)

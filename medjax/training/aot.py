@@ -562,9 +562,11 @@ def format_table(report: Report) -> str:
 
 
 def model_config(init_from: str | None, model: ModelConfig | None, dtype,
-                 vocab_size: int) -> ModelConfig:  # fmt: skip
+                 vocab_size: int, options=None) -> ModelConfig:  # fmt: skip
     """The run's ModelConfig without reading a weight: config.json or GGUF metadata of
-    `init_from` (at `dtype`, as the run loads it), else `model` with the tokenizer's size."""
+    `init_from` (at `dtype`, as the run loads it), else `model` with the tokenizer's size;
+    `options` (scan_layers, remat) as the run sets them."""
+    options = dict(options or {})
     if init_from is not None:
         from medjax.models import checkpoint as checkpoint_lib
 
@@ -572,9 +574,9 @@ def model_config(init_from: str | None, model: ModelConfig | None, dtype,
             from medjax.models import gguf_checkpoint
 
             file = gguf_checkpoint.open_gguf(init_from)
-            return gguf_checkpoint.gguf_config(file, dtype=dtype, param_dtype=dtype)
-        return checkpoint_lib.load_config(init_from, dtype=dtype, param_dtype=dtype)
-    return model.replace(vocab_size=vocab_size)
+            return gguf_checkpoint.gguf_config(file, dtype=dtype, param_dtype=dtype, **options)
+        return checkpoint_lib.load_config(init_from, dtype=dtype, param_dtype=dtype, **options)
+    return model.replace(vocab_size=vocab_size, **options)
 
 
 class Progress:

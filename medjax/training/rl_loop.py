@@ -30,7 +30,7 @@ def _sub_policy(run, stage, model, sub_model, tx, loss_fn, temperature) -> runti
     stage's sub-agent, else a copy of the stage's starting policy."""
     if stage.sub_init_from:
         where = f"RLStage {stage.name!r}: sub_init_from"
-        start = runtime.load_policy(where, stage.sub_init_from, run.mesh)
+        start = run.load_policy(where, stage.sub_init_from)
     else:
         start = sub_model if sub_model is not None else model
     copy = nnx.merge(nnx.split(start, nnx.Param)[0], runtime.params_copy(start))
@@ -41,7 +41,7 @@ def _reference(run, stage, model):
     """The KL term's frozen reference parameters: `stage.reference`, else the policy's."""
     if stage.reference:
         where = f"RLStage {stage.name!r}: reference"
-        model = runtime.load_policy(where, stage.reference, run.mesh)
+        model = run.load_policy(where, stage.reference)
     return runtime.params_copy(model)
 
 

@@ -104,9 +104,10 @@ def loaded(what: str, path: str, load: Callable[[], Any]) -> Any:
         raise TrainError(f"{what}: cannot load {detail}") from None
 
 
-def load_policy(what: str, path: str, mesh, dtype=None) -> DecoderLM:
-    """`checkpoint_lib.from_pretrained`, a failure as one TrainError naming the path."""
-    kwargs = {} if dtype is None else {"dtype": dtype}
+def load_policy(what: str, path: str, mesh, dtype=None, options=None) -> DecoderLM:
+    """`checkpoint_lib.from_pretrained` (`options`: how the model runs, e.g. scan_layers), a
+    failure as one TrainError naming the path."""
+    kwargs = ({} if dtype is None else {"dtype": dtype}) | dict(options or {})
     return loaded(what, path, lambda: checkpoint_lib.from_pretrained(path, mesh=mesh, **kwargs))
 
 
@@ -126,10 +127,10 @@ def make_tokenizer(run_dir, init_from, chats, vocab_size: int, fresh: bool, chat
     return tokenizer_lib.train_bpe(texts, vocab_size), True
 
 
-def init_model(config, init_from, tokenizer, seed, mesh, dtype) -> DecoderLM:
+def init_model(config, init_from, tokenizer, seed, mesh, dtype, options) -> DecoderLM:
     if init_from is not None:
-        return load_policy("init_from", init_from, mesh, dtype)
-    config = config.replace(vocab_size=len(tokenizer))
+        return load_policy("init_from", init_from, mesh, dtype, options)
+    config = config.replace(vocab_size=len(tokenizer), **options)
     with jax.set_mesh(mesh):
         model = DecoderLM(config, rngs=nnx.Rngs(seed))
     return partitioning.shard_module(model, mesh)
@@ -175,6 +176,8 @@ class Run:
     max_bad_steps: int
     interactive: bool | None
     operative_config: Callable[[], str] | None
+    dtype: Any = None  # Of every model the run loads (None: the checkpoint's default).
+    model_options: dict = dataclasses.field(default_factory=dict)  # scan_layers, remat.
     config_written: bool = False
     heldout_rows: list | None = None  # The expert's held-out chats, tokenised (expert_nll).
 
@@ -183,6 +186,11 @@ class Run:
             k: jax.device_put(v, partitioning.batch_sharding(self.mesh, v.ndim))
             for k, v in batch.items()
         }
+
+    def load_policy(self, what: str, path: str) -> DecoderLM:
+        """A model the run loads (a stage's export, a reference, a sub-agent's start), at
+        the run's dtype and model options, so that its parameters match the policy's."""
+        return load_policy(what, path, self.mesh, self.dtype, self.model_options)
 
     def write_config(self) -> None:
         if self.config_written or jax.process_index() != 0:

@@ -26,6 +26,7 @@ import numpy as np
 
 from medjax.losses import grpo as grpo_losses
 from medjax.models import tokenizer as tokenizer_lib
+from medjax.models.config import REMAT_POLICY_NAMES
 from medjax.training import decoupled as decoupled_lib
 
 CHAT_TEMPLATES = (None, "chatml")
@@ -35,12 +36,15 @@ RESERVED_NAMES = ("eval", "tokenizer")
 MIN_VOCAB_SIZE = 256 + len(set(tokenizer_lib.SPECIAL_TOKENS))
 # How the run is carried out, not what it trains: a rerun may change these.
 RUNTIME_FIELDS = frozenset({
-    "mesh_shape", "evaluate", "interactive", "max_bad_steps", "operative_config",
+    "mesh_shape", "evaluate", "interactive", "max_bad_steps", "operative_config", "remat",
     "config_text", "save_every", "keep_checkpoints", "heldout_every",
     # Decoupled's endpoint and patience: a restarted process may serve on another port.
     "sub_url", "host", "port", "request_timeout_s", "batch_window_s", "wait_timeout_s",
     "status_every_s", "secret_env",
 })  # fmt: skip
+# Settings added after runs were first recorded: a run.json without one was started with
+# this value (so a run from an earlier medjax still resumes).
+ADDED_SETTINGS = {"scan_layers": False}
 # A stage's `steps` may change while the stage is unfinished (train it longer or shorter).
 STEPS = "steps"
 
@@ -218,6 +222,8 @@ def train_arguments(values: Mapping[str, Any], is_checkpoint: Callable[[str], bo
         floating = False
     if not floating:
         raise SettingError(f"{where}: dtype {dtype!r} is not a floating dtype ('float32', ...).")
+    flag(where, "scan_layers", values["scan_layers"])
+    choice(where, "remat", values["remat"], REMAT_POLICY_NAMES)
     integer(where, "seed", values["seed"], minimum=0)
     shape = values["mesh_shape"]
     if (
@@ -355,7 +361,7 @@ def differences(
     for key in sorted(set(old) | set(new)):
         if key in allowed or (key.startswith("gin:") and not with_gin):
             continue
-        a, b = old.get(key, missing), new.get(key, missing)
+        a, b = (side.get(key, ADDED_SETTINGS.get(key, missing)) for side in (old, new))
         if a != b:
             shown = ["(unset)" if v is missing else repr(v) for v in (a, b)]
             out.append(f"{key}: {shown[0]} -> {shown[1]}")

@@ -122,6 +122,8 @@ BAD_SETTINGS = [
     ("sft", "train_lib.train.dtype='float33'", ("train: dtype 'float33'",)),
     ("sft", "train_lib.train.mesh_shape=(0, 1, 1)", ("train: mesh_shape (0, 1, 1)",)),
     ("sft", "train_lib.train.mesh_shape=(3, 1, 1)", ("train: mesh_shape (3, 1, 1)", "devices")),
+    ("sft", "train_lib.train.scan_layers='yes'", ("train: scan_layers 'yes'",)),
+    ("sft", "train_lib.train.remat='dots'", ("train: remat 'dots'", "'save_dots'")),
     ("sft", "train_lib.train.evaluate='yes'", ("train: evaluate 'yes'",)),
     ("sft", "train_lib.train.max_bad_steps=-1", ("train: max_bad_steps -1",)),
     ("sft", "train_lib.train.interactive=2", ("train: interactive 2",)),
@@ -339,6 +341,12 @@ def test_settings_differences_name_each_key_with_old_and_new_values():
     no_gin = {k: v for k, v in old.items() if not k.startswith("gin:")}
     assert validate.differences(old, no_gin) == []
     assert validate.differences({"a": 1}, {"b": 1}) == ["a: 1 -> (unset)", "b: (unset) -> 1"]
+    # A run recorded before scan_layers existed was started unscanned: it resumes unscanned
+    # and stops, naming the setting, when asked to resume scanned.
+    assert validate.differences({"seed": 0}, {"seed": 0, "scan_layers": False}) == []
+    assert validate.differences({"seed": 0}, {"seed": 0, "scan_layers": True}) == [
+        "scan_layers: False -> True"
+    ]
 
 
 def test_gin_bindings_join_continuation_lines_and_skip_the_run_dir_macro():
