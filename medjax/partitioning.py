@@ -10,12 +10,14 @@ size 1 shards nothing, so the mesh shape alone picks the strategy:
     make_mesh(data=2, fsdp=2, tensor=2)  all three
 """
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -133,16 +135,26 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -
     return module
 
 
-def init_optimizer_state(tx, params, mesh: Mesh):
-    """`tx.init(params)` on the mesh: moments sharded like their parameters (GSPMD carries the
-    sharding through zeros_like), leaves that depend on no parameter (step counts) replicated.
-    """
-    state = jax.jit(tx.init)(params)
+def optimizer_shardings(tx, params, mesh: Mesh):
+    """Where `tx.init(params)` belongs on the mesh: each per-parameter leaf (a moment, a
+    master copy) sharded like its parameter, the rest (step counts) replicated.
+
+    Named explicitly: the compiler does not carry a parameter's sharding into
+    `zeros_like(parameter)`, which depends on no value of it, and would replicate every
+    moment on every device."""
+    shapes = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, P())
-    # A NamedSharding on the mesh, also on a 1-device mesh: a jitted step's outputs carry
-    # the mesh, and inputs without it would compile the step a second time.
-    place = lambda x: x if on_mesh(x.sharding, mesh) else jax.device_put(x, replicated)  # noqa: E731
-    return jax.tree.map(place, state)
+    # Always a NamedSharding on the mesh, also on a 1-device mesh: a jitted step's outputs
+    # carry the mesh, and inputs without it would compile the step a second time.
+    like = jax.tree.map(lambda x: x.sharding if on_mesh(x.sharding, mesh) else replicated, params)
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, shapes, like, transform_non_params=lambda _: replicated
+    )
+
+
+def init_optimizer_state(tx, params, mesh: Mesh):
+    """`tx.init(params)` placed by `optimizer_shardings`."""
+    return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)
 
 
 def on_mesh(sharding, mesh: Mesh) -> bool:
@@ -154,6 +166,33 @@ def on_mesh(sharding, mesh: Mesh) -> bool:
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a [batch, ...] input: batch over its mesh axes, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def constrain_batch(x: jax.Array, rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """x [batch, ...] pinned to its batch dim over the batch's mesh axes, the rest whole,
+    when traced under a mesh (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`); x as it is
+    without one.
+
+    The model pins its residual stream so: left to itself, the compiler follows the
+    FSDP-sharded weights (embed over fsdp) and has every device compute every row."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), rules)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def activations_on(mesh: Mesh | None):
+    """Context for tracing a model on `mesh`: its `constrain_batch` calls then spread rows
+    over the mesh's batch axes (nothing without a mesh)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def microbatch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of [microbatches, batch, ...] arrays: each microbatch's rows over the batch's
+    mesh axes."""
+    return NamedSharding(mesh, logical_to_spec((None, "batch") + (None,) * (ndim - 2), rules))
 
 
 def maybe_initialize_distributed(

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medjax import partitioning
 from medjax.kernels import prefix_attention
 from medjax.models.config import REMAT_POLICY_NAMES, ModelConfig, rope_inverse_frequencies
 
@@ -296,7 +297,9 @@ class DecoderLM(nnx.Module):
             positions = start[:, None] + jnp.cumsum(mask, axis=1) - 1
         positions = jnp.where(mask > 0, positions, -1).astype(jnp.int32)
         inv_freq = rope_inverse_frequencies(self.config)
-        x = self.embed_tokens[...].astype(self.config.dtype)[input_ids]
+        x = partitioning.constrain_batch(
+            self.embed_tokens[...].astype(self.config.dtype)[input_ids]
+        )
         if segment_ids is not None and cache is not None:
             raise ValueError(
                 "DecoderLM: `segment_ids` (packed groups) cannot be used with a cache."
@@ -344,6 +347,7 @@ class DecoderLM(nnx.Module):
             layer = nnx.merge(graphdef, params)
             kv_cache = None if k is None else (k, v, i, slot_pos, index)
             x, kv = layer(x, positions, inv_freq, kv_cache, segment_ids, impl)
+            x = partitioning.constrain_batch(x)
             return (x, k, v) if kv is None else (x, *kv)
 
         if cache is None and c.remat != "none":

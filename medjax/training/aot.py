@@ -135,18 +135,13 @@ def abstract_model(config: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any]:
 
 
 def abstract_train_state(params, tx, mesh) -> steps.TrainState:
-    """A TrainState of ShapeDtypeStructs: the optimizer state where `tx.init` puts it on
-    the mesh (`partitioning.init_optimizer_state`: moments like their parameters, the rest
+    """A TrainState of ShapeDtypeStructs: the optimizer state where the run places it
+    (`partitioning.optimizer_shardings`: moments like their parameters, the rest
     replicated)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     shapes = jax.eval_shape(tx.init, params)
-    placed = jax.jit(tx.init).lower(params).compile().output_shardings
-
-    def one(shape, sharding):
-        on_mesh = partitioning.on_mesh(sharding, mesh)
-        return _abstract(shape.shape, shape.dtype, sharding if on_mesh else replicated)
-
-    opt_state = jax.tree.map(one, shapes, placed)
+    placed = partitioning.optimizer_shardings(tx, params, mesh)
+    opt_state = jax.tree.map(lambda s, p: _abstract(s.shape, s.dtype, p), shapes, placed)
     return steps.TrainState(
         _abstract((), jnp.int32, replicated), params, opt_state,
         _abstract((2,), jnp.uint32, replicated),
@@ -237,7 +232,8 @@ class Plan:
         def build():
             # The run passes host arrays: the compiler places them (unspecified shardings).
             args = [_abstract((rows, width), jnp.int32) for _ in range(3)]
-            return steps.make_score_fn(self.graphdef, temperature=temperature), (
+            score = steps.make_score_fn(self.graphdef, temperature=temperature, mesh=self.mesh)
+            return score, (
                 self.params, *args,
             )  # fmt: skip
 

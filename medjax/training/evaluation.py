@@ -91,7 +91,7 @@ def expert_nll(run: Run, model) -> float:
     batch = data.pad_rows(rows, width, pad_id=run.tokenizer.pad_token_id)
     graphdef, params = nnx.split(model, nnx.Param)
     logps = np.asarray(
-        steps.make_score_fn(graphdef)(
+        steps.make_score_fn(graphdef, mesh=run.mesh)(
             params, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         )
     )

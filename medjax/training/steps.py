@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from medjax import losses, scoring
+from medjax import losses, partitioning, scoring
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
@@ -128,14 +128,22 @@ def grao_loss_fn(loss: Callable, *, num_generations: int, temperature: float = 1
     return fn
 
 
-def _split(batch: Batch, num_microbatches: int) -> Batch:
+def _split(batch: Batch, num_microbatches: int, mesh=None) -> Batch:
+    """[B, ...] arrays -> [M, B / M, ...]: microbatch m holds rows m * B / M onwards (GRAO's
+    and M-GRPO's rows keep their groups together). On a mesh, each microbatch's rows are
+    spread over the batch's devices: a plain reshape would leave microbatch m on the few
+    devices that held its rows, and every device would compute all of its rows."""
+
     def one(x):
         if x.shape[0] % num_microbatches:
             raise ValueError(
                 f"train step: a batch array of leading size {x.shape[0]} does not split into"
                 f" {num_microbatches} microbatches."
             )
-        return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+        x = x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, partitioning.microbatch_sharding(mesh, x.ndim))
 
     return {k: one(v) for k, v in batch.items()}
 
@@ -163,12 +171,19 @@ def make_train_step(
         return metrics["loss_numerator"], metrics
 
     grad_fn = jax.grad(numerator, has_aux=True)
+    # The state's mesh, which the microbatches are spread over (None: one device).
+    named = [s for s in jax.tree.leaves(state_shardings) if isinstance(s, NamedSharding)]
+    mesh = named[0].mesh if named else None
 
     def step(state: TrainState, batch: Batch):
+        with partitioning.activations_on(mesh):  # Each device computes its rows only.
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: Batch):
         if num_microbatches == 1:
             grads, metrics = grad_fn(state.params, batch)
         else:
-            parts = _split(batch, num_microbatches)
+            parts = _split(batch, num_microbatches, mesh)
             first = jax.tree.map(lambda x: x[0], parts)
             zeros = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params, first)
@@ -203,15 +218,17 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
-def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0):
+def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, mesh=None):
     """A jitted `(params, input_ids, attention_mask, target_mask) -> [B, T] log-probs`, for
-    the old and reference log-probs of a rollout batch."""
+    the old and reference log-probs of a rollout batch; on `mesh`, each device scores only
+    its rows."""
 
     @jax.jit
     def score(params, input_ids, attention_mask, target_mask):
         model = nnx.merge(graphdef, params)
-        return scoring.score_sequences(
-            model, input_ids, attention_mask, target_mask, temperature=temperature
-        )
+        with partitioning.activations_on(mesh):
+            return scoring.score_sequences(
+                model, input_ids, attention_mask, target_mask, temperature=temperature
+            )
 
     return score
