@@ -137,7 +137,7 @@ def test_scanned_model_on_a_mesh_matches_single_device(reference):
     # The stacked layers' depth axis stays whole; the rest of each parameter is sharded as
     # the unrolled layer's. Catches: the "layers" axis missing from the logical axes (the
     # rules would shard depth on fsdp), and a scan whose carry loses the batch sharding.
-    params0, want_logits, want_loss, want_grads = reference
+    _params0, want_logits, want_loss, want_grads = reference
     config = CONFIG.replace(scan_layers=True, remat="full")
     mesh = partitioning.make_mesh(2, 2, 2)
     model = models.DecoderLM(config, rngs=nnx.Rngs(0))
