@@ -101,7 +101,11 @@ def train(
         expert chats and saved in `run_dir/tokenizer`.
       chat_template: None keeps the checkpoint's template; "chatml" replaces it with
         medjax's verbatim ChatML (needed for Qwen3, whose template rewrites past turns).
-      dtype: parameter and activation dtype of a model loaded with `init_from`.
+      dtype: the policy's parameter and activation dtype ("float32", "bfloat16" or
+        "float16"), whether loaded with `init_from` or made from `model` (whose own dtypes
+        it replaces). Log-probs and losses are float32 whatever it is. Mixed precision:
+        "bfloat16" here with `optim.make_optimizer.master_dtype = "float32"` (and
+        optionally `moments_dtype = "bfloat16"`).
       scan_layers: run the decoder layers under `lax.scan`, compiled once instead of once
         per layer (for large models; see `ModelConfig.scan_layers`).
       remat: what each layer keeps for the backward pass: "none", "full", "save_dots" or

@@ -560,8 +560,8 @@ def format_table(report: Report) -> str:
 def model_config(init_from: str | None, model: ModelConfig | None, dtype,
                  vocab_size: int, options=None) -> ModelConfig:  # fmt: skip
     """The run's ModelConfig without reading a weight: config.json or GGUF metadata of
-    `init_from` (at `dtype`, as the run loads it), else `model` with the tokenizer's size;
-    `options` (scan_layers, remat) as the run sets them."""
+    `init_from`, else `model` with the tokenizer's size; at `dtype` and with `options`
+    (scan_layers, remat), as the run makes the policy."""
     options = dict(options or {})
     if init_from is not None:
         from medjax.models import checkpoint as checkpoint_lib
@@ -572,7 +572,7 @@ def model_config(init_from: str | None, model: ModelConfig | None, dtype,
             file = gguf_checkpoint.open_gguf(init_from)
             return gguf_checkpoint.gguf_config(file, dtype=dtype, param_dtype=dtype, **options)
         return checkpoint_lib.load_config(init_from, dtype=dtype, param_dtype=dtype, **options)
-    return model.replace(vocab_size=vocab_size, **options)
+    return model.replace(vocab_size=vocab_size, dtype=dtype, param_dtype=dtype, **options)
 
 
 class Progress:

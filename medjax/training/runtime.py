@@ -130,7 +130,7 @@ def make_tokenizer(run_dir, init_from, chats, vocab_size: int, fresh: bool, chat
 def init_model(config, init_from, tokenizer, seed, mesh, dtype, options) -> DecoderLM:
     if init_from is not None:
         return load_policy("init_from", init_from, mesh, dtype, options)
-    config = config.replace(vocab_size=len(tokenizer), **options)
+    config = config.replace(vocab_size=len(tokenizer), dtype=dtype, param_dtype=dtype, **options)
     with jax.set_mesh(mesh):
         model = DecoderLM(config, rngs=nnx.Rngs(seed))
     return partitioning.shard_module(model, mesh)

@@ -185,20 +185,25 @@ def make_train_step(
         else:
             parts = _split(batch, num_microbatches, mesh)
             first = jax.tree.map(lambda x: x[0], parts)
+            # Sums in float32 whatever the parameters' dtype (bfloat16 would round each add).
             zeros = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, state.params, first)
+                lambda s: jnp.zeros(s.shape, _wide(s.dtype)),
+                jax.eval_shape(grad_fn, state.params, first),
             )
 
             def body(carry, microbatch):
                 out = grad_fn(state.params, microbatch)
-                return jax.tree.map(jnp.add, carry, out), None
+                return jax.tree.map(lambda c, o: c + o.astype(c.dtype), carry, out), None
 
             (grads, metrics), _ = jax.lax.scan(body, zeros, parts)
             metrics = {k: v if k in SUMMED else v / num_microbatches for k, v in metrics.items()}
         denominator = metrics["loss_denominator"]
-        grads = jax.tree.map(lambda g: g / denominator, grads)
         loss = metrics["loss_numerator"] / denominator
+        grads = jax.tree.map(lambda g: g.astype(_wide(g.dtype)) / denominator, grads)
         grad_norm = optax.tree.norm(grads)
+        # The optimizer gets gradients in the parameters' dtype (`optim.master_weights`
+        # widens them again for its float32 copy).
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # Zero non-finite gradients before the optimizer sees them, then keep the old state.
         safe = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
@@ -216,6 +221,11 @@ def make_train_step(
     if state_shardings is None:
         return jax.jit(step, donate_argnums=0)
     return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
+
+
+def _wide(dtype):
+    """float32 for a narrower float (bfloat16 gradients are summed and scaled in float32)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, mesh=None):

@@ -22,12 +22,14 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from medjax.losses import grpo as grpo_losses
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.config import REMAT_POLICY_NAMES
 from medjax.training import decoupled as decoupled_lib
+from medjax.training.optim import FLOAT_DTYPES
 
 CHAT_TEMPLATES = (None, "chatml")
 # Folders a run directory uses for itself: a stage cannot be named after one.
@@ -113,6 +115,19 @@ def function(where: str, field: str, value, *, none=False) -> None:
         raise SettingError(f"{where}: {field} {value!r} is not callable{_or_none(none)}.")
 
 
+def optimizer(where: str, field: str, value, *, none=False) -> None:
+    """A callable that builds an optax optimizer from `total_steps` (what the stages call);
+    built here once so that a bad option (a schedule, a dtype name) stops the run before
+    anything is written."""
+    function(where, field, value, none=none)
+    if value is None:
+        return
+    try:
+        value(total_steps=1000)
+    except (ValueError, TypeError) as e:
+        raise SettingError(f"{where}: {field}: {' '.join(str(e).split())}") from None
+
+
 def checkpoint_path(where: str, field: str, value, is_checkpoint: Callable[[str], bool]) -> None:
     """None, or a path `is_checkpoint` accepts (a Hugging Face folder or a GGUF file)."""
     text(where, field, value, none=True)
@@ -143,7 +158,7 @@ def _common(where: str, values: Mapping[str, Any]) -> None:
     integer(where, "save_every", values["save_every"], minimum=1)
     integer(where, "keep_checkpoints", values["keep_checkpoints"], minimum=1)
     integer(where, "heldout_every", values["heldout_every"], minimum=0)
-    function(where, "optimizer", values["optimizer"])
+    optimizer(where, "optimizer", values["optimizer"])
 
 
 def sft_stage(values: Mapping[str, Any], roles: Sequence[str | None]) -> None:
@@ -185,7 +200,7 @@ def rl_stage(values: Mapping[str, Any], algorithm_names: Sequence[str]) -> None:
     choice(where, "advantage_scale", values["advantage_scale"], grpo_losses.REWARD_SCALES)
     integer(where, "advantage_ddof", values["advantage_ddof"], minimum=0)
     flag(where, "shared_model", values["shared_model"])
-    function(where, "sub_optimizer", values["sub_optimizer"], none=True)
+    optimizer(where, "sub_optimizer", values["sub_optimizer"], none=True)
     integer(where, "sub_target_count", values["sub_target_count"], minimum=1, none=True)
     flag(where, "sub_alignment", values["sub_alignment"])
     flag(where, "train_sub", values["train_sub"])
@@ -217,11 +232,11 @@ def train_arguments(values: Mapping[str, Any], is_checkpoint: Callable[[str], bo
     choice(where, "chat_template", values["chat_template"], CHAT_TEMPLATES)
     dtype = values["dtype"]
     try:
-        floating = np.issubdtype(np.dtype(_dtype_name(dtype)), np.floating)
+        name = jnp.dtype(dtype).name  # jnp, not np: numpy has no bfloat16 of its own.
     except TypeError:
-        floating = False
-    if not floating:
-        raise SettingError(f"{where}: dtype {dtype!r} is not a floating dtype ('float32', ...).")
+        name = None
+    if isinstance(dtype, bool) or name not in FLOAT_DTYPES:
+        raise SettingError(f"{where}: dtype {dtype!r} is not one of {FLOAT_DTYPES}.")
     flag(where, "scan_layers", values["scan_layers"])
     choice(where, "remat", values["remat"], REMAT_POLICY_NAMES)
     integer(where, "seed", values["seed"], minimum=0)
@@ -241,17 +256,6 @@ def train_arguments(values: Mapping[str, Any], is_checkpoint: Callable[[str], bo
     integer(where, "max_bad_steps", values["max_bad_steps"], minimum=0)
     flag(where, "interactive", values["interactive"], none=True)
     function(where, "operative_config", values["operative_config"], none=True)
-
-
-def _dtype_name(dtype):
-    # bfloat16 is not a numpy name: ml_dtypes (a jax dependency) registers it.
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    if not isinstance(dtype, (str, type, np.dtype)):
-        raise TypeError(dtype)
-    return dtype
 
 
 # ---------------------------------------------------------------------------------------

@@ -189,29 +189,38 @@ def test_each_device_computes_only_its_rows():
     assert spread < 1.5 * one_row, (spread, one_row)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_optimizer_moments_are_sharded_like_their_parameters(scan):
+@pytest.mark.parametrize("scan,mixed", [(False, False), (True, False), (True, True)])
+def test_optimizer_moments_are_sharded_like_their_parameters(scan, mixed):
     # AdamW's mu and nu, as the run creates them on an fsdp=8 mesh: each device should hold
     # an eighth of every moment, as of its parameter. Catches: moments left replicated
     # (the compiler gives zeros_like(param) no sharding of its own: every device then holds
-    # the whole optimizer state, 8 bytes a parameter in float32).
+    # the whole optimizer state, 8 bytes a parameter in float32). Mixed precision (bfloat16
+    # parameters, a float32 master copy, bfloat16 moments) adds the master copy, which
+    # must be sharded the same way, and the dtypes it promises.
     from medjax.training import optim
 
     mesh = partitioning.make_mesh(1, 8, 1)
-    model = models.DecoderLM(CONFIG.replace(scan_layers=scan), rngs=nnx.Rngs(0))
+    config = CONFIG.replace(scan_layers=scan)
+    if mixed:
+        config = config.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = models.DecoderLM(config, rngs=nnx.Rngs(0))
     _, params = nnx.split(partitioning.shard_module(model, mesh), nnx.Param)
-    opt_state = partitioning.init_optimizer_state(optim.make_optimizer(1e-3), params, mesh)
+    options = {"master_dtype": "float32", "moments_dtype": "bfloat16"} if mixed else {}
+    tx = optim.make_optimizer(1e-3, **options)
+    opt_state = partitioning.init_optimizer_state(tx, params, mesh)
     flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    moments = 0
+    copies = {"mu": 0, "nu": 0, "master": 0}
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
         keys = [getattr(k, "name", getattr(k, "key", None)) for k in path]
-        if "mu" not in keys and "nu" not in keys:
+        kind = next((k for k in copies if k in keys), None)
+        if kind is None:
             assert leaf.sharding.spec == P(), keys  # Step counts: replicated.
             continue
-        moments += 1
-        param = flat[path[keys.index("mu" if "mu" in keys else "nu") + 1 :]]
+        copies[kind] += 1
+        assert leaf.dtype == (jnp.float32 if kind == "master" or not mixed else jnp.bfloat16)
+        param = flat[path[keys.index(kind) + 1 :]]
         assert leaf.sharding == param.sharding, keys
         shard = leaf.addressable_shards[0].data
         if param.sharding.spec != P() and any(s == "fsdp" for s in param.sharding.spec):
             assert shard.size * 8 == leaf.size, keys
-    assert moments == 2 * len(flat)
+    assert copies == {"mu": len(flat), "nu": len(flat), "master": len(flat) if mixed else 0}
