@@ -11,16 +11,24 @@ from medjax.models.checkpoint import (
     is_gguf,
     load_config,
     read_safetensors,
+    save_peft_adapter,
     save_pretrained,
     write_safetensors,
 )
-from medjax.models.config import ModelConfig, RopeScaling, from_hf_config, to_hf_config
+from medjax.models.config import (
+    LoraConfig,
+    ModelConfig,
+    RopeScaling,
+    from_hf_config,
+    to_hf_config,
+)
 from medjax.models.transformer import DecoderLM, KVCache
 
 __all__ = [
     "CheckpointError",
     "DecoderLM",
     "KVCache",
+    "LoraConfig",
     "ModelConfig",
     "RopeScaling",
     "from_hf_config",
@@ -29,6 +37,7 @@ __all__ = [
     "is_gguf",
     "load_config",
     "read_safetensors",
+    "save_peft_adapter",
     "save_pretrained",
     "to_hf_config",
     "write_safetensors",

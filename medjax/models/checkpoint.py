@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 
 import jax
@@ -449,6 +450,9 @@ def build_model(
     flat = nnx.to_flat_state(state)
     expected = set()
     for path_tuple, variable in flat:
+        if isinstance(variable, nnx.LoRAParam):  # Not in the checkpoint: a new adapter.
+            variable.set_value(_new_adapter(path_tuple, variable, config, mesh, rules))
+            continue
         names, transposed = _hf_names(path_tuple, config)
         expected.update(names)
         shape = variable.get_value().shape
@@ -474,6 +478,27 @@ def build_model(
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), expected
 
 
+def _new_adapter(path: tuple, variable, config: ModelConfig, mesh, rules) -> jax.Array:
+    """A new LoRA matrix: B zero; A uniform in +-1/sqrt(in) (as `transformer.Linear` draws
+    it), keyed by the config's LoRA seed and the parameter's path."""
+    shape = variable.get_value().shape
+    if mesh is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+        sharding = partitioning.sharding_for(
+            shape, variable.get_metadata()["logical_axes"], mesh, rules
+        )
+    dtype = config.param_dtype
+    if path[-1] == "lora_b":
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    key = jax.random.fold_in(
+        jax.random.PRNGKey(config.lora.seed), zlib.crc32("/".join(map(str, path)).encode())
+    )
+    bound = 1.0 / shape[-2] ** 0.5
+    draw = lambda: jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)  # noqa: E731
+    return jax.jit(draw, out_shardings=sharding)()
+
+
 class _Stack:
     """Arrays [*shape] seen as one [n, *shape] array that is indexed without stacking."""
 
@@ -485,10 +510,21 @@ class _Stack:
         return np.stack([self.arrays[i][rest] for i in range(len(self.arrays))[first]])
 
 
-def _hf_tensors(model: DecoderLM, dtype) -> Iterator[tuple[str, np.ndarray]]:
-    for path_tuple, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+def _hf_tensors(model: DecoderLM, dtype, merge_lora=True) -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face name, array) of every base weight; a LoRA-adapted kernel with its
+    adapter merged in (W + scale * A B, computed in float32) unless not `merge_lora`."""
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path_tuple, variable in flat.items():
+        if isinstance(variable, nnx.LoRAParam):
+            continue
         names, transposed = _hf_names(path_tuple, model.config)
         array = np.asarray(jax.device_get(variable.get_value()))
+        adapter = (*path_tuple[:-1], "lora_a")
+        if merge_lora and path_tuple[-1] == "kernel" and adapter in flat:
+            a = np.asarray(jax.device_get(flat[adapter].get_value()), np.float32)
+            b = np.asarray(jax.device_get(flat[(*path_tuple[:-1], "lora_b")].get_value()))
+            delta = model.config.lora.scale * np.matmul(a, b.astype(np.float32))
+            array = (array.astype(np.float32) + delta).astype(array.dtype)
         if dtype is not None:
             array = array.astype(dtype)
         arrays = list(array) if _stacked(path_tuple, model.config) else [array]
@@ -497,7 +533,12 @@ def _hf_tensors(model: DecoderLM, dtype) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def save_pretrained(
-    model: DecoderLM, path: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 4 << 30
+    model: DecoderLM,
+    path: str | os.PathLike,
+    *,
+    dtype=None,
+    max_shard_bytes: int = 4 << 30,
+    merge_lora: bool = True,
 ) -> None:
     """Writes a Hugging Face folder (config.json, safetensors) that transformers loads.
 
@@ -507,6 +548,8 @@ def save_pretrained(
       dtype: dtype of the saved tensors; the parameters' own by default.
       max_shard_bytes: tensors go to model-0000i-of-0000n.safetensors files of at most this
         size plus model.safetensors.index.json when they do not fit in one file.
+      merge_lora: a LoRA model's adapters merged into its weights (the adapted model); False
+        writes the base weights alone (the adapters go to `save_peft_adapter`'s folder).
     """
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -517,7 +560,7 @@ def save_pretrained(
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for name, array in _hf_tensors(model, dtype):
+    for name, array in _hf_tensors(model, dtype, merge_lora):
         if shards[-1] and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
@@ -535,3 +578,57 @@ def save_pretrained(
         total += sum(a.nbytes for a in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def save_peft_adapter(
+    model: DecoderLM,
+    path: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    dtype=None,
+) -> None:
+    """Writes a LoRA model's adapters as a PEFT folder (adapter_config.json and
+    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the base
+    model in transformers.
+
+    Tensors are PEFT's: `base_model.model.<HF module>.lora_A.weight` [r, in] (A transposed)
+    and `.lora_B.weight` [out, r] (B transposed), with lora_alpha / r the scale.
+
+    Raises:
+      ValueError: the model has no adapters (`ModelConfig.lora` is None).
+    """
+    lora = model.config.lora
+    if lora is None:
+        raise ValueError("save_peft_adapter: the model has no LoRA adapters (config.lora None).")
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for path_tuple, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        names, _ = _hf_names((*path_tuple[:-1], "kernel"), model.config)
+        array = np.asarray(jax.device_get(variable.get_value()))
+        if dtype is not None:
+            array = array.astype(dtype)
+        arrays = list(array) if _stacked(path_tuple, model.config) else [array]
+        which = "lora_A" if path_tuple[-1] == "lora_a" else "lora_B"
+        for name, a in zip(names, arrays, strict=True):
+            module = name.removesuffix(".weight")
+            tensors[f"{PEFT_PREFIX}{module}.{which}.weight"] = np.ascontiguousarray(a.T)
+    write_safetensors(folder / "adapter_model.safetensors", tensors)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(lora.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 FAMILIES = ("llama", "qwen2", "qwen3")
 # What each decoder layer keeps for the backward pass (`transformer.REMAT_POLICIES`).
 REMAT_POLICY_NAMES = ("none", "full", "save_dots", "offload_dots")
+# The linear layers LoRA adapts, by their Hugging Face (and PEFT target_modules) names.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -28,6 +30,56 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on a model's linear layers: y = x W + b +
+    (alpha / rank) (x A) B with A [in, rank] and B [rank, out], A drawn like PEFT's
+    (uniform in +-1/sqrt(in)) and B zero, so that a new adapter changes nothing.
+
+    Attributes:
+      rank: r, the adapters' inner width.
+      alpha: the scale's numerator (PEFT's lora_alpha): the update is scaled by alpha / r.
+      dropout: dropout on the adapters' input while training (PEFT's lora_dropout); only 0
+        is implemented so far, and a run with another value stops naming it.
+      target_modules: which linear layers get adapters (`LORA_TARGETS`).
+      seed: seeds the A matrices.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    seed: int = 0
+
+    def __post_init__(self):
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        object.__setattr__(self, "target_modules", tuple(targets))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be an integer >= 1, got {self.rank!r}.")
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not (math.isfinite(self.alpha) and self.alpha > 0)
+        ):
+            raise ValueError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}.")
+        if self.dropout != 0:
+            raise ValueError(
+                f"LoraConfig.dropout {self.dropout!r}: only 0 is implemented (no dropout)."
+            )
+        bad = [t for t in self.target_modules if t not in LORA_TARGETS]
+        if bad or not self.target_modules:
+            raise ValueError(
+                f"LoraConfig.target_modules {self.target_modules!r}: each must be one of"
+                f" {LORA_TARGETS}, and at least one."
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +105,10 @@ class ModelConfig:
       remat: what each layer keeps for the backward pass: "none" (everything), "full"
         (its input only), "save_dots" (matmul outputs without batch dims: the projections
         and MLP, not attention's scores), "offload_dots" (those, in host memory).
+      lora: low-rank adapters on the linear layers (`LoraConfig`), or None.
 
-    `scan_layers` and `remat` say how the model runs, not what it is: config.json neither
-    holds nor sets them.
+    `scan_layers`, `remat` and `lora` say how the model runs, not what it is: config.json
+    neither holds nor sets them (an adapter is exported merged, or as a PEFT folder).
     """
 
     family: str = "qwen2"
@@ -80,6 +133,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     scan_layers: bool = False
     remat: str = "none"
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:

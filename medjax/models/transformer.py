@@ -48,20 +48,46 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nn
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel [in, out], the transpose of a torch Linear weight."""
+    """y = x @ kernel (+ bias); kernel [in, out], the transpose of a torch Linear weight.
 
-    def __init__(self, d_in, d_out, axes, *, bias, dtype, param_dtype, rngs, std=0.02):
+    With `lora` (a `LoraConfig`), y += scale * (x @ lora_a) @ lora_b: lora_a [in, r] and
+    lora_b [r, out] are `nnx.LoRAParam`s (a kind of `nnx.Param`, so `nnx.split(model,
+    nnx.LoRAParam, ...)` takes the adapters alone). lora_b starts at zero: a new adapter
+    leaves y exactly as it was.
+    """
+
+    def __init__(self, d_in, d_out, axes, *, bias, dtype, param_dtype, rngs, std=0.02, lora=None):
         self.kernel = _param(rngs, (d_in, d_out), axes, param_dtype, std)
         self.bias = (
             nnx.Param(jnp.zeros((d_out,), param_dtype), logical_axes=axes[1:]) if bias else None
         )
         self.dtype = dtype
+        if lora is None:
+            self.lora_a = self.lora_b = None
+            return
+        bound = 1.0 / d_in**0.5  # PEFT's kaiming_uniform(a=sqrt(5)) of an [r, in] weight.
+        a = jax.random.uniform(rngs.lora(), (d_in, lora.rank), jnp.float32, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a.astype(param_dtype), logical_axes=(axes[0], None))
+        self.lora_b = nnx.LoRAParam(
+            jnp.zeros((lora.rank, d_out), param_dtype), logical_axes=(None, axes[1])
+        )
+        self.lora_scale = lora.scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
         return y
+
+
+def _lora(config: ModelConfig, name: str):
+    """The config's LoraConfig if the linear layer `name` is one of its targets, else None."""
+    lora = config.lora
+    return lora if lora is not None and name in lora.target_modules else None
 
 
 class RMSNorm(nnx.Module):
@@ -111,10 +137,11 @@ class Attention(nnx.Module):
         c = config
         d, k = c.hidden_size, c.head_dim
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.q_proj = Linear(d, c.num_heads * k, ("embed", "heads"), bias=c.qkv_bias, **kw)
-        self.k_proj = Linear(d, c.num_kv_heads * k, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
-        self.v_proj = Linear(d, c.num_kv_heads * k, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
-        self.o_proj = Linear(c.num_heads * k, d, ("heads", "embed"), bias=False, **kw)
+        q, kv, bias = c.num_heads * k, c.num_kv_heads * k, c.qkv_bias
+        self.q_proj = Linear(d, q, ("embed", "heads"), bias=bias, lora=_lora(c, "q_proj"), **kw)
+        self.k_proj = Linear(d, kv, ("embed", "kv_heads"), bias=bias, lora=_lora(c, "k_proj"), **kw)
+        self.v_proj = Linear(d, kv, ("embed", "kv_heads"), bias=bias, lora=_lora(c, "v_proj"), **kw)
+        self.o_proj = Linear(q, d, ("heads", "embed"), bias=False, lora=_lora(c, "o_proj"), **kw)
         if c.qk_norm:
             self.q_norm = RMSNorm(k, ("head_dim",), eps=c.rms_norm_eps, **kw)
             self.k_norm = RMSNorm(k, ("head_dim",), eps=c.rms_norm_eps, **kw)
@@ -172,9 +199,10 @@ class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         kw = dict(bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
+        d, f = c.hidden_size, c.intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), lora=_lora(c, "gate_proj"), **kw)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), lora=_lora(c, "up_proj"), **kw)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), lora=_lora(c, "down_proj"), **kw)
 
     def __call__(self, x):
         return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
