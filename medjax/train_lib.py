@@ -36,7 +36,7 @@ from flax import nnx
 
 from medjax import partitioning, topologies
 from medjax.models import checkpoint as checkpoint_lib
-from medjax.models.config import ModelConfig
+from medjax.models.config import LoraConfig, ModelConfig
 from medjax.training import algorithms, aot, disk, evaluation, rl, rl_loop, runtime, sft_loop
 from medjax.training import validate as validate_lib
 from medjax.training.evaluation import evaluate_policy, expert_nll
@@ -73,6 +73,7 @@ def train(
     dtype: str = "float32",
     scan_layers: bool = False,
     remat: str = "none",
+    lora: LoraConfig | None = None,
     seed: int = 0,
     mesh_shape: tuple[int, int, int] = (-1, 1, 1),
     evaluate: bool = True,
@@ -110,6 +111,12 @@ def train(
         per layer (for large models; see `ModelConfig.scan_layers`).
       remat: what each layer keeps for the backward pass: "none", "full", "save_dots" or
         "offload_dots" (`ModelConfig.remat`).
+      lora: train low-rank adapters (`models.LoraConfig`: rank, alpha, target modules)
+        instead of every weight. Each stage adds new adapters (B = 0) to the model it starts
+        from and trains them alone (the optimizer state is theirs); the KL reference is that
+        starting model, computed by the same weights with the adapters off. The stage's
+        export is the merged model (a Hugging Face folder) with the adapters also as a PEFT
+        folder in `export/lora_adapter`, and the next stage starts from the merged model.
       seed: seeds initialisation, data order and sampling.
       mesh_shape: (data, fsdp, tensor); -1 takes the remaining devices.
       evaluate: evaluate on the held-out questions before the first stage and after each.
@@ -200,7 +207,7 @@ def train(
         tokenizer, new_tokenizer = runtime.make_tokenizer(
             run_dir, init_from, loaded.chats, tokenizer_vocab_size, not resuming, chat_template
         )
-        options = {"scan_layers": scan_layers, "remat": remat}
+        options = {"scan_layers": scan_layers, "remat": remat, "lora": lora}
         policy = runtime.init_model(model, init_from, tokenizer, seed, mesh, dtype, options)
         # Nothing was written to run_dir before this point: a setting that cannot run
         # stopped above.
@@ -218,7 +225,7 @@ def train(
                 tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
         run = runtime.Run(run_dir, task, env, loaded, tokenizer, mesh, seed, max_bad_steps,
                           interactive, operative_config, dtype, options)  # fmt: skip
-        result = _run_stages(run, stages, policy, evaluate)
+        result = _run_stages(run, stages, policy, evaluate, values["init_from"])
     except Exception as e:
         full = disk.no_space(e)
         if full is None:
@@ -237,7 +244,7 @@ def _compile_only(target: "str | aot.CompileOnly", values: dict) -> aot.Report:
         config = aot.model_config(
             values["init_from"], values["model"], jnp.dtype(values["dtype"]),
             values["tokenizer_vocab_size"],
-            {"scan_layers": values["scan_layers"], "remat": values["remat"]},
+            {k: values[k] for k in ("scan_layers", "remat", "lora")},
         )  # fmt: skip
         report = aot.compile_run(
             target.topology, config=config, stages=values["stages"], task=values["task"],
@@ -254,8 +261,10 @@ def _compile_only(target: "str | aot.CompileOnly", values: dict) -> aot.Report:
     return report
 
 
-def _run_stages(run: runtime.Run, stages, policy, evaluate: bool) -> dict:
+def _run_stages(run: runtime.Run, stages, policy, evaluate: bool, init_from=None) -> dict:
     run_dir, tokenizer = run.run_dir, run.tokenizer
+    # A LoRA stage's adapters apply to the model it started from (PEFT's base).
+    start = init_from
     points = ["before"] + [f"after_{s.name}" for s in stages]
     sub_policy = None  # M-GRPO's distinct sub-agent, carried from one RL stage to the next.
     # Each point evaluates the agent of the stage it follows (the first: of the first stage).
@@ -273,6 +282,7 @@ def _run_stages(run: runtime.Run, stages, policy, evaluate: bool) -> dict:
                     else None
                 )
             print(f"{stage.name}: finished earlier; loaded {export}", flush=True)
+            start = export
             continue
         evaluation.evaluate_point(run, points[i], policy, evaluate, sub_policy, modes[i])
         if isinstance(stage, SFTStage):
@@ -281,7 +291,14 @@ def _run_stages(run: runtime.Run, stages, policy, evaluate: bool) -> dict:
             policy, sub_policy = rl_loop.run_rl(run, stage, policy, sub_policy)
             if sub_policy is not None:
                 runtime.save_policy(*nnx.split(sub_policy, nnx.Param), tokenizer, export + "_sub")
-        runtime.save_policy(*nnx.split(policy, nnx.Param), tokenizer, export)
+                if sub_policy.config.lora is not None:
+                    sub_policy = run.load_policy(f"stage {stage.name!r}", export + "_sub")
+        runtime.save_policy(*nnx.split(policy, nnx.Param), tokenizer, export, start)
+        if policy.config.lora is not None:
+            # The next stage starts from the merged model with new adapters, as a resumed run
+            # does when it loads this export.
+            policy = run.load_policy(f"stage {stage.name!r}", export)
+        start = export
     evaluation.evaluate_point(run, points[-1], policy, evaluate, sub_policy, modes[-1])
     if not evaluate or jax.process_index() != 0:
         return {}

@@ -214,7 +214,10 @@ class Plan:
         rows (GRAO's references)."""
 
         def build():
-            state = abstract_train_state(self.params, tx, self.mesh)
+            params, frozen = self.params, None
+            if self.config.lora is not None:  # The adapters train; the base rides along.
+                params, frozen = nnx.split_state(self.params, nnx.LoRAParam, nnx.Param)
+            state = abstract_train_state(params, tx, self.mesh)._replace(frozen=frozen)
             step = steps.make_train_step(
                 self.graphdef, tx, loss_fn, num_microbatches=microbatches,
                 state_shardings=steps.shardings_of(state),

@@ -60,18 +60,21 @@ class Checkpointer:
         return final or (self.save_every > 0 and step % self.save_every == 0)
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Saves `state` (a TrainState or a tuple of them) without their `frozen` weights."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(_without_frozen(state)), meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )
 
     def restore(self, step: int, target):
-        """(state, meta) of `step`, placed like `target` (arrays or ShapeDtypeStructs)."""
+        """(state, meta) of `step`, placed like `target` (arrays or ShapeDtypeStructs); a
+        TrainState's `frozen` weights are `target`'s own (checkpoints do not hold them)."""
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            _without_frozen(target),
         )
         out = self._manager.restore(
             step,
@@ -79,7 +82,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
             ),
         )
-        return out["state"], out["meta"]
+        return _with_frozen_of(out["state"], target), out["meta"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -87,3 +90,25 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _is_train_state(x) -> bool:
+    return hasattr(x, "_replace") and hasattr(x, "frozen")
+
+
+def _without_frozen(state):
+    """A TrainState (or a tuple of them) with `frozen` None: a LoRA model's base weights are
+    not the stage's to save; they are loaded again from where the stage started."""
+    if _is_train_state(state):
+        return state._replace(frozen=None)
+    if isinstance(state, tuple):
+        return tuple(_without_frozen(s) for s in state)
+    return state
+
+
+def _with_frozen_of(state, target):
+    if _is_train_state(state):
+        return state._replace(frozen=target.frozen)
+    if isinstance(state, tuple):
+        return tuple(_with_frozen_of(s, t) for s, t in zip(state, target, strict=True))
+    return state

@@ -37,11 +37,14 @@ def _sub_policy(run, stage, model, sub_model, tx, loss_fn, temperature) -> runti
     return runtime.Policy(run, copy, tx, loss_fn, stage.num_microbatches, temperature)
 
 
-def _reference(run, stage, model):
-    """The KL term's frozen reference parameters: `stage.reference`, else the policy's."""
+def _reference(run, stage, model, policy: runtime.Policy):
+    """The KL term's frozen reference weights: `stage.reference`, else the policy's at the
+    stage's start (a LoRA policy's: its base, the adapters off, sharing the base's buffers)."""
     if stage.reference:
         where = f"RLStage {stage.name!r}: reference"
         model = run.load_policy(where, stage.reference)
+    elif policy.state.frozen is not None:
+        return policy.adapters_off()
     return runtime.params_copy(model)
 
 
@@ -66,7 +69,7 @@ def run_rl(
     if method.hierarchical and not stage.shared_model and main_side is None:
         sub_tx = (stage.sub_optimizer or stage.optimizer)(total_steps=total)
         sub = _sub_policy(run, stage, model, sub_model, sub_tx, loss_fn, temperature)
-    reference = _reference(run, stage, model) if method.kl_beta(stage) else None
+    reference = _reference(run, stage, model, policy) if method.kl_beta(stage) else None
     pool = runtime.stage_records(run, stage)
     stream = data.IndexStream(len(pool), stage.prompts_per_step, run.seed)
     ckpt, writer = runtime.stage_outputs(run, stage, PROGRESS_KEYS)

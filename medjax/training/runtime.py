@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -136,12 +137,23 @@ def init_model(config, init_from, tokenizer, seed, mesh, dtype, options) -> Deco
     return partitioning.shard_module(model, mesh)
 
 
-def save_policy(graphdef, params, tokenizer, path: str) -> None:
+LORA_ADAPTER = "lora_adapter"  # A LoRA stage's export holds its adapters here (PEFT).
+
+
+def save_policy(graphdef, params, tokenizer, path: str, base: str | None = None) -> None:
+    """A Hugging Face folder of the policy (LoRA adapters merged in), written whole or not
+    at all; a LoRA policy's adapters also as a PEFT folder, `path/lora_adapter`, whose base
+    is `base` (where the stage started)."""
     if jax.process_index() != 0:
         return
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint_lib.save_pretrained(nnx.merge(graphdef, params), tmp)
+    model = nnx.merge(graphdef, params)
+    checkpoint_lib.save_pretrained(model, tmp)
+    if model.config.lora is not None:
+        checkpoint_lib.save_peft_adapter(
+            model, os.path.join(tmp, LORA_ADAPTER), base_model_name_or_path=base
+        )
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
@@ -291,7 +303,13 @@ class Policy:
         self.score = steps.make_score_fn(self.graphdef, temperature=temperature, mesh=run.mesh)
 
     def model(self):
-        return nnx.merge(self.graphdef, self.state.params)
+        return nnx.merge(self.graphdef, *self.state.weights())
+
+    def adapters_off(self) -> tuple:
+        """A LoRA policy's weights with its adapters zeroed: the model the stage started
+        from (its base), for reference log-probs without a second copy of the model."""
+        zeros = jax.tree.map(jnp.zeros_like, self.state.params)
+        return (zeros, self.state.frozen)
 
 
 def params_copy(model: DecoderLM):
@@ -310,7 +328,7 @@ def score_and_update(run: Run, stage, jobs, reference, bad, step: int, last_good
             if stage.num_iterations > 1:
                 job_batch["old_logps"] = np.asarray(
                     job_policy.score(
-                        job_policy.state.params, job_batch["input_ids"],
+                        job_policy.state.weights(), job_batch["input_ids"],
                         job_batch["attention_mask"], job_batch["loss_mask"],
                     )
                 )  # fmt: skip

@@ -44,7 +44,7 @@ def run_sft(run: runtime.Run, stage, model: DecoderLM) -> DecoderLM:
         final = step + 1 == stage.steps
         scalars.update(
             evaluation.heldout(
-                run, stage, step + 1, functools.partial(nnx.merge, graphdef, state.params)
+                run, stage, step + 1, functools.partial(nnx.merge, graphdef, *state.weights())
             )
         )
         writer.write(step + 1, scalars)
@@ -54,4 +54,4 @@ def run_sft(run: runtime.Run, stage, model: DecoderLM) -> DecoderLM:
             last_good = step + 1
     ckpt.close()
     writer.close()
-    return nnx.merge(graphdef, state.params)
+    return nnx.merge(graphdef, *state.weights())

@@ -33,28 +33,48 @@ class TrainState(NamedTuple):
 
     Attributes:
       step: int32 scalar, updates attempted so far (skipped ones included).
-      params: the model's `nnx.Param` state.
-      opt_state: the optax state.
+      params: the trained parameters: the model's `nnx.Param` state, or with LoRA
+        (`ModelConfig.lora`) its adapters alone (`nnx.LoRAParam`).
+      opt_state: the optax state (of `params` only).
       rng: uint32[2] key; rollouts of step s use `fold_in(rng, s)`.
+      frozen: with LoRA, the base weights, which no step changes and no checkpoint holds
+        (they are loaded again from where the stage started); else None.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    frozen: Any = None
+
+    def weights(self) -> tuple:
+        """What `nnx.merge(graphdef, *weights)` makes the whole model of."""
+        return (self.params,) if self.frozen is None else (self.params, self.frozen)
+
+
+def split_trainable(model: nnx.Module):
+    """(graphdef, trained parameters, frozen ones or None): a LoRA model's adapters and the
+    rest of its parameters, else all its parameters and None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "lora", None) is None:
+        graphdef, params = nnx.split(model, nnx.Param)
+        return graphdef, params, None
+    return nnx.split(model, nnx.LoRAParam, nnx.Param)
 
 
 def create_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh=None):
-    """(graphdef, TrainState) of a model that is already placed (sharded) where it trains."""
+    """(graphdef, TrainState) of a model that is already placed (sharded) where it trains.
+    A LoRA model (`ModelConfig.lora`) trains its adapters only: the optimizer state is the
+    adapters', and the base weights ride along in `TrainState.frozen`."""
     from medjax import partitioning
 
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, frozen = split_trainable(model)
     step, rng = jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)
     if mesh is None:
-        return graphdef, TrainState(step, params, jax.jit(tx.init)(params), rng)
+        return graphdef, TrainState(step, params, jax.jit(tx.init)(params), rng, frozen)
     opt_state = partitioning.init_optimizer_state(tx, params, mesh)
     step, rng = jax.device_put((step, rng), NamedSharding(mesh, PartitionSpec()))
-    return graphdef, TrainState(step, params, opt_state, rng)
+    return graphdef, TrainState(step, params, opt_state, rng, frozen)
 
 
 def shardings_of(tree):
@@ -156,7 +176,8 @@ def make_train_step(
     num_microbatches: int = 1,
     state_shardings=None,
 ):
-    """A jitted `(state, batch) -> (state, metrics)`; the state's buffers are donated.
+    """A jitted `(state, batch) -> (state, metrics)` (`TrainStep`); the state's buffers are
+    donated.
 
     `state_shardings` (`shardings_of(state)`) pins the new state where the old one was, so
     the step compiles once instead of again for the shardings XLA chose for its output.
@@ -165,8 +186,10 @@ def make_train_step(
     averaged), plus `loss`, `grad_norm` and `update_skipped`.
     """
 
-    def numerator(params, batch):
-        model = nnx.merge(graphdef, params)
+    def numerator(params, frozen, batch):
+        # Differentiated with respect to `params` only: a LoRA model's base weights get no
+        # gradient buffers.
+        model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
         _, metrics = loss_fn(model, batch)
         return metrics["loss_numerator"], metrics
 
@@ -175,24 +198,25 @@ def make_train_step(
     named = [s for s in jax.tree.leaves(state_shardings) if isinstance(s, NamedSharding)]
     mesh = named[0].mesh if named else None
 
-    def step(state: TrainState, batch: Batch):
+    def step(state: TrainState, frozen, batch: Batch):
         with partitioning.activations_on(mesh):  # Each device computes its rows only.
-            return _step(state, batch)
+            new_state, metrics = _step(state._replace(frozen=frozen), batch)
+        return new_state._replace(frozen=None), metrics
 
     def _step(state: TrainState, batch: Batch):
         if num_microbatches == 1:
-            grads, metrics = grad_fn(state.params, batch)
+            grads, metrics = grad_fn(state.params, state.frozen, batch)
         else:
             parts = _split(batch, num_microbatches, mesh)
             first = jax.tree.map(lambda x: x[0], parts)
             # Sums in float32 whatever the parameters' dtype (bfloat16 would round each add).
             zeros = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, _wide(s.dtype)),
-                jax.eval_shape(grad_fn, state.params, first),
+                jax.eval_shape(grad_fn, state.params, state.frozen, first),
             )
 
             def body(carry, microbatch):
-                out = grad_fn(state.params, microbatch)
+                out = grad_fn(state.params, state.frozen, microbatch)
                 return jax.tree.map(lambda c, o: c + o.astype(c.dtype), carry, out), None
 
             (grads, metrics), _ = jax.lax.scan(body, zeros, parts)
@@ -211,16 +235,37 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         new_state = TrainState(
-            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rng
-        )
+            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state),
+            state.rng, state.frozen,
+        )  # fmt: skip
         metrics = dict(
             metrics, loss=loss, grad_norm=grad_norm, update_skipped=1 - ok.astype(jnp.int32)
         )
         return new_state, metrics
 
     if state_shardings is None:
-        return jax.jit(step, donate_argnums=0)
-    return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
+        return TrainStep(jax.jit(step, donate_argnums=0))
+    out = (state_shardings._replace(frozen=None), None)
+    return TrainStep(jax.jit(step, donate_argnums=0, out_shardings=out))
+
+
+class TrainStep:
+    """`(state, batch) -> (state, metrics)`, jitted. The state's buffers are donated except
+    `TrainState.frozen` (a LoRA model's base weights), which the step neither changes nor
+    returns: reference log-probs and samplers keep using those buffers."""
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+
+    def __call__(self, state: TrainState, batch: Batch):
+        new_state, metrics = self._jitted(state._replace(frozen=None), state.frozen, batch)
+        return new_state._replace(frozen=state.frozen), metrics
+
+    def lower(self, state: TrainState, batch: Batch):
+        return self._jitted.lower(state._replace(frozen=None), state.frozen, batch)
+
+    def _cache_size(self) -> int:
+        return self._jitted._cache_size()
 
 
 def _wide(dtype):
@@ -229,13 +274,14 @@ def _wide(dtype):
 
 
 def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, mesh=None):
-    """A jitted `(params, input_ids, attention_mask, target_mask) -> [B, T] log-probs`, for
+    """A jitted `(weights, input_ids, attention_mask, target_mask) -> [B, T] log-probs`, for
     the old and reference log-probs of a rollout batch; on `mesh`, each device scores only
-    its rows."""
+    its rows. `weights` is the model's `nnx.Param` state, or a tuple of states that
+    `nnx.merge` puts together (`TrainState.weights()`: a LoRA model's adapters and base)."""
 
     @jax.jit
-    def score(params, input_ids, attention_mask, target_mask):
-        model = nnx.merge(graphdef, params)
+    def score(weights, input_ids, attention_mask, target_mask):
+        model = nnx.merge(graphdef, *(weights if isinstance(weights, tuple) else (weights,)))
         with partitioning.activations_on(mesh):
             return scoring.score_sequences(
                 model, input_ids, attention_mask, target_mask, temperature=temperature

@@ -27,7 +27,7 @@ import numpy as np
 
 from medjax.losses import grpo as grpo_losses
 from medjax.models import tokenizer as tokenizer_lib
-from medjax.models.config import REMAT_POLICY_NAMES
+from medjax.models.config import REMAT_POLICY_NAMES, LoraConfig
 from medjax.training import decoupled as decoupled_lib
 from medjax.training.optim import FLOAT_DTYPES
 
@@ -46,7 +46,7 @@ RUNTIME_FIELDS = frozenset({
 })  # fmt: skip
 # Settings added after runs were first recorded: a run.json without one was started with
 # this value (so a run from an earlier medjax still resumes).
-ADDED_SETTINGS = {"scan_layers": False}
+ADDED_SETTINGS = {"scan_layers": False, "lora": None, "model.lora": None}
 # A stage's `steps` may change while the stage is unfinished (train it longer or shorter).
 STEPS = "steps"
 
@@ -238,6 +238,11 @@ def train_arguments(values: Mapping[str, Any], is_checkpoint: Callable[[str], bo
     if isinstance(dtype, bool) or name not in FLOAT_DTYPES:
         raise SettingError(f"{where}: dtype {dtype!r} is not one of {FLOAT_DTYPES}.")
     flag(where, "scan_layers", values["scan_layers"])
+    if values["lora"] is not None and not isinstance(values["lora"], LoraConfig):
+        raise SettingError(
+            f"{where}: lora {values['lora']!r} is not a LoraConfig (in gin:"
+            " @config.LoraConfig()) or None."
+        )
     choice(where, "remat", values["remat"], REMAT_POLICY_NAMES)
     integer(where, "seed", values["seed"], minimum=0)
     shape = values["mesh_shape"]
