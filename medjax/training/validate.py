@@ -125,7 +125,9 @@ def optimizer(where: str, field: str, value, *, none=False) -> None:
     try:
         value(total_steps=1000)
     except (ValueError, TypeError) as e:
-        raise SettingError(f"{where}: {field}: {' '.join(str(e).split())}") from None
+        # Without the "In call to configurable" lines gin adds to a gin-bound optimizer's.
+        lines = [line for line in str(e).splitlines() if "In call to configurable" not in line]
+        raise SettingError(f"{where}: {field}: {' '.join(' '.join(lines).split())}") from None
 
 
 def checkpoint_path(where: str, field: str, value, is_checkpoint: Callable[[str], bool]) -> None:

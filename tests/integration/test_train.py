@@ -215,3 +215,44 @@ def test_bad_directories_and_data_fail_and_touch_nothing(env, tmp_path):
     out = run(env, "sft", tmp_path / "c", f"train_lib.train.init_from='{stranger}'", check=False)
     assert_clean_failure(out, "not a Hugging Face model folder", str(stranger))
     assert not (tmp_path / "c").exists()
+
+
+def test_a_lora_run_exports_merged_and_peft_and_resumes_exactly(env, tmp_path):
+    """gin/testing/lora.gin: SFT then GRPO with a KL term, rank-4 adapters. Killed after
+    the RL stage's second checkpoint and resumed, it ends with the uninterrupted run's
+    metrics: the resumed RL stage must rebuild the same base (the SFT export, merged) and
+    the same new adapters' A, and restore the trained adapters over them. Catches: a
+    checkpoint that relies on base weights it does not hold, adapters drawn differently on
+    resume, an SFT stage whose adapters are lost from its export, a PEFT folder naming the
+    wrong base."""
+    bindings = ("train_lib.RLStage.steps=4", "train_lib.train.evaluate=False")
+    straight = tmp_path / "straight"
+    run(env, "lora", straight, *bindings)
+    for stage, base in (("sft", None), ("rl", str(straight / "sft" / "export"))):
+        adapter = straight / stage / "export" / "lora_adapter"
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (
+            4, 8.0, base
+        )  # fmt: skip
+        assert (adapter / "adapter_model.safetensors").exists()
+    rl = metrics.read_jsonl(straight / "rl" / "metrics.jsonl")
+    assert all(np.isfinite(r["update/kl_mean"]) for r in rl)
+    assert rl[0]["update/kl_mean"] == 0  # New adapters (B = 0): the policy is its reference.
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        command("lora", killed, env["data_dir"], *bindings), cwd=ROOT, env=env["env"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    marker = killed / "rl" / "checkpoints" / "2" / "commit_success.txt"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run ended before step 2 was saved"
+    out = run(env, "lora", killed, *bindings)
+    assert "resumed from step" in out.stdout
+    assert learning_metrics(killed / "rl" / "metrics.jsonl") == learning_metrics(
+        straight / "rl" / "metrics.jsonl"
+    )
