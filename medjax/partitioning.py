@@ -168,17 +168,18 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> N
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
-def constrain_batch(x: jax.Array, rules: Rules = DEFAULT_RULES) -> jax.Array:
-    """x [batch, ...] pinned to its batch dim over the batch's mesh axes, the rest whole,
-    when traced under a mesh (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`); x as it is
-    without one.
+def constrain_batch(x: jax.Array, rules: Rules = DEFAULT_RULES, axis: int = 0) -> jax.Array:
+    """x [batch, ...] pinned to its batch dim (`axis`: [L, batch, ...] for a KV cache) over
+    the batch's mesh axes, the rest whole, when traced under a mesh (`jax.set_mesh`,
+    `jax.sharding.use_abstract_mesh`); x as it is without one.
 
     The model pins its residual stream so: left to itself, the compiler follows the
     FSDP-sharded weights (embed over fsdp) and has every device compute every row."""
     if jax.sharding.get_abstract_mesh().empty:
         return x
-    spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), rules)
-    return jax.lax.with_sharding_constraint(x, spec)
+    axes = [None] * x.ndim
+    axes[axis] = "batch"
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(tuple(axes), rules))
 
 
 def activations_on(mesh: Mesh | None):

@@ -20,7 +20,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from medjax import partitioning
 from medjax.models.transformer import DecoderLM, KVCache
 
 
@@ -131,7 +133,27 @@ def _broadcast_cache(cache: KVCache, g: int) -> KVCache:
     )  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples"))
+def _rows_on_mesh(cache: KVCache) -> KVCache:
+    """The cache's rows over the batch's mesh axes (under `partitioning.activations_on`)."""
+
+    return KVCache(
+        k=partitioning.constrain_batch(cache.k, axis=1),
+        v=partitioning.constrain_batch(cache.v, axis=1),
+        positions=partitioning.constrain_batch(cache.positions), index=cache.index,
+        lengths=partitioning.constrain_batch(cache.lengths),
+    )  # fmt: skip
+
+
+def mesh_of(state) -> Mesh | None:
+    """The mesh a model's parameters are sharded on (None: not on a mesh)."""
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples", "mesh"))
 def _generate(
     graphdef,
     state,
@@ -142,8 +164,24 @@ def _generate(
     params: SamplingParams,
     num_samples,
     prefix_ids=None,
+    mesh=None,
+):
+    """On `mesh` (the parameters'), each device samples only its rows: the prompts, the KV
+    cache and the tokens are pinned to the batch's mesh axes, as the model pins its
+    residual stream (left to itself the compiler has every device sample every row)."""
+    with partitioning.activations_on(mesh):
+        return _generate_rows(
+            graphdef, state, prompt_ids, prompt_mask, key, row_budget, params, num_samples,
+            prefix_ids,
+        )  # fmt: skip
+
+
+def _generate_rows(
+    graphdef, state, prompt_ids, prompt_mask, key, row_budget, params, num_samples, prefix_ids
 ):
     model = nnx.merge(graphdef, state)
+    prompt_ids = partitioning.constrain_batch(prompt_ids)
+    prompt_mask = partitioning.constrain_batch(prompt_mask)
     p, tp = prompt_ids.shape
     n = params.max_new_tokens
     b = p * num_samples
@@ -157,9 +195,11 @@ def _generate(
         cache = _broadcast_cache(cache, p)
     # Only the last column's logits are needed (left-padded prompts all end there): the LM
     # head on every prompt position would be a third of the prefill's work.
+    cache = _rows_on_mesh(cache)
     hidden, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache, return_hidden=True)
-    cache = _broadcast_cache(cache, num_samples)
+    cache = _rows_on_mesh(_broadcast_cache(cache, num_samples))
     last = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], num_samples, axis=0)
+    last = partitioning.constrain_batch(last)
     stops = [jnp.asarray(s, jnp.int32) for s in params.stop_sequences]
 
     def step(carry):
@@ -190,15 +230,17 @@ def _generate(
             stopped = stopped | jnp.all(window == seq[None], axis=-1)
         done = done | (live & stopped) | (lengths >= row_budget)
         logits, cache = model(token[:, None], attention_mask=live[:, None], cache=cache)
-        return i + 1, key, logits[:, -1], cache, done, lengths, tokens, logps
+        return i + 1, key, logits[:, -1], _rows_on_mesh(cache), done, lengths, tokens, logps
 
     def cond(carry):
         i, _, _, _, done, *_ = carry
         return (i < n) & ~jnp.all(done)
 
+    rows = partitioning.constrain_batch
     init = (
-        jnp.int32(0), key, last, cache, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
-        jnp.full((b, n), params.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+        jnp.int32(0), key, last, cache, rows(jnp.zeros((b,), bool)),
+        rows(jnp.zeros((b,), jnp.int32)), rows(jnp.full((b, n), params.pad_id, jnp.int32)),
+        rows(jnp.zeros((b, n), jnp.float32)),
     )  # fmt: skip
     *_, lengths, tokens, logps = jax.lax.while_loop(cond, step, init)
     return tokens, logps, lengths
@@ -305,7 +347,7 @@ def sample(
     graphdef, state = nnx.split(model)
     tokens, logps, lengths = _generate(
         graphdef, state, prompt_ids, prompt_mask, key, row_budget, params, num_samples,
-        prefix_ids,
+        prefix_ids, mesh_of(state),
     )  # fmt: skip
     # A row holds its tokens up to and including the one that stopped it.
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]

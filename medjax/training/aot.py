@@ -252,7 +252,7 @@ class Plan:
             args = (
                 self.graphdef, self.params, _abstract((rows, width), jnp.int32),
                 _abstract((rows, width), jnp.int32), key, _abstract((rows,), jnp.int32),
-                params, 1, None,
+                params, 1, None, self.mesh,
             )  # fmt: skip
             return sampling._generate, args
 

@@ -224,3 +224,38 @@ def test_optimizer_moments_are_sharded_like_their_parameters(scan, mixed):
         if param.sharding.spec != P() and any(s == "fsdp" for s in param.sharding.spec):
             assert shard.size * 8 == leaf.size, keys
     assert copies == {"mu": len(flat), "nu": len(flat), "master": len(flat) if mixed else 0}
+
+
+def test_the_sampler_on_a_mesh_samples_each_row_on_its_own_device():
+    # 16 prompts on fsdp=8: each device should compute its 2 rows, as one device sampling 2
+    # prompts does (the compiler's FLOP count of the per-device program: measured 13.5M
+    # either way); left to itself the compiler had the devices share out less than that
+    # (21.6M a device: the rows reach the jitted sampler unsharded). The tokens and
+    # log-probs must be the single device's. Catches: the sampler's mesh context or its
+    # cache constraint going missing, or rows mixed up across devices. (Its temporaries
+    # hold the all-gathered weights too, so FLOPs, not bytes, tell the rows apart here.)
+    from medjax import sampling
+
+    config = CONFIG.replace(hidden_size=64, intermediate_size=256)
+    params = sampling.SamplingParams(max_new_tokens=8, temperature=0.7, pad_id=0)
+    ids = jnp.asarray(np.random.default_rng(3).integers(1, 97, (16, 24)), jnp.int32)
+    mask = jnp.ones_like(ids).at[::3, :5].set(0)  # Some rows left-padded.
+    key = jax.random.key(7)
+
+    def sampler(mesh, rows):
+        model = models.DecoderLM(config, rngs=nnx.Rngs(0))
+        if mesh is not None:
+            model = partitioning.shard_module(model, mesh)
+        graphdef, state = nnx.split(model)
+        budget = jnp.full((rows,), 8, jnp.int32)
+        args = (graphdef, state, ids[:rows], mask[:rows], key, budget, params, 1, None, mesh)
+        flops = sampling._generate.lower(*args).compile().cost_analysis()["flops"]
+        return sampling._generate(*args), flops
+
+    got, spread = sampler(partitioning.make_mesh(1, 8, 1), 16)
+    _, two_rows = sampler(None, 2)
+    assert spread < 1.1 * two_rows, (spread, two_rows)
+    want, _ = sampler(None, 16)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
