@@ -45,6 +45,21 @@ def run(env, config, run_dir, *bindings, check=True):
     return out
 
 
+def kill_after_rl_checkpoint(env, config, run_dir, bindings, step=2):
+    """Starts the run and SIGKILLs it as soon as its RL stage's checkpoint `step` commits."""
+    proc = subprocess.Popen(
+        command(config, run_dir, env["data_dir"], *bindings), cwd=ROOT, env=env["env"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    marker = run_dir / "rl" / "checkpoints" / str(step) / "commit_success.txt"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), f"the run ended before step {step} was saved"
+
+
 def learning_metrics(path):
     return [
         {k: v for k, v in r.items() if not k.startswith(UNTIMED) and not k.startswith("compile")}
@@ -114,17 +129,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_metrics(env, tmp_path
     run(env, "grpo", straight, *bindings)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        command("grpo", killed, env["data_dir"], *bindings), cwd=ROOT, env=env["env"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    marker = killed / "rl" / "checkpoints" / "2" / "commit_success.txt"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run ended before step 2 was saved"
+    kill_after_rl_checkpoint(env, "grpo", killed, bindings)
     assert not (killed / "rl" / "export").exists()
 
     out = run(env, "grpo", killed, *bindings)
@@ -240,17 +245,7 @@ def test_a_lora_run_exports_merged_and_peft_and_resumes_exactly(env, tmp_path):
     assert rl[0]["update/kl_mean"] == 0  # New adapters (B = 0): the policy is its reference.
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        command("lora", killed, env["data_dir"], *bindings), cwd=ROOT, env=env["env"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    marker = killed / "rl" / "checkpoints" / "2" / "commit_success.txt"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run ended before step 2 was saved"
+    kill_after_rl_checkpoint(env, "lora", killed, bindings)
     out = run(env, "lora", killed, *bindings)
     assert "resumed from step" in out.stdout
     assert learning_metrics(killed / "rl" / "metrics.jsonl") == learning_metrics(
