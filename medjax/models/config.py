@@ -41,8 +41,8 @@ class LoraConfig:
     Attributes:
       rank: r, the adapters' inner width.
       alpha: the scale's numerator (PEFT's lora_alpha): the update is scaled by alpha / r.
-      dropout: dropout on the adapters' input while training (PEFT's lora_dropout); only 0
-        is implemented so far, and a run with another value stops naming it.
+      dropout: the probability of dropping each input of the adapters while training
+        (PEFT's lora_dropout; `transformer.lora_dropout`); never while sampling or scoring.
       target_modules: which linear layers get adapters (`LORA_TARGETS`).
       seed: seeds the A matrices.
     """
@@ -66,10 +66,12 @@ class LoraConfig:
             or not (math.isfinite(self.alpha) and self.alpha > 0)
         ):
             raise ValueError(f"LoraConfig.alpha must be a number > 0, got {self.alpha!r}.")
-        if self.dropout != 0:
-            raise ValueError(
-                f"LoraConfig.dropout {self.dropout!r}: only 0 is implemented (no dropout)."
-            )
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not (0 <= self.dropout < 1)
+        ):
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         bad = [t for t in self.target_modules if t not in LORA_TARGETS]
         if bad or not self.target_modules:
             raise ValueError(

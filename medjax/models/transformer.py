@@ -15,6 +15,8 @@ one layer, not L. `ModelConfig.remat` rematerialises each layer in the backward 
 (`REMAT_POLICIES`), scanned or not.
 """
 
+import contextlib
+import contextvars
 from typing import NamedTuple
 
 import jax
@@ -23,7 +25,13 @@ from flax import nnx
 
 from medjax import partitioning
 from medjax.kernels import prefix_attention
-from medjax.models.config import REMAT_POLICY_NAMES, ModelConfig, rope_inverse_frequencies
+from medjax.models.config import (
+    LORA_TARGETS,
+    REMAT_POLICY_NAMES,
+    LoraConfig,
+    ModelConfig,
+    rope_inverse_frequencies,
+)
 
 _policies = jax.checkpoint_policies
 # What a layer keeps for its backward pass; the rest is recomputed from the layer's input.
@@ -47,13 +55,37 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nn
     return nnx.Param(value, logical_axes=axes)
 
 
+_LORA_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key: jax.Array | None):
+    """Within it, a model traced with LoRA adapters whose `LoraConfig.dropout` is above 0
+    drops their inputs (PEFT's lora_dropout), with masks drawn from `key` folded with the
+    layer's index and the module's; outside it (sampling, scoring, evaluation) nothing is
+    dropped. The train step enters it with a key per step and microbatch."""
+    token = _LORA_DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT_KEY.reset(token)
+
+
+class LoraAdapter(NamedTuple):
+    """What a Linear layer needs of a LoraConfig: the config and the layer's index in
+    `LORA_TARGETS` (which folds its dropout mask's key)."""
+
+    config: LoraConfig
+    index: int
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out], the transpose of a torch Linear weight.
 
-    With `lora` (a `LoraConfig`), y += scale * (x @ lora_a) @ lora_b: lora_a [in, r] and
-    lora_b [r, out] are `nnx.LoRAParam`s (a kind of `nnx.Param`, so `nnx.split(model,
-    nnx.LoRAParam, ...)` takes the adapters alone). lora_b starts at zero: a new adapter
-    leaves y exactly as it was.
+    With `lora` (a `LoraAdapter`), y += scale * (dropout(x) @ lora_a) @ lora_b: lora_a
+    [in, r] and lora_b [r, out] are `nnx.LoRAParam`s (a kind of `nnx.Param`, so
+    `nnx.split(model, nnx.LoRAParam, ...)` takes the adapters alone). lora_b starts at zero:
+    a new adapter leaves y exactly as it was. Dropout acts only inside `lora_dropout`.
     """
 
     def __init__(self, d_in, d_out, axes, *, bias, dtype, param_dtype, rngs, std=0.02, lora=None):
@@ -65,13 +97,16 @@ class Linear(nnx.Module):
         if lora is None:
             self.lora_a = self.lora_b = None
             return
+        rank = lora.config.rank
         bound = 1.0 / d_in**0.5  # PEFT's kaiming_uniform(a=sqrt(5)) of an [r, in] weight.
-        a = jax.random.uniform(rngs.lora(), (d_in, lora.rank), jnp.float32, -bound, bound)
+        a = jax.random.uniform(rngs.lora(), (d_in, rank), jnp.float32, -bound, bound)
         self.lora_a = nnx.LoRAParam(a.astype(param_dtype), logical_axes=(axes[0], None))
         self.lora_b = nnx.LoRAParam(
-            jnp.zeros((lora.rank, d_out), param_dtype), logical_axes=(None, axes[1])
+            jnp.zeros((rank, d_out), param_dtype), logical_axes=(None, axes[1])
         )
-        self.lora_scale = lora.scale
+        self.lora_scale = lora.config.scale
+        self.lora_dropout = lora.config.dropout
+        self.lora_index = lora.index
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -79,15 +114,23 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+            h = x
+            key = _LORA_DROPOUT_KEY.get()
+            if key is not None and self.lora_dropout > 0:
+                keep = 1.0 - self.lora_dropout
+                kept = jax.random.bernoulli(jax.random.fold_in(key, self.lora_index), keep, x.shape)
+                h = jnp.where(kept, x / keep, 0).astype(self.dtype)
+            low = jnp.dot(h, self.lora_a[...].astype(self.dtype))
             y = y + self.lora_scale * jnp.dot(low, self.lora_b[...].astype(self.dtype))
         return y
 
 
-def _lora(config: ModelConfig, name: str):
-    """The config's LoraConfig if the linear layer `name` is one of its targets, else None."""
+def _lora(config: ModelConfig, name: str) -> LoraAdapter | None:
+    """The adapter of the linear layer `name` if the config's LoRA targets it, else None."""
     lora = config.lora
-    return lora if lora is not None and name in lora.target_modules else None
+    if lora is None or name not in lora.target_modules:
+        return None
+    return LoraAdapter(lora, LORA_TARGETS.index(name))
 
 
 class RMSNorm(nnx.Module):
@@ -371,10 +414,15 @@ class DecoderLM(nnx.Module):
         c = self.config
         k, v, slot_pos, index = (None,) * 4 if cache is None else cache
 
+        dropout_key = _LORA_DROPOUT_KEY.get()
+
         def apply(graphdef, params, x, k, v, i):
             layer = nnx.merge(graphdef, params)
             kv_cache = None if k is None else (k, v, i, slot_pos, index)
-            x, kv = layer(x, positions, inv_freq, kv_cache, segment_ids, impl)
+            # Each layer's adapters draw their own dropout masks.
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            with lora_dropout(key):
+                x, kv = layer(x, positions, inv_freq, kv_cache, segment_ids, impl)
             x = partitioning.constrain_batch(x)
             return (x, k, v) if kv is None else (x, *kv)
 

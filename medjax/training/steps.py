@@ -20,10 +20,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from medjax import losses, partitioning, scoring
+from medjax.models import transformer
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
+# Folded into TrainState.rng for LoRA dropout's keys, apart from the rollouts' fold_in(rng, s).
+DROPOUT_STREAM = 0x10AD
 # Metrics that add up across microbatches; the others are averaged.
 SUMMED = ("loss_numerator", "loss_denominator", "num_tokens", "num_sequences")
 
@@ -186,11 +189,12 @@ def make_train_step(
     averaged), plus `loss`, `grad_norm` and `update_skipped`.
     """
 
-    def numerator(params, frozen, batch):
+    def numerator(params, frozen, batch, key):
         # Differentiated with respect to `params` only: a LoRA model's base weights get no
         # gradient buffers.
         model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
-        _, metrics = loss_fn(model, batch)
+        with transformer.lora_dropout(key):  # Drops only with LoraConfig.dropout > 0.
+            _, metrics = loss_fn(model, batch)
         return metrics["loss_numerator"], metrics
 
     grad_fn = jax.grad(numerator, has_aux=True)
@@ -204,21 +208,25 @@ def make_train_step(
         return new_state._replace(frozen=None), metrics
 
     def _step(state: TrainState, batch: Batch):
+        # LoRA dropout's masks: a key per step and microbatch (rollouts use fold_in(rng, s)).
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, DROPOUT_STREAM), state.step)
         if num_microbatches == 1:
-            grads, metrics = grad_fn(state.params, state.frozen, batch)
+            grads, metrics = grad_fn(state.params, state.frozen, batch, key)
         else:
             parts = _split(batch, num_microbatches, mesh)
             first = jax.tree.map(lambda x: x[0], parts)
             # Sums in float32 whatever the parameters' dtype (bfloat16 would round each add).
             zeros = jax.tree.map(
                 lambda s: jnp.zeros(s.shape, _wide(s.dtype)),
-                jax.eval_shape(grad_fn, state.params, state.frozen, first),
+                jax.eval_shape(grad_fn, state.params, state.frozen, first, key),
             )
 
-            def body(carry, microbatch):
-                out = grad_fn(state.params, state.frozen, microbatch)
+            def body(carry, part):
+                microbatch, m = part
+                out = grad_fn(state.params, state.frozen, microbatch, jax.random.fold_in(key, m))
                 return jax.tree.map(lambda c, o: c + o.astype(c.dtype), carry, out), None
 
+            parts = (parts, jnp.arange(num_microbatches))
             (grads, metrics), _ = jax.lax.scan(body, zeros, parts)
             metrics = {k: v if k in SUMMED else v / num_microbatches for k, v in metrics.items()}
         denominator = metrics["loss_denominator"]

@@ -201,7 +201,7 @@ def test_adapters_are_a_separate_kind_of_parameter():
     a = np.asarray(model.layers[0].self_attn.q_proj.lora_a.get_value())
     assert 0 < np.abs(a).max() <= 1 / 4  # Uniform in +-1/sqrt(16).
     assert not np.asarray(model.layers[0].self_attn.q_proj.lora_b.get_value()).any()
-    with pytest.raises(ValueError, match="only 0 is implemented"):
-        models.LoraConfig(dropout=0.1)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        models.LoraConfig(dropout=1.0)
     with pytest.raises(ValueError, match=r"target_modules \('qkv',\): each must be one of"):
         models.LoraConfig(target_modules=("qkv",))

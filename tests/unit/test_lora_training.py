@@ -119,3 +119,68 @@ def test_a_checkpoint_holds_the_adapters_alone(tmp_path):
     pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params), strict=True)
     for want, got in pairs:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def identity_adapter(dropout: float, index: int = 0):
+    """A Linear whose kernel is 0 and adapter is the identity at scale 1: y = dropout(x)."""
+    from medjax.models import transformer
+
+    lora = transformer.LoraAdapter(models.LoraConfig(rank=256, alpha=256.0, dropout=dropout), index)
+    layer = transformer.Linear(
+        256, 256, ("embed", "mlp"), bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+        rngs=nnx.Rngs(0), lora=lora,
+    )  # fmt: skip
+    layer.kernel.set_value(jnp.zeros((256, 256)))
+    layer.lora_a.set_value(jnp.eye(256))
+    layer.lora_b.set_value(jnp.eye(256))
+    return layer
+
+
+def test_lora_dropout_drops_a_quarter_of_the_inputs_and_scales_the_rest_by_four_thirds():
+    # y = dropout(x) of 4 x 256 ones at p = 0.25: each entry 0 or 1 / 0.75, zeros about a
+    # quarter (1,024 draws: standard deviation 0.0135, allowed 0.05). Outside the dropout
+    # context (sampling, scoring) y is x exactly. The same key gives the same mask; another
+    # module (index) or another key another. Catches: dropout while sampling or scoring,
+    # the kept inputs not rescaled, p taken as the keep probability, one mask shared by
+    # every adapter.
+    from medjax.models import transformer
+
+    x = jnp.ones((4, 256))
+    layer = identity_adapter(0.25)
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.ones((4, 256)))
+    with transformer.lora_dropout(jax.random.key(0)):
+        y = np.asarray(layer(x))
+        again = np.asarray(layer(x))
+        other_module = np.asarray(identity_adapter(0.25, index=3)(x))
+    with transformer.lora_dropout(jax.random.key(1)):
+        other_key = np.asarray(layer(x))
+    np.testing.assert_allclose(np.unique(y), [0.0, 4 / 3], rtol=1e-6)
+    assert abs((y == 0).mean() - 0.25) < 0.05
+    np.testing.assert_array_equal(y, again)
+    assert (y != other_module).any() and (y != other_key).any()
+
+
+def test_a_train_step_with_lora_dropout_differs_from_scoring_and_repeats_itself():
+    # The step's loss is taken with dropout (its own key from the state's rng and step), the
+    # same state and batch give the same loss, and scoring the same weights drops nothing.
+    # Catches: dropout not reaching the train step, or a key that changes between two
+    # identical steps (a run would not resume to the same metrics).
+    config = CONFIG.replace(lora=models.LoraConfig(rank=2, alpha=6.0, dropout=0.5))
+    model = models.DecoderLM(config, rngs=nnx.Rngs(0))
+    graphdef, state = steps.create_state(model, optax.sgd(0.0), 0)
+    with_b = jax.tree.map(lambda x: x, state.params)
+    for path, variable in nnx.to_flat_state(with_b):
+        if path[-1] == "lora_b":  # Non-zero B, or dropout would change nothing.
+            variable.set_value(jnp.full(variable.get_value().shape, 0.5))
+    state = state._replace(params=with_b)
+    b = batch()
+    logps = scoring.score_sequences(
+        nnx.merge(graphdef, *state.weights()), b["input_ids"], b["attention_mask"], b["loss_mask"]
+    )
+    deterministic = float(-(logps * b["loss_mask"]).sum() / b["loss_mask"].sum())
+    step = steps.make_train_step(graphdef, optax.sgd(0.0), steps.sft_loss_fn)
+    copy = jax.tree.map(jnp.copy, state)
+    _, first = step(state, b)
+    _, second = step(copy, b)
+    assert float(first["loss"]) == float(second["loss"])
+    assert abs(float(first["loss"]) - deterministic) > 1e-4
