@@ -184,3 +184,31 @@ def test_a_train_step_with_lora_dropout_differs_from_scoring_and_repeats_itself(
     _, second = step(copy, b)
     assert float(first["loss"]) == float(second["loss"])
     assert abs(float(first["loss"]) - deterministic) > 1e-4
+
+
+def test_the_sampler_samples_the_adapted_model(tmp_path):
+    # Greedy tokens of a LoRA model with trained (non-zero) adapters equal those of its
+    # merged export loaded back (W + scale A B in one weight), and differ from the base's.
+    # Catches a sampler that splits the model's Params and drops the adapters, or merges
+    # the base alone.
+    from medjax import sampling
+
+    model = models.DecoderLM(CONFIG, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.LoRAParam)
+    rng = np.random.default_rng(2)
+    for path, variable in nnx.to_flat_state(state):
+        if path[-1] == "lora_b":
+            variable.set_value(jnp.asarray(rng.normal(0, 1.0, variable.get_value().shape)))
+    nnx.update(model, state)
+    models.save_pretrained(model, tmp_path / "merged")
+    models.save_pretrained(model, tmp_path / "base", merge_lora=False)
+    ids = jnp.asarray(np.random.default_rng(4).integers(1, 64, (3, 6)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    params = sampling.SamplingParams(max_new_tokens=12, greedy=True, pad_id=0)
+
+    def tokens(m):
+        return np.asarray(sampling.sample(m, ids, mask, jax.random.key(0), params).tokens)
+
+    adapted = tokens(model)
+    np.testing.assert_array_equal(adapted, tokens(models.from_pretrained(tmp_path / "merged")))
+    assert (adapted != tokens(models.from_pretrained(tmp_path / "base"))).any()
