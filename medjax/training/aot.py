@@ -231,17 +231,22 @@ class Plan:
             flops = model_flops(self.config, "train", rows, width)
         return Program(name, shape, build, flops)
 
-    def score(self, name, rows: int, width: int, temperature: float) -> Program:
+    def score(self, name, rows: int, width: int, temperature: float,
+              microbatches: int = 1) -> Program:  # fmt: skip
         def build():
             # The run passes host arrays: the compiler places them (unspecified shardings).
             args = [_abstract((rows, width), jnp.int32) for _ in range(3)]
-            score = steps.make_score_fn(self.graphdef, temperature=temperature, mesh=self.mesh)
-            return score, (
-                self.params, *args,
+            score = steps.make_score_fn(
+                self.graphdef, temperature=temperature, mesh=self.mesh,
+                num_microbatches=microbatches,
             )  # fmt: skip
+            return score, (self.params, *args)
 
         flops = model_flops(self.config, "score", rows, width)
-        return Program(name, f"{rows} rows x {width} tokens", build, flops)
+        shape = f"{rows} rows x {width} tokens" + (
+            f", {microbatches} microbatches" if microbatches > 1 else ""
+        )
+        return Program(name, shape, build, flops)
 
     def sampler(self, name, rows: int, width: int, params: sampling.SamplingParams) -> Program:
         """`sampling._generate` on `rows` prompts left-padded to `width`, one sample each."""
@@ -345,7 +350,9 @@ def _rl_programs(plan: Plan, stage: RLStage, task, notes: list[str]) -> list[Pro
         why = " and ".join(
             w for w, on in (("old", scored), ("reference", kl)) if on
         )  # fmt: skip
-        out.append(plan.score(f"{stage.name}: {why} log-probs", p * g, width, task.temperature))
+        out.append(plan.score(
+            f"{stage.name}: {why} log-probs", p * g, width, task.temperature, micro
+        ))  # fmt: skip
     out.append(
         plan.longest_turn(
             f"{stage.name}: sampler (longest turn)", p * g, context, _sampling_params(task, False)

@@ -300,7 +300,10 @@ class Policy:
             self.graphdef, tx, loss_fn, num_microbatches=num_microbatches,
             state_shardings=steps.shardings_of(self.state),
         )  # fmt: skip
-        self.score = steps.make_score_fn(self.graphdef, temperature=temperature, mesh=run.mesh)
+        self.score = steps.make_score_fn(
+            self.graphdef, temperature=temperature, mesh=run.mesh,
+            num_microbatches=num_microbatches,
+        )  # fmt: skip
 
     def model(self):
         return nnx.merge(self.graphdef, *self.state.weights())

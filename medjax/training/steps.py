@@ -281,18 +281,33 @@ def _wide(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def make_score_fn(graphdef: nnx.GraphDef, *, temperature: float = 1.0, mesh=None):
+def make_score_fn(
+    graphdef: nnx.GraphDef, *, temperature: float = 1.0, mesh=None, num_microbatches: int = 1
+):
     """A jitted `(weights, input_ids, attention_mask, target_mask) -> [B, T] log-probs`, for
     the old and reference log-probs of a rollout batch; on `mesh`, each device scores only
     its rows. `weights` is the model's `nnx.Param` state, or a tuple of states that
-    `nnx.merge` puts together (`TrainState.weights()`: a LoRA model's adapters and base)."""
+    `nnx.merge` puts together (`TrainState.weights()`: a LoRA model's adapters and base).
+    With `num_microbatches` M the rows are scored M groups at a time (as the update step
+    splits them), so that only B / M rows' activations are alive at once."""
 
     @jax.jit
     def score(weights, input_ids, attention_mask, target_mask):
         model = nnx.merge(graphdef, *(weights if isinstance(weights, tuple) else (weights,)))
-        with partitioning.activations_on(mesh):
+
+        def rows(part):
             return scoring.score_sequences(
-                model, input_ids, attention_mask, target_mask, temperature=temperature
-            )
+                model, part["input_ids"], part["attention_mask"], part["target_mask"],
+                temperature=temperature,
+            )  # fmt: skip
+
+        batch = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask
+        }  # fmt: skip
+        with partitioning.activations_on(mesh):
+            if num_microbatches == 1:
+                return rows(batch)
+            logps = jax.lax.map(rows, _split(batch, num_microbatches, mesh))
+            return logps.reshape(input_ids.shape[0], *logps.shape[2:])
 
     return score

@@ -124,15 +124,16 @@ def _listing(stages, evaluate=True, task=TASK):
 
 def test_grpo_programs_at_the_run_sizes():
     """16 episodes in 2 minibatches of 2 microbatches, old and reference log-probs scored on
-    all 16; the sampler's longest turn: 16 rows (ladder), a prompt of 1,536 (the ladder's
-    step above 1,535), 8 new tokens; evaluation: 3 questions -> 4 rows. Catches
+    all 16 in the stage's 2 microbatches; the sampler's longest turn: 16 rows (ladder), a
+    prompt of 1,536 (the ladder's step above 1,535), 8 new tokens; evaluation: 3 questions
+    -> 4 rows. Catches
     minibatches not dividing the rows, scoring left out when num_iterations > 1, the
     evaluation sized by the training batch."""
     stage = RLStage(prompts_per_step=4, num_generations=4, num_minibatches=2,
                     num_microbatches=2, num_iterations=2, kl_beta=0.1)  # fmt: skip
     assert _listing([stage]) == [
         ("rl: update step", "8 rows x 1536 tokens, 2 microbatches"),
-        ("rl: old and reference log-probs", "16 rows x 1536 tokens"),
+        ("rl: old and reference log-probs", "16 rows x 1536 tokens, 2 microbatches"),
         ("rl: sampler (longest turn)", "16 rows, prompt 1536 + 8 new tokens"),
         ("eval: sampler (greedy, longest turn)", "4 rows, prompt 1536 + 8 new tokens"),
         ("eval: expert NLL scoring", "3 rows x 1536 tokens"),
