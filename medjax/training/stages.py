@@ -55,7 +55,9 @@ class SFTStage:
 
     def validate(self) -> None:
         """Raises TrainError naming the first field that cannot run (type, range, role)."""
-        validated(validate_lib.sft_stage, fields(self), rl.ROLES)
+        values = fields(self)
+        validated(validate_lib.sft_stage, values, rl.ROLES)
+        validated(validate_lib.optimizers, f"SFTStage {self.name!r}", values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +157,7 @@ class RLStage:
             )
         where = f"RLStage {self.name!r}"
         validated(method.check, where, values, _RL_DEFAULTS)
+        validated(validate_lib.optimizers, where, values)
 
 
 _RL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RLStage)}

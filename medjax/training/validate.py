@@ -115,19 +115,20 @@ def function(where: str, field: str, value, *, none=False) -> None:
         raise SettingError(f"{where}: {field} {value!r} is not callable{_or_none(none)}.")
 
 
-def optimizer(where: str, field: str, value, *, none=False) -> None:
-    """A callable that builds an optax optimizer from `total_steps` (what the stages call);
-    built here once so that a bad option (a schedule, a dtype name) stops the run before
-    anything is written."""
-    function(where, field, value, none=none)
-    if value is None:
-        return
-    try:
-        value(total_steps=1000)
-    except (ValueError, TypeError) as e:
-        # Without the "In call to configurable" lines gin adds to a gin-bound optimizer's.
-        lines = [line for line in str(e).splitlines() if "In call to configurable" not in line]
-        raise SettingError(f"{where}: {field}: {' '.join(' '.join(lines).split())}") from None
+def optimizers(where: str, values: Mapping[str, Any]) -> None:
+    """Builds the stage's optimizers (`optimizer`, and `sub_optimizer` when set) as the
+    stage will, so that a bad option (a schedule, a dtype name) stops the run before
+    anything is written. Checked after the fields, which say what is callable."""
+    for field in ("optimizer", "sub_optimizer"):
+        value = values.get(field)
+        if value is None:
+            continue
+        try:
+            value(total_steps=1000)
+        except (ValueError, TypeError) as e:
+            # Without the "In call to configurable" lines gin adds to a gin-bound optimizer's.
+            lines = [ln for ln in str(e).splitlines() if "In call to configurable" not in ln]
+            raise SettingError(f"{where}: {field}: {' '.join(' '.join(lines).split())}") from None
 
 
 def checkpoint_path(where: str, field: str, value, is_checkpoint: Callable[[str], bool]) -> None:
@@ -160,7 +161,7 @@ def _common(where: str, values: Mapping[str, Any]) -> None:
     integer(where, "save_every", values["save_every"], minimum=1)
     integer(where, "keep_checkpoints", values["keep_checkpoints"], minimum=1)
     integer(where, "heldout_every", values["heldout_every"], minimum=0)
-    optimizer(where, "optimizer", values["optimizer"])
+    function(where, "optimizer", values["optimizer"])
 
 
 def sft_stage(values: Mapping[str, Any], roles: Sequence[str | None]) -> None:
@@ -202,7 +203,7 @@ def rl_stage(values: Mapping[str, Any], algorithm_names: Sequence[str]) -> None:
     choice(where, "advantage_scale", values["advantage_scale"], grpo_losses.REWARD_SCALES)
     integer(where, "advantage_ddof", values["advantage_ddof"], minimum=0)
     flag(where, "shared_model", values["shared_model"])
-    optimizer(where, "sub_optimizer", values["sub_optimizer"], none=True)
+    function(where, "sub_optimizer", values["sub_optimizer"], none=True)
     integer(where, "sub_target_count", values["sub_target_count"], minimum=1, none=True)
     flag(where, "sub_alignment", values["sub_alignment"])
     flag(where, "train_sub", values["train_sub"])

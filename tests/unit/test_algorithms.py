@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medjax import agents, losses, train_lib
-from medjax.training import algorithms, rl
+from medjax.training import algorithms, optim, rl
 from medjax.training.algorithms import base
 
 
@@ -96,7 +96,7 @@ def test_a_setting_that_would_do_nothing_stops_the_stage_naming_it(kwargs, messa
 def test_the_settings_each_algorithm_reads_are_accepted():
     train_lib.RLStage(algorithm="grpo", kl_beta=0.04, reference="/models/ref",
                       advantage_scale="batch")  # fmt: skip
-    train_lib.RLStage(algorithm="mgrpo", shared_model=False, sub_optimizer=losses.grpo_loss,
+    train_lib.RLStage(algorithm="mgrpo", shared_model=False, sub_optimizer=optim.make_optimizer,
                       train_sub=False, sub_init_from="/models/sub")  # fmt: skip
     method = algorithms.MGRPO(target_quantile=0.5, sub_reward_variant="paper",
                               expert_rater=lambda s: 1.0)  # fmt: skip
