@@ -157,6 +157,16 @@ def init_optimizer_state(tx, params, mesh: Mesh):
     return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)
 
 
+def mesh_of(tree) -> Mesh | None:
+    """The mesh of the first NamedSharding in `tree` (of arrays or of shardings); None when
+    nothing in it is on a mesh."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = leaf if isinstance(leaf, NamedSharding) else getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
 def on_mesh(sharding, mesh: Mesh) -> bool:
     """Whether `sharding` is a NamedSharding on a mesh of `mesh`'s shape (what
     `init_optimizer_state` keeps; anything else it replicates)."""

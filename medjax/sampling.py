@@ -20,7 +20,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
 
 from medjax import partitioning
 from medjax.models.transformer import DecoderLM, KVCache
@@ -142,15 +141,6 @@ def _rows_on_mesh(cache: KVCache) -> KVCache:
         positions=partitioning.constrain_batch(cache.positions), index=cache.index,
         lengths=partitioning.constrain_batch(cache.lengths),
     )  # fmt: skip
-
-
-def mesh_of(state) -> Mesh | None:
-    """The mesh a model's parameters are sharded on (None: not on a mesh)."""
-    for leaf in jax.tree.leaves(state):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            return sharding.mesh
-    return None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples", "mesh"))
@@ -347,7 +337,7 @@ def sample(
     graphdef, state = nnx.split(model)
     tokens, logps, lengths = _generate(
         graphdef, state, prompt_ids, prompt_mask, key, row_budget, params, num_samples,
-        prefix_ids, mesh_of(state),
+        prefix_ids, partitioning.mesh_of(state),
     )  # fmt: skip
     # A row holds its tokens up to and including the one that stopped it.
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]

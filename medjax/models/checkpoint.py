@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from medjax import partitioning
 from medjax.models.config import ModelConfig, from_hf_config, to_hf_config
-from medjax.models.transformer import DecoderLM
+from medjax.models.transformer import DecoderLM, new_lora_a
 
 _DTYPES = {
     "F64": np.float64,
@@ -461,11 +461,7 @@ def build_model(
         sources = [s.T if transposed else s for s in sources]
         # A stacked parameter's shard reads only its own layers' tensors.
         source = _Stack(sources) if _stacked(path_tuple, config) else sources[0]
-        if mesh is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        else:
-            axes = variable.get_metadata()["logical_axes"]
-            sharding = partitioning.sharding_for(shape, axes, mesh, rules)
+        sharding = _placement(variable, mesh, rules)
         variable.set_value(
             jax.make_array_from_callback(
                 # A copy, never a view of the memory map: jax on CPU may alias host memory,
@@ -478,25 +474,26 @@ def build_model(
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), expected
 
 
-def _new_adapter(path: tuple, variable, config: ModelConfig, mesh, rules) -> jax.Array:
-    """A new LoRA matrix: B zero; A uniform in +-1/sqrt(in) (as `transformer.Linear` draws
-    it), keyed by the config's LoRA seed and the parameter's path."""
-    shape = variable.get_value().shape
+def _placement(variable, mesh, rules) -> jax.sharding.Sharding:
+    """Where a parameter goes: sharded on `mesh` by its logical axes, else the default
+    device."""
     if mesh is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    else:
-        sharding = partitioning.sharding_for(
-            shape, variable.get_metadata()["logical_axes"], mesh, rules
-        )
-    dtype = config.param_dtype
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    axes = variable.get_metadata()["logical_axes"]
+    return partitioning.sharding_for(variable.get_value().shape, axes, mesh, rules)
+
+
+def _new_adapter(path: tuple, variable, config: ModelConfig, mesh, rules) -> jax.Array:
+    """A new LoRA matrix: B zero; A as `transformer.Linear` draws it (`new_lora_a`), keyed by
+    the config's LoRA seed and the parameter's path."""
+    shape, dtype = variable.get_value().shape, config.param_dtype
     if path[-1] == "lora_b":
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-    key = jax.random.fold_in(
-        jax.random.PRNGKey(config.lora.seed), zlib.crc32("/".join(map(str, path)).encode())
-    )
-    bound = 1.0 / shape[-2] ** 0.5
-    draw = lambda: jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)  # noqa: E731
-    return jax.jit(draw, out_shardings=sharding)()
+        draw = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+    else:
+        path_hash = zlib.crc32("/".join(map(str, path)).encode())
+        key = jax.random.fold_in(jax.random.PRNGKey(config.lora.seed), path_hash)
+        draw = lambda: new_lora_a(key, shape, dtype)  # noqa: E731
+    return jax.jit(draw, out_shardings=_placement(variable, mesh, rules))()
 
 
 class _Stack:

@@ -71,6 +71,13 @@ def lora_dropout(key: jax.Array | None):
         _LORA_DROPOUT_KEY.reset(token)
 
 
+def new_lora_a(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """A new LoRA A [..., in, r]: uniform in +-1/sqrt(in), PEFT's kaiming_uniform(a=sqrt(5))
+    of its [r, in] weight."""
+    bound = 1.0 / shape[-2] ** 0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
 class LoraAdapter(NamedTuple):
     """What a Linear layer needs of a LoraConfig: the config and the layer's index in
     `LORA_TARGETS` (which folds its dropout mask's key)."""
@@ -98,9 +105,8 @@ class Linear(nnx.Module):
             self.lora_a = self.lora_b = None
             return
         rank = lora.config.rank
-        bound = 1.0 / d_in**0.5  # PEFT's kaiming_uniform(a=sqrt(5)) of an [r, in] weight.
-        a = jax.random.uniform(rngs.lora(), (d_in, rank), jnp.float32, -bound, bound)
-        self.lora_a = nnx.LoRAParam(a.astype(param_dtype), logical_axes=(axes[0], None))
+        a = new_lora_a(rngs.lora(), (d_in, rank), param_dtype)
+        self.lora_a = nnx.LoRAParam(a, logical_axes=(axes[0], None))
         self.lora_b = nnx.LoRAParam(
             jnp.zeros((rank, d_out), param_dtype), logical_axes=(None, axes[1])
         )

@@ -199,8 +199,7 @@ def make_train_step(
 
     grad_fn = jax.grad(numerator, has_aux=True)
     # The state's mesh, which the microbatches are spread over (None: one device).
-    named = [s for s in jax.tree.leaves(state_shardings) if isinstance(s, NamedSharding)]
-    mesh = named[0].mesh if named else None
+    mesh = partitioning.mesh_of(state_shardings)
 
     def step(state: TrainState, frozen, batch: Batch):
         with partitioning.activations_on(mesh):  # Each device computes its rows only.

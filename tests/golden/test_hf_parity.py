@@ -203,5 +203,11 @@ def test_adapters_are_a_separate_kind_of_parameter():
     assert not np.asarray(model.layers[0].self_attn.q_proj.lora_b.get_value()).any()
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
         models.LoraConfig(dropout=1.0)
+    with pytest.raises(ValueError, match=r"LoraConfig.rank must be an integer >= 1, got 0\."):
+        models.LoraConfig(rank=0)
+    with pytest.raises(ValueError, match=r"LoraConfig.alpha must be a number > 0, got -1\.0\."):
+        models.LoraConfig(alpha=-1.0)
+    with pytest.raises(ValueError, match=r"save_peft_adapter: the model has no LoRA adapters"):
+        models.save_peft_adapter(models.DecoderLM(config.replace(lora=None), rngs=nnx.Rngs(0)), "x")
     with pytest.raises(ValueError, match=r"target_modules \('qkv',\): each must be one of"):
         models.LoraConfig(target_modules=("qkv",))

@@ -77,6 +77,8 @@ def test_a_bad_precision_name_stops_the_stage():
         "SFTStage 'sft': optimizer: make_optimizer: master_dtype 'flot32' is not one of"
         " ('float32', 'bfloat16', 'float16')."
     )
+    with pytest.raises(ValueError, match=r"moments_dtype 'int8' is not one of"):
+        optim.make_optimizer(1e-3, moments_dtype="int8")
 
 
 class Weight(nnx.Module):
