@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax import partitioning, topologies
+from medjax.kernels import attention as attention_lib
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models.config import LoraConfig, ModelConfig
 from medjax.training import algorithms, aot, disk, evaluation, rl, rl_loop, runtime, sft_loop
@@ -73,6 +74,7 @@ def train(
     dtype: str = "float32",
     scan_layers: bool = False,
     remat: str = "none",
+    attention: str = "auto",
     lora: LoraConfig | None = None,
     seed: int = 0,
     mesh_shape: tuple[int, int, int] = (-1, 1, 1),
@@ -111,6 +113,9 @@ def train(
         per layer (for large models; see `ModelConfig.scan_layers`).
       remat: what each layer keeps for the backward pass: "none", "full", "save_dots" or
         "offload_dots" (`ModelConfig.remat`).
+      attention: plain causal attention's implementation: "auto" (splash attention on TPU,
+        cuDNN on GPU in bf16/f16, XLA otherwise), "xla", "splash" or "cudnn"
+        (`ModelConfig.attention`); one the mesh's platform cannot run stops the run.
       lora: train low-rank adapters (`models.LoraConfig`: rank, alpha, target modules)
         instead of every weight. Each stage adds new adapters (B = 0) to the model it starts
         from and trains them alone (the optimizer state is theirs); the KL reference is that
@@ -180,6 +185,10 @@ def train(
         mesh = partitioning.make_mesh(*mesh_shape)
     except ValueError as e:
         raise TrainError(f"train: mesh_shape {tuple(mesh_shape)}: {e}") from None
+    try:
+        attention_lib.check_platform(attention, mesh.devices.flat[0].platform)
+    except ValueError as e:
+        raise TrainError(f"train: {e}") from None
     dtype = jnp.dtype(dtype)
     run_dir = os.path.abspath(run_dir)
     if init_from is not None:
@@ -207,7 +216,7 @@ def train(
         tokenizer, new_tokenizer = runtime.make_tokenizer(
             run_dir, init_from, loaded.chats, tokenizer_vocab_size, not resuming, chat_template
         )
-        options = {"scan_layers": scan_layers, "remat": remat, "lora": lora}
+        options = {"scan_layers": scan_layers, "remat": remat, "attention": attention, "lora": lora}
         policy = runtime.init_model(model, init_from, tokenizer, seed, mesh, dtype, options)
         # Nothing was written to run_dir before this point: a setting that cannot run
         # stopped above.
@@ -241,10 +250,14 @@ def _compile_only(target: "str | aot.CompileOnly", values: dict) -> aot.Report:
     if isinstance(target, str):
         target = aot.CompileOnly(target)
     try:
+        attention_lib.check_platform(values["attention"], "tpu")
+    except ValueError as e:
+        raise TrainError(f"compile_only: {e}") from None
+    try:
         config = aot.model_config(
             values["init_from"], values["model"], jnp.dtype(values["dtype"]),
             values["tokenizer_vocab_size"],
-            {k: values[k] for k in ("scan_layers", "remat", "lora")},
+            {k: values[k] for k in ("scan_layers", "remat", "attention", "lora")},
         )  # fmt: skip
         report = aot.compile_run(
             target.topology, config=config, stages=values["stages"], task=values["task"],

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 FAMILIES = ("llama", "qwen2", "qwen3")
 # What each decoder layer keeps for the backward pass (`transformer.REMAT_POLICIES`).
 REMAT_POLICY_NAMES = ("none", "full", "save_dots", "offload_dots")
+# Plain causal attention's implementation (`medjax.kernels.attention.IMPLS`).
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 # The linear layers LoRA adapts, by their Hugging Face (and PEFT target_modules) names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _HF_ARCHITECTURES = {
@@ -107,10 +109,14 @@ class ModelConfig:
       remat: what each layer keeps for the backward pass: "none" (everything), "full"
         (its input only), "save_dots" (matmul outputs without batch dims: the projections
         and MLP, not attention's scores), "offload_dots" (those, in host memory).
+      attention: plain causal attention's implementation (not the packed groups' or the
+        KV cache's): "auto" (splash on TPU, cuDNN on GPU in bf16/f16, XLA otherwise),
+        "xla", "splash" or "cudnn" (`medjax.kernels.attention`).
       lora: low-rank adapters on the linear layers (`LoraConfig`), or None.
 
-    `scan_layers`, `remat` and `lora` say how the model runs, not what it is: config.json
-    neither holds nor sets them (an adapter is exported merged, or as a PEFT folder).
+    `scan_layers`, `remat`, `attention` and `lora` say how the model runs, not what it is:
+    config.json neither holds nor sets them (an adapter is exported merged, or as a PEFT
+    folder).
     """
 
     family: str = "qwen2"
@@ -135,6 +141,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     scan_layers: bool = False
     remat: str = "none"
+    attention: str = "auto"
     lora: LoraConfig | None = None
 
     def __post_init__(self):
@@ -143,6 +150,10 @@ class ModelConfig:
         if self.remat not in REMAT_POLICY_NAMES:
             raise ValueError(
                 f"ModelConfig.remat must be one of {REMAT_POLICY_NAMES}, got {self.remat!r}."
+            )
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}."
             )
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:

@@ -24,8 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medjax import partitioning
+from medjax.kernels import attention as attention_lib
 from medjax.kernels import prefix_attention
 from medjax.models.config import (
+    ATTENTION_IMPLS,
     LORA_TARGETS,
     REMAT_POLICY_NAMES,
     LoraConfig,
@@ -45,6 +47,7 @@ REMAT_POLICIES = {
     "offload_dots": _policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 assert set(REMAT_POLICIES) == set(REMAT_POLICY_NAMES)
+assert ATTENTION_IMPLS == attention_lib.IMPLS
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
@@ -199,9 +202,12 @@ class Attention(nnx.Module):
         self.config = config
 
     def __call__(self, x_BxTxD, positions_BxT, inv_freq, cache=None, segment_ids=None, impl="auto"):
-        """Attends to x itself, or with `cache` = (k_LxBxSxNxK, v_LxBxSxNxK, layer,
+        """Attends to x itself: causally over its real tokens (positions >= 0) in index
+        order, through the platform's library kernel (`attention_lib.causal_attention` with
+        the config's `attention`). Or with `cache` = (k_LxBxSxNxK, v_LxBxSxNxK, layer,
         slot_positions_BxS, index) writes x's keys and values at slot `index` of this layer's
-        rows of the stacked cache and attends to every slot. The write goes into the stacked
+        rows of the stacked cache and attends to every slot whose position is at most the
+        query's. The write goes into the stacked
         arrays themselves, so inside the sampler's loop XLA updates the cache in place instead
         of copying every layer's cache each step. With `segment_ids` [B, T] (packed groups,
         no cache) the mask is the shared-prefix one of `prefix_attention.grouped_attention`,
@@ -223,13 +229,13 @@ class Attention(nnx.Module):
             out = prefix_attention.grouped_attention(q, k, v, segment_ids, impl=impl)
             return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), None
         if cache is None:
-            k_all, v_all, key_pos, new_cache = k, v, positions_BxT, None
-        else:
-            k_cache, v_cache, layer, key_pos, index = cache
-            at = (layer, 0, index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-            k_all, v_all, new_cache = k_cache[layer], v_cache[layer], (k_cache, v_cache)
+            out = attention_lib.causal_attention(q, k, v, positions_BxT >= 0, impl=c.attention)
+            return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), None
+        k_cache, v_cache, layer, key_pos, index = cache
+        at = (layer, 0, index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+        k_all, v_all, new_cache = k_cache[layer], v_cache[layer], (k_cache, v_cache)
         visible = (key_pos[:, None, :] <= positions_BxT[:, :, None]) & (key_pos[:, None, :] >= 0)
         out = prefix_attention.masked_attention(
             q, k_all.astype(q.dtype), v_all.astype(q.dtype), visible
@@ -348,7 +354,8 @@ class DecoderLM(nnx.Module):
           positions: [B, T] int RoPE positions; defaults to the running count of real tokens
             (continuing from the cache's `lengths` when a cache is given).
           cache: a KVCache to append this chunk to (prefill or decode step); None for a
-            plain forward over the whole sequence.
+            plain forward over the whole sequence, causal in index order over the real
+            tokens (`positions` then feed RoPE only).
           segment_ids: [B, T] int for packed groups [prompt | c_1 | ... | c_G]: 0 prompt,
             g completion g, -1 padding; completion g then sees the prompt and itself only
             (pass `positions` that restart after the prompt). Not with a cache.

@@ -27,7 +27,7 @@ import numpy as np
 
 from medjax.losses import grpo as grpo_losses
 from medjax.models import tokenizer as tokenizer_lib
-from medjax.models.config import REMAT_POLICY_NAMES, LoraConfig
+from medjax.models.config import ATTENTION_IMPLS, REMAT_POLICY_NAMES, LoraConfig
 from medjax.training import decoupled as decoupled_lib
 from medjax.training.optim import FLOAT_DTYPES
 
@@ -39,14 +39,14 @@ MIN_VOCAB_SIZE = 256 + len(set(tokenizer_lib.SPECIAL_TOKENS))
 # How the run is carried out, not what it trains: a rerun may change these.
 RUNTIME_FIELDS = frozenset({
     "mesh_shape", "evaluate", "interactive", "max_bad_steps", "operative_config", "remat",
-    "config_text", "save_every", "keep_checkpoints", "heldout_every",
+    "attention", "config_text", "save_every", "keep_checkpoints", "heldout_every",
     # Decoupled's endpoint and patience: a restarted process may serve on another port.
     "sub_url", "host", "port", "request_timeout_s", "batch_window_s", "wait_timeout_s",
     "status_every_s", "secret_env",
 })  # fmt: skip
 # Settings added after runs were first recorded: a run.json without one was started with
 # this value (so a run from an earlier medjax still resumes).
-ADDED_SETTINGS = {"scan_layers": False, "lora": None, "model.lora": None}
+ADDED_SETTINGS = {"scan_layers": False, "lora": None, "model.lora": None, "attention": "auto"}
 # A stage's `steps` may change while the stage is unfinished (train it longer or shorter).
 STEPS = "steps"
 
@@ -247,6 +247,7 @@ def train_arguments(values: Mapping[str, Any], is_checkpoint: Callable[[str], bo
             " @config.LoraConfig()) or None."
         )
     choice(where, "remat", values["remat"], REMAT_POLICY_NAMES)
+    choice(where, "attention", values["attention"], ATTENTION_IMPLS)
     integer(where, "seed", values["seed"], minimum=0)
     shape = values["mesh_shape"]
     if (

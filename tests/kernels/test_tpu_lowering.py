@@ -1,7 +1,8 @@
-"""Both Pallas kernels compile for a TPU v5e through the real TPU compiler (Mosaic), ahead of
-time on this CPU host: forward and backward, bf16 and f32, at the shapes of the trainer's
-models. Nothing runs; the numerics are checked in interpret mode by test_logprob.py and
-test_prefix_attention.py.
+"""Both Pallas kernels, and splash attention for the plain causal path, compile for a TPU
+v5e through the real TPU compiler (Mosaic), ahead of time on this CPU host: forward and
+backward, bf16 and f32, at the shapes of the trainer's models. Nothing runs; the numerics
+are checked in interpret mode by test_logprob.py, test_prefix_attention.py and
+test_attention.py.
 
 Needs libtpu (the TPU compiler), which the test extras install; skipped without it.
 """
@@ -11,6 +12,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 pytest.importorskip(
@@ -24,7 +26,8 @@ from jax.experimental import topologies
 # accessing libtpu multi-process lockfile"). No TPU is used, so there is nothing to guard.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from medjax.kernels import logprob
+from medjax import partitioning
+from medjax.kernels import attention, logprob
 from medjax.kernels import prefix_attention as pa
 
 LOGPROB_KERNELS = {"fused_logprob_forward", "fused_logprob_d_hidden", "fused_logprob_d_lm_head"}
@@ -32,8 +35,8 @@ ATTENTION_KERNELS = {"grouped_attention_forward", "grouped_attention_dq", "group
 
 
 @pytest.fixture(scope="module")
-def tpu():
-    """One chip of a v5e 2x2 slice, described without a TPU."""
+def v5e_2x2():
+    """The four chips of a v5e 2x2 slice, described without a TPU."""
     topology = topologies.get_topology_desc(
         platform="tpu",
         topology_name="v5e:2x2",
@@ -41,7 +44,13 @@ def tpu():
         chips_per_host_bounds=(2, 2, 1),
         num_slices=1,
     )
-    return topology.devices[0]
+    return topology.devices
+
+
+@pytest.fixture(scope="module")
+def tpu(v5e_2x2):
+    """One chip of a v5e 2x2 slice."""
+    return v5e_2x2[0]
 
 
 def _on(device, shape, dtype):
@@ -151,3 +160,47 @@ def test_explicit_interpret_is_honoured_for_tpu(tpu):
         _on(tpu, (1, 128), jnp.int32),
     )
     assert not _mosaic_kernels(_attention_value_and_grad(interpret=True), *attention_args)
+
+
+SPLASH_KERNELS = {
+    "splash_mha_fwd_segmented_residuals",
+    "splash_mha_dq_segmented_no_residuals",
+    "splash_mha_dkv_segmented_no_residuals",
+}
+# (batch B, length T, heads H, kv heads N, head dim K, dtype, mesh (data, fsdp, tensor)) as
+# the model's plain causal attention takes them: T = 2,048 is the RL update's prompt plus
+# completion; 1,000 is ragged against splash's blocks.
+CAUSAL_CASES = {
+    "smollm2_135m_bf16_one_chip": (2, 1000, 9, 3, 64, jnp.bfloat16, None),
+    "qwen2.5_1.5b_bf16_fsdp4": (8, 2048, 12, 2, 128, jnp.bfloat16, (1, 4, 1)),
+    "qwen2.5_7b_bf16_fsdp2_tensor2": (4, 2048, 28, 4, 128, jnp.bfloat16, (1, 2, 2)),
+    "llama3.1_8b_f32_data2_fsdp2": (4, 1024, 32, 8, 128, jnp.float32, (2, 2, 1)),
+}
+
+
+@pytest.mark.parametrize("case", CAUSAL_CASES)
+def test_causal_attention_auto_is_splash_on_tpu(v5e_2x2, case):
+    """`causal_attention(impl="auto")`, forward and backward, compiles for a v5e to splash
+    attention's three Mosaic kernels, per shard (shard_map) under a mesh of the slice's
+    four chips.
+
+    Catches: the platform choice made by `jax.default_backend()` ("cpu" here: the TPU program
+    would get the XLA path); splash called on sharded arrays without a shard_map (Mosaic
+    kernels cannot be partitioned); a kernel built inside the trace (leaked tracers);
+    lengths that are not a multiple of splash's blocks.
+    """
+    b, length, h, n, k, dtype, mesh_shape = CAUSAL_CASES[case]
+    if mesh_shape is None:
+        mesh, rows = None, jax.sharding.SingleDeviceSharding(v5e_2x2[0])
+    else:
+        mesh = jax.sharding.Mesh(np.array(v5e_2x2).reshape(mesh_shape), partitioning.MESH_AXES)
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    shapes = [(b, length, h, k), (b, length, n, k), (b, length, n, k), (b, length)]
+    args = [jax.ShapeDtypeStruct(s, dtype if len(s) == 4 else bool, sharding=rows) for s in shapes]
+
+    def loss(q, k, v, valid):
+        with partitioning.activations_on(mesh):
+            out = attention.causal_attention(q, k, v, valid, impl="auto")
+        return jnp.sum(jnp.square(out.astype(jnp.float32)))
+
+    assert _mosaic_kernels(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args) == SPLASH_KERNELS
