@@ -181,12 +181,15 @@ def _generate_rows(
         # The prefix every prompt shares, prefilled once and broadcast: the prompts' own
         # tokens then continue from it (positions from the cache's lengths).
         cache = model.init_cache(1, prefix_ids.shape[1] + tp + n)
-        _, cache = model(prefix_ids, cache=cache, return_hidden=True)
+        _, cache = model(prefix_ids, cache=cache, return_hidden=True, cache_is_empty=True)
         cache = _broadcast_cache(cache, p)
     # Only the last column's logits are needed (left-padded prompts all end there): the LM
     # head on every prompt position would be a third of the prefill's work.
     cache = _rows_on_mesh(cache)
-    hidden, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache, return_hidden=True)
+    hidden, cache = model(
+        prompt_ids, attention_mask=prompt_mask, cache=cache, return_hidden=True,
+        cache_is_empty=prefix_ids is None,
+    )  # fmt: skip
     cache = _rows_on_mesh(_broadcast_cache(cache, num_samples))
     last = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], num_samples, axis=0)
     last = partitioning.constrain_batch(last)

@@ -207,7 +207,8 @@ class Attention(nnx.Module):
         the config's `attention`). Or with `cache` = (k_LxBxSxNxK, v_LxBxSxNxK, layer,
         slot_positions_BxS, index) writes x's keys and values at slot `index` of this layer's
         rows of the stacked cache and attends to every slot whose position is at most the
-        query's. The write goes into the stacked
+        query's; with `empty` (the last item of `cache`: nothing was written before) that is
+        x's own keys, and the plain causal kernel computes it. The write goes into the stacked
         arrays themselves, so inside the sampler's loop XLA updates the cache in place instead
         of copying every layer's cache each step. With `segment_ids` [B, T] (packed groups,
         no cache) the mask is the shared-prefix one of `prefix_attention.grouped_attention`,
@@ -228,18 +229,23 @@ class Attention(nnx.Module):
         if segment_ids is not None:
             out = prefix_attention.grouped_attention(q, k, v, segment_ids, impl=impl)
             return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), None
-        if cache is None:
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache, layer, key_pos, index, empty = cache
+            at = (layer, 0, index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+            new_cache = (k_cache, v_cache)
+        if cache is None or empty:
+            # x's own keys are all there is to see: the plain causal kernel.
             out = attention_lib.causal_attention(q, k, v, positions_BxT >= 0, impl=c.attention)
-            return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), None
-        k_cache, v_cache, layer, key_pos, index = cache
-        at = (layer, 0, index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-        k_all, v_all, new_cache = k_cache[layer], v_cache[layer], (k_cache, v_cache)
-        visible = (key_pos[:, None, :] <= positions_BxT[:, :, None]) & (key_pos[:, None, :] >= 0)
-        out = prefix_attention.masked_attention(
-            q, k_all.astype(q.dtype), v_all.astype(q.dtype), visible
-        )
+        else:
+            visible = (key_pos[:, None, :] <= positions_BxT[:, :, None]) & (
+                key_pos[:, None, :] >= 0
+            )
+            out = prefix_attention.masked_attention(
+                q, k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype), visible
+            )
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_cache
 
 
@@ -344,6 +350,7 @@ class DecoderLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         attention_impl: str = "auto",
         return_hidden: bool = False,
+        cache_is_empty: bool = False,
     ):
         """Forward pass.
 
@@ -362,6 +369,9 @@ class DecoderLM(nnx.Module):
           attention_impl: implementation of the grouped attention ("auto", "xla", "pallas").
           return_hidden: return the final-normed [B, T, D] hidden states instead of logits,
             for the fused log-prob kernel (see `logits` and `lm_head_weight`).
+          cache_is_empty: the caller's promise that `cache` holds nothing yet (fresh from
+            `init_cache`): the chunk then attends to itself only, through the plain causal
+            kernel (splash attention on TPU) instead of a dense mask over every slot.
 
         Returns:
           [B, T, V] float32 logits (or [B, T, D] hidden states); with a cache, the pair
@@ -398,7 +408,7 @@ class DecoderLM(nnx.Module):
                 inv_freq,
                 None,
                 attention_impl,
-                (cache.k, cache.v, slot_pos, cache.index),
+                (cache.k, cache.v, slot_pos, cache.index, cache_is_empty),
             )
             cache = KVCache(
                 k=k,
@@ -417,21 +427,22 @@ class DecoderLM(nnx.Module):
         config's remat policy when training (no cache).
 
         Args:
-          cache: None, or (k, v, slot_positions, index): the stacked [L, B, S, N, K] caches
-            each layer writes its rows of, the [B, S] slot positions and the write slot.
+          cache: None, or (k, v, slot_positions, index, empty): the stacked [L, B, S, N, K]
+            caches each layer writes its rows of, the [B, S] slot positions, the write slot
+            and whether the caches held nothing before (a Python bool).
 
         Returns:
           (x, k, v): the last layer's output and the caches after the writes (None, None
           without a cache).
         """
         c = self.config
-        k, v, slot_pos, index = (None,) * 4 if cache is None else cache
+        k, v, slot_pos, index, empty = (None,) * 5 if cache is None else cache
 
         dropout_key = _LORA_DROPOUT_KEY.get()
 
         def apply(graphdef, params, x, k, v, i):
             layer = nnx.merge(graphdef, params)
-            kv_cache = None if k is None else (k, v, i, slot_pos, index)
+            kv_cache = None if k is None else (k, v, i, slot_pos, index, empty)
             # Each layer's adapters draw their own dropout masks.
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             with lora_dropout(key):

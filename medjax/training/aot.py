@@ -26,8 +26,9 @@ the shared part held once instead of once per row, so this bounds it from above.
 
 Per program: the compiler's per-chip bytes (arguments, outputs, temporaries; donated
 buffers counted once) against the HBM the compiler allows a chip, model FLOPs per chip
-(`model_flops`: the lower bound on its time at the chip's peak) and the compiler's own
-FLOPs count, which counts each loop body once and counts work the chips repeat.
+(`model_flops`) and what remat recomputes on top (`remat_flops`): their sum at the chip's
+peak is the lower bound on its time. And the compiler's own FLOPs count, which counts each
+loop body once (a scanned layer: once, not per layer) and counts work the chips repeat.
 """
 
 import dataclasses
@@ -83,12 +84,20 @@ class Program:
       shape: its sizes in words.
       build: () -> (jitted function, positional arguments); built when compiled.
       flops: the model FLOPs of one run of it on the whole slice (`model_flops`).
+      recompute_flops: what remat recomputes on top, on the whole slice (`remat_flops`).
     """
 
     name: str
     shape: str
     build: Callable[[], tuple[Any, tuple]]
     flops: float
+    recompute_flops: float = 0.0
+
+    def per_chip(self, chips: int, peak: float) -> dict:
+        """Model and remat FLOPs a chip, and the time their sum takes at `peak`."""
+        model, remat = self.flops / chips, self.recompute_flops / chips
+        return {"model_flops": model, "remat_flops": remat,
+                "seconds_at_peak": (model + remat) / peak}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -106,6 +115,7 @@ class Result:
     hbm_bytes: int | None = None
     fits: bool = False
     model_flops: float | None = None
+    remat_flops: float | None = None
     xla_flops: float | None = None
     seconds_at_peak: float | None = None
     compile_s: float | None = None
@@ -166,37 +176,80 @@ def _tokens(rows: int, width: int, prefix: str = "") -> dict:
 # The programs of each stage.
 
 
+def _linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder layer, by its Hugging Face name."""
+    c = config
+    k = c.head_dim or c.hidden_size // c.num_heads
+    d, q, kv, m = c.hidden_size, c.num_heads * k, c.num_kv_heads * k, c.intermediate_size
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, m), "up_proj": (d, m), "down_proj": (m, d)}  # fmt: skip
+
+
 def _matmul_weights(config: ModelConfig, lm_head: bool = True) -> int:
     """Weights a token is multiplied by: the projections of every layer (+ the LM head)."""
     c = config
-    k = c.head_dim or c.hidden_size // c.num_heads
-    attention = c.hidden_size * k * (2 * c.num_heads + 2 * c.num_kv_heads)
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    return c.num_layers * (attention + mlp) + (c.hidden_size * c.vocab_size if lm_head else 0)
+    layer = sum(i * o for i, o in _linear_shapes(c).values())
+    return c.num_layers * layer + (c.hidden_size * c.vocab_size if lm_head else 0)
+
+
+def _adapter_weights(config: ModelConfig) -> int:
+    """LoRA's A and B weights a token is multiplied by, over every layer (0 without LoRA)."""
+    lora = config.lora
+    if lora is None:
+        return 0
+    shapes = _linear_shapes(config)
+    return config.num_layers * sum(lora.rank * sum(shapes[t]) for t in lora.target_modules)
 
 
 def model_flops(config: ModelConfig, kind: str, rows: int, width: int, new: int = 0) -> float:
     """The model FLOPs of one program on `rows` sequences (the dense decoder's matmuls and
     causal attention, 2 FLOPs a multiply-add; nothing for padding, masking or remat: the
-    work any implementation must do, so `FLOPs / peak` bounds the time from below).
+    work any implementation must do; `remat_flops` is what remat adds).
 
-    kind: "train" (forward and backward of `width` tokens: 3x the forward), "score"
-    (forward), "sample" (prefill of `width` prompt tokens, the LM head on the last only,
-    then `new` decode steps, each attending to the whole cache so far).
+    kind: "train" (forward and backward of `width` tokens: 3x the forward; with LoRA the
+    frozen weights get no gradient, so their matmuls count 2x and the adapters' 3x),
+    "score" (forward), "sample" (prefill of `width` prompt tokens, the LM head on the last
+    only, then `new` decode steps, each attending to the whole cache so far).
     """
     c = config
     k = c.head_dim or c.hidden_size // c.num_heads
     per_key = 4 * c.num_layers * c.num_heads * k  # QK^T and PV, per query and key.
     causal = width * (width + 1) / 2  # Keys attended by a sequence's queries, in all.
-    if kind in ("train", "score"):
-        forward = 2 * _matmul_weights(c) * width + per_key * causal
-        return rows * forward * (3 if kind == "train" else 1)
+    weights = 2 * width * _matmul_weights(c)
+    adapters = 2 * width * _adapter_weights(c)
+    attention = per_key * causal
+    if kind == "train":
+        if c.lora is None:
+            return rows * 3 * (weights + attention)
+        # Forward, then the gradient with respect to the activations of everything and to
+        # the adapters' weights only.
+        return rows * (2 * weights + 3 * adapters + 3 * attention)
+    if kind == "score":
+        return rows * (weights + adapters + attention)
     if kind != "sample":
         raise ValueError(f"model_flops: kind {kind!r} is not train, score or sample.")
-    prefill = 2 * _matmul_weights(c, lm_head=False) * width + per_key * causal
-    prefill += 2 * c.hidden_size * c.vocab_size
-    decode = new * 2 * _matmul_weights(c) + per_key * sum(width + i + 1 for i in range(new))
+    # A LoRA policy samples with its adapters unmerged: they count too.
+    layers = _matmul_weights(c, lm_head=False) + _adapter_weights(c)
+    prefill = 2 * layers * width + attention + 2 * c.hidden_size * c.vocab_size
+    decode = new * 2 * (layers + c.hidden_size * c.vocab_size)
+    decode += per_key * sum(width + i + 1 for i in range(new))
     return rows * (prefill + decode)
+
+
+def remat_flops(config: ModelConfig, rows: int, width: int) -> float:
+    """The FLOPs a train step on `rows` x `width` tokens recomputes under `config.remat`:
+    "full" runs each layer's forward again (not the LM head, outside the layers);
+    "save_dots" and "offload_dots" keep the matmuls without batch dims (projections and
+    MLP) and recompute attention's scores and outputs; "none" nothing."""
+    c = config
+    if c.remat == "none":
+        return 0.0
+    k = c.head_dim or c.hidden_size // c.num_heads
+    attention = 4 * c.num_layers * c.num_heads * k * width * (width + 1) / 2
+    if c.remat != "full":
+        return rows * attention
+    layers = 2 * width * (_matmul_weights(c, lm_head=False) + _adapter_weights(c))
+    return rows * (layers + attention)
 
 
 @dataclasses.dataclass
@@ -209,9 +262,9 @@ class Plan:
     params: Any  # Abstract, sharded.
 
     def train_step(self, name, tx, loss_fn, rows: int, width: int, microbatches: int,
-                   fields: dict, flops: float | None = None) -> Program:  # fmt: skip
-        """The update step on `rows` rows; `flops` when the loss scores more than the
-        rows (GRAO's references)."""
+                   fields: dict, scored_rows: int | None = None) -> Program:  # fmt: skip
+        """The update step on `rows` rows; `scored_rows` when the loss runs the model over
+        more rows than it trains on (GRAO's references)."""
 
         def build():
             params, frozen = self.params, None
@@ -227,9 +280,11 @@ class Plan:
         shape = f"{rows} rows x {width} tokens" + (
             f", {microbatches} microbatches" if microbatches > 1 else ""
         )
-        if flops is None:
-            flops = model_flops(self.config, "train", rows, width)
-        return Program(name, shape, build, flops)
+        scored = rows if scored_rows is None else scored_rows
+        return Program(
+            name, shape, build, model_flops(self.config, "train", scored, width),
+            remat_flops(self.config, scored, width),
+        )  # fmt: skip
 
     def score(self, name, rows: int, width: int, temperature: float,
               microbatches: int = 1) -> Program:  # fmt: skip
@@ -312,9 +367,9 @@ def _rl_programs(plan: Plan, stage: RLStage, task, notes: list[str]) -> list[Pro
         fields["advantages"] = ((rows,), jnp.float32)
         return fields
 
-    def update(label, rows, fields, flops=None):
+    def update(label, rows, fields, scored_rows=None):
         out.append(plan.train_step(
-            f"{stage.name}: {label}", tx, loss_fn, rows, width, micro, fields, flops
+            f"{stage.name}: {label}", tx, loss_fn, rows, width, micro, fields, scored_rows
         ))  # fmt: skip
 
     if method.name == "grao":
@@ -322,8 +377,7 @@ def _rl_programs(plan: Plan, stage: RLStage, task, notes: list[str]) -> list[Pro
         fields = {**_tokens(rows, width), "rewards": ((rows,), jnp.float32)}
         fields.update(_tokens(p // parts, width, "ref_"))
         fields["ref_rewards"] = ((p // parts,), jnp.float32)
-        flops = model_flops(plan.config, "train", rows + p // parts, width)
-        update("update step (+ references)", rows, fields, flops)
+        update("update step (+ references)", rows, fields, rows + p // parts)
         notes.append(
             f"{stage.name}: GRAO's reference rows are sized at max_context_tokens; the run"
             " pads them to its longest expert chat."
@@ -450,9 +504,7 @@ def largest_buffers(dump_dir: str, count: int = 5) -> list[str]:
 def compile_program(program: Program, hbm: int, chips: int, peak: float) -> Result:
     """Compiles one program; a program that does not fit (or fails) is a Result with its
     error, not an exception."""
-    result = Result(program.name, program.shape, hbm_bytes=hbm)
-    result.model_flops = program.flops / chips
-    result.seconds_at_peak = result.model_flops / peak
+    result = Result(program.name, program.shape, hbm_bytes=hbm, **program.per_chip(chips, peak))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="medjax_aot_") as dump:
         # The buffer assignment the compiler writes even when it runs out of memory.
@@ -543,7 +595,7 @@ def format_table(report: Report) -> str:
         f" mesh {report.mesh}"
     )
     columns = ("program", "shape", "args GiB", "out GiB", "temp GiB", "total GiB", "fits",
-               "TFLOPs/chip", "XLA TFLOPs", "s at peak")  # fmt: skip
+               "TFLOPs/chip", "+ remat", "XLA TFLOPs", "s at peak")  # fmt: skip
     rows = []
     for r in report.results:
         out_bytes = None if r.output_bytes is None else r.output_bytes - (r.alias_bytes or 0)
@@ -553,6 +605,7 @@ def format_table(report: Report) -> str:
             else "-" if r.temp_bytes is None else f">{_gib(r.temp_bytes)}",
             "yes" if r.fits else "NO",
             f"{r.model_flops / 1e12:.3g}",
+            f"{(r.remat_flops or 0) / 1e12:.3g}",
             "-" if r.xla_flops is None else f"{r.xla_flops / 1e12:.3g}",
             f"{r.seconds_at_peak:.3g}",
         ))  # fmt: skip
@@ -628,7 +681,8 @@ class Progress:
                 why = f"signal {signal}" if signal else "no result"
                 results[index] = Result(
                     start["program"], start["shape"], hbm_bytes=start["hbm_bytes"],
-                    model_flops=start["model_flops"], seconds_at_peak=start["seconds_at_peak"],
+                    model_flops=start["model_flops"], remat_flops=start.get("remat_flops"),
+                    seconds_at_peak=start["seconds_at_peak"],
                     error=f"the TPU compiler crashed on it ({why}); see its log above",
                 )  # fmt: skip
         ordered = [results[i] for i in sorted(results)]
@@ -698,10 +752,9 @@ def compile_run(
     for index, program in enumerate(todo):
         if index < skip:
             continue
-        flops = program.flops / topology.chips
         record.write(
             start=index, program=program.name, shape=program.shape, hbm_bytes=hbm,
-            model_flops=flops, seconds_at_peak=flops / topology.peak_flops,
+            **program.per_chip(topology.chips, topology.peak_flops),
         )  # fmt: skip
         log(f"  {program.name}: compiling ...")
         result = compile_program(program, hbm, topology.chips, topology.peak_flops)

@@ -175,3 +175,25 @@ def test_model_with_splash_equals_xla():
 def test_model_attention_setting_is_checked():
     with pytest.raises(ValueError, match=r"ModelConfig\.attention must be one of"):
         CONFIG.replace(attention="flash")
+
+
+def test_prefill_into_an_empty_cache_takes_the_plain_kernel():
+    # The sampler's prefill promises an empty cache (`cache_is_empty`): the chunk then
+    # attends to itself through `causal_attention` instead of a dense mask over every slot.
+    # Same logits and the same cache as the dense path, left-padded prompts; then a decode
+    # step from either cache agrees. Catches keys or values not written to the cache on
+    # that path, or the wrong validity for left padding.
+    model = models.DecoderLM(CONFIG.replace(attention="splash"), rngs=nnx.Rngs(1))
+    ids = jax.random.randint(jax.random.key(7), (2, 40), 0, CONFIG.vocab_size)
+    mask = _left_padded([40, 23], 40).astype(jnp.int32)
+    outs = []
+    for empty in (False, True):
+        logits, cache = model(ids, attention_mask=mask, cache=model.init_cache(2, 48),
+                              cache_is_empty=empty)  # fmt: skip
+        step, _ = model(ids[:, :1], cache=cache)
+        outs.append((logits, cache.k, cache.v, cache.positions, step))
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(outs[1][0])[real], np.asarray(outs[0][0])[real],
+                               rtol=F32_TOL, atol=F32_TOL)  # fmt: skip
+    for dense, plain in zip(outs[0][1:], outs[1][1:], strict=True):
+        np.testing.assert_allclose(np.asarray(plain), np.asarray(dense), rtol=F32_TOL, atol=F32_TOL)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from medjax import partitioning, topologies
-from medjax.models.config import ModelConfig
+from medjax.models.config import LoraConfig, ModelConfig
 from medjax.training import aot, rl
 from medjax.training.stages import RLStage, SFTStage
 
@@ -107,6 +107,25 @@ def test_model_flops_by_hand():
     assert aot.model_flops(TINY, "sample", 2, 4, 2) == 2 * (660_480 + 431_616)
     # SmolLM2-135M: every weight but the norms meets a token (6N per trained token).
     assert aot._matmul_weights(SMOLLM2) == 134_479_872
+
+
+def test_lora_and_remat_flops_by_hand():
+    """TINY with rank-2 adapters on q_proj (64 -> 64) and v_proj (64 -> 32): 2 x (2 x 128 +
+    2 x 96) = 896 adapter weights a token meets. A LoRA step's frozen weights get no weight
+    gradient (2x their forward, not 3x); the adapters and attention 3x. Catches LoRA counted
+    as full fine-tuning (5,142,528), adapters left out, the wrong targets' shapes; and remat
+    recomputing the LM head ("full"), or the projections under "save_dots"."""
+    lora = TINY.replace(lora=LoraConfig(rank=2, target_modules=("q_proj", "v_proj")))
+    assert aot._adapter_weights(lora) == 896
+    # 2 rows x 4 tokens: weights 2 x 4 x 106,496 = 851,968; adapters 2 x 4 x 896 = 7,168;
+    # attention 512 x 10 = 5,120: 2 x (2 x 851,968 + 3 x 7,168 + 3 x 5,120).
+    assert aot.model_flops(lora, "train", 2, 4) == 3_481_600
+    assert aot.model_flops(lora, "score", 2, 4) == 2 * (851_968 + 7_168 + 5_120)
+    assert aot.remat_flops(TINY, 2, 4) == 0
+    # "full": the layers' forward again, 2 x 4 x 73,728 + 5,120, per row.
+    assert aot.remat_flops(TINY.replace(remat="full"), 2, 4) == 2 * (589_824 + 5_120)
+    assert aot.remat_flops(TINY.replace(remat="save_dots"), 2, 4) == 2 * 5_120
+    assert aot.remat_flops(TINY.replace(remat="offload_dots"), 2, 4) == 2 * 5_120
 
 
 def _plan():
