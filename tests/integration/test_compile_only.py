@@ -108,12 +108,13 @@ def test_mgrpo_trainers_compile_on_a_two_host_v5p_slice(tmp_path):
 
 
 def test_a_run_that_does_not_fit_exits_1_naming_its_largest_buffer(tmp_path, capsys):
-    """64 chats of 8,192 tokens on one v5e chip: the f32 logits of 64 x 8,192 tokens over
-    the 1,024-token vocabulary (2 GiB) lead the largest buffers. Catches: exit 0 on a
-    program that does not fit, the table left unprinted, the buffers unnamed."""
+    """512 chats of 8,192 tokens on one v5e chip: the f32 logits of 512 x 8,192 tokens over
+    the 1,024-token vocabulary (16 GiB) lead the largest buffers. (64 chats fitted once
+    attention became splash attention on TPU: 5.4 GiB, the float32 scores gone.) Catches:
+    exit 0 on a program that does not fit, the table left unprinted, the buffers unnamed."""
     code, report = compile_only(
         ["--gin_file=gin/testing/sft.gin", "--topology=v5e-1",
-         "--gin_bindings=train_lib.SFTStage.batch_size=64",
+         "--gin_bindings=train_lib.SFTStage.batch_size=512",
          "--gin_bindings=train_lib.SFTStage.max_length=8192",
          "--gin_bindings=train_lib.train.evaluate=False"], tmp_path,
     )  # fmt: skip
@@ -121,10 +122,10 @@ def test_a_run_that_does_not_fit_exits_1_naming_its_largest_buffer(tmp_path, cap
     (sft,) = report["programs"]
     assert sft["error"].startswith("does not fit: Ran out of memory on HBM")
     assert sft["temp_bytes"] > V5E_HBM
-    assert sft["largest"][0].startswith("2.00 GiB f32[524288,1024] temp: jit(step)/")
+    assert sft["largest"][0].startswith("16.00 GiB f32[4194304,1024] temp: jit(step)/")
     out = capsys.readouterr().out
-    assert "sft: train step  64 rows x 8192 tokens" in out and " NO " in out
-    assert "f32[524288,1024]" in out
+    assert "sft: train step  512 rows x 8192 tokens" in out and " NO " in out
+    assert "f32[4194304,1024]" in out
 
 
 def test_mixed_precision_compiles_for_tpu_with_its_master_copy(tmp_path):
