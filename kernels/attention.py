@@ -22,6 +22,7 @@ Dimension letters: B batch, T length, H query heads, N kv heads, K head dim.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash_kernel,
 )
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
-from jax.sharding import PartitionSpec as P
 
+from medjax import partitioning
 from medjax.kernels import prefix_attention
 
 IMPLS = ("auto", "xla", "splash", "cudnn")
@@ -148,16 +149,21 @@ def _splash_or_none(q, k, v, valid, *, strict: bool):
     b, t, h, kd = q.shape
     n = k.shape[2]
     mesh = jax.sharding.get_abstract_mesh()
-    batch_axes = tuple(a for a in ("data", "fsdp") if not mesh.empty and a in mesh.shape)
-    rows = 1
-    for a in batch_axes:
-        rows *= mesh.shape[a]
-    tensor = 1 if mesh.empty or "tensor" not in mesh.shape else mesh.shape["tensor"]
-    if b % rows or h % tensor or n % tensor:
+    # The layouts the model's logical-axis rules give, as the rest of the model is sharded.
+    q_spec = partitioning.logical_to_spec(("batch", "heads", None, None))
+    kv_spec = partitioning.logical_to_spec(("batch", "kv_heads", None, None))
+    rows_spec = partitioning.logical_to_spec(("batch", None))
+
+    def shards(entry) -> int:
+        names = () if mesh.empty or entry is None else (entry,) if isinstance(entry, str) else entry
+        return math.prod(mesh.shape[a] for a in names)
+
+    if b % shards(q_spec[0]) or h % shards(q_spec[1]) or n % shards(kv_spec[1]):
         if strict:
             raise ValueError(
-                f"attention='splash': batch {b} over {rows} row shards, or heads {h}/{n} over"
-                f" tensor={tensor}, does not divide evenly."
+                f"attention='splash': batch {b} over {shards(q_spec[0])} row shards, or heads"
+                f" {h}/{n} over {shards(q_spec[1])}/{shards(kv_spec[1])}, does not divide"
+                " evenly."
             )
         return None
     padded = -(-t // _TILE) * _TILE
@@ -182,10 +188,9 @@ def _splash_or_none(q, k, v, valid, *, strict: bool):
         def run():
             fn = local
             if not mesh.empty:
-                heads = P(batch_axes, "tensor" if "tensor" in mesh.shape else None)
                 fn = jax.shard_map(
-                    local, mesh=mesh, in_specs=(heads, heads, heads, P(batch_axes)),
-                    out_specs=heads, check_vma=False,
+                    local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, rows_spec),
+                    out_specs=q_spec, check_vma=False,
                 )  # fmt: skip
             out = fn(q_BxHxTxK, k_BxNxTxK, v_BxNxTxK, segments)
             out = out.transpose(0, 2, 1, 3)[:, :t]

@@ -205,10 +205,10 @@ class Attention(nnx.Module):
         """Attends to x itself: causally over its real tokens (positions >= 0) in index
         order, through the platform's library kernel (`attention_lib.causal_attention` with
         the config's `attention`). Or with `cache` = (k_LxBxSxNxK, v_LxBxSxNxK, layer,
-        slot_positions_BxS, index) writes x's keys and values at slot `index` of this layer's
-        rows of the stacked cache and attends to every slot whose position is at most the
-        query's; with `empty` (the last item of `cache`: nothing was written before) that is
-        x's own keys, and the plain causal kernel computes it. The write goes into the stacked
+        slot_positions_BxS, index, empty) writes x's keys and values at slot `index` of this
+        layer's rows of the stacked cache and attends to every slot whose position is at most
+        the query's; with `empty` (a Python bool: nothing was written before) that is x's
+        own keys, and the plain causal kernel computes it. The write goes into the stacked
         arrays themselves, so inside the sampler's loop XLA updates the cache in place instead
         of copying every layer's cache each step. With `segment_ids` [B, T] (packed groups,
         no cache) the mask is the shared-prefix one of `prefix_attention.grouped_attention`,

@@ -179,8 +179,8 @@ def _tokens(rows: int, width: int, prefix: str = "") -> dict:
 def _linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear layer of one decoder layer, by its Hugging Face name."""
     c = config
-    k = c.head_dim or c.hidden_size // c.num_heads
-    d, q, kv, m = c.hidden_size, c.num_heads * k, c.num_kv_heads * k, c.intermediate_size
+    d, k, m = c.hidden_size, c.head_dim, c.intermediate_size
+    q, kv = c.num_heads * k, c.num_kv_heads * k
     return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, m), "up_proj": (d, m), "down_proj": (m, d)}  # fmt: skip
 
@@ -201,6 +201,11 @@ def _adapter_weights(config: ModelConfig) -> int:
     return config.num_layers * sum(lora.rank * sum(shapes[t]) for t in lora.target_modules)
 
 
+def _flops_per_key(config: ModelConfig) -> int:
+    """Attention's FLOPs for one (query, key) pair over every layer: QK^T and PV."""
+    return 4 * config.num_layers * config.num_heads * config.head_dim
+
+
 def model_flops(config: ModelConfig, kind: str, rows: int, width: int, new: int = 0) -> float:
     """The model FLOPs of one program on `rows` sequences (the dense decoder's matmuls and
     causal attention, 2 FLOPs a multiply-add; nothing for padding, masking or remat: the
@@ -212,8 +217,7 @@ def model_flops(config: ModelConfig, kind: str, rows: int, width: int, new: int 
     only, then `new` decode steps, each attending to the whole cache so far).
     """
     c = config
-    k = c.head_dim or c.hidden_size // c.num_heads
-    per_key = 4 * c.num_layers * c.num_heads * k  # QK^T and PV, per query and key.
+    per_key = _flops_per_key(c)
     causal = width * (width + 1) / 2  # Keys attended by a sequence's queries, in all.
     weights = 2 * width * _matmul_weights(c)
     adapters = 2 * width * _adapter_weights(c)
@@ -244,8 +248,7 @@ def remat_flops(config: ModelConfig, rows: int, width: int) -> float:
     c = config
     if c.remat == "none":
         return 0.0
-    k = c.head_dim or c.hidden_size // c.num_heads
-    attention = 4 * c.num_layers * c.num_heads * k * width * (width + 1) / 2
+    attention = _flops_per_key(c) * width * (width + 1) / 2
     if c.remat != "full":
         return rows * attention
     layers = 2 * width * (_matmul_weights(c, lm_head=False) + _adapter_weights(c))
