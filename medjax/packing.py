@@ -62,11 +62,12 @@ def pack_groups(
     *,
     prompt_capacity: int,
     completion_capacity: int,
+    row_length: int | None = None,
 ) -> PackedGroups:
     """Packs each prompt with its G completions into one row; jit-able (lengths may be traced).
 
     Row p is prompt p's real tokens, then completions 1..G back to back at their real
-    lengths, then padding: L = prompt_capacity + G * completion_capacity.
+    lengths, then padding: L = prompt_capacity + G * completion_capacity, or `row_length`.
 
     Args:
       prompt_lens: [P] int, 1 <= prompt_lens <= prompt_capacity (the last prompt token
@@ -74,6 +75,10 @@ def pack_groups(
       completion_lens: [P, G] int, 0 <= completion_lens <= completion_capacity.
       prompt_capacity: width of the right-padded prompt_ids array, [P, prompt_capacity].
       completion_capacity: C, width of the right-padded completion_ids array, [P, G, C].
+      row_length: L, when rows need less than the capacities' sum (a prompt and its
+        completions rarely all reach their capacities): every row's prompt_len + sum of its
+        completion_lens must fit, which is checked for concrete lengths (traced ones past
+        it lose their last tokens).
 
     Returns:
       A `PackedGroups` of int32 arrays (bool mask).
@@ -109,7 +114,13 @@ def pack_groups(
         )
     num_prompts, group = completion_lens.shape
     cap = completion_capacity
-    length = prompt_capacity + group * cap
+    length = prompt_capacity + group * cap if row_length is None else row_length
+    if row_length is not None and _concrete(prompt_lens) and _concrete(completion_lens):
+        need = np.asarray(prompt_lens) + np.asarray(completion_lens).sum(axis=1)
+        if np.any(need > length):
+            raise ValueError(
+                f"pack_groups: rows need {need.tolist()} tokens; row_length is {length}."
+            )
     # Row position of each completion's first token.
     starts = prompt_lens[:, None] + jnp.cumsum(completion_lens, axis=1) - completion_lens
     t = jnp.arange(cap, dtype=jnp.int32)

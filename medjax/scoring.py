@@ -135,18 +135,69 @@ def score_groups(
     shift = (jnp.arange(tp)[None, :] + tp - prompt_lens[:, None]) % tp
     prompt_first = jnp.take_along_axis(prompt_ids, shift, axis=1)
     ids = packing.pack_tokens(prompt_first, completion_ids, layout.source_index)
+    return score_packed(
+        model, ids, layout.segment_ids, layout.positions, layout.predict_index,
+        completion_ids, completion_mask, temperature=temperature,
+        return_entropy=return_entropy, logprob_impl=logprob_impl, attention_impl=attention_impl,
+    )  # fmt: skip
+
+
+def score_packed(
+    model: DecoderLM,
+    packed_ids: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    predict_index: jax.Array,
+    targets: jax.Array,
+    target_mask: jax.Array,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    logprob_impl: str = "auto",
+    attention_impl: str = "auto",
+):
+    """Log-probs of G continuations per row of rows already packed (`medjax.packing`):
+    `score_groups` after its layout, and the RL update of episodes that share a prompt
+    (`medjax.training.rl.shared_prefix_rows`: each question's G episodes share their
+    tokens up to the first one the policy wrote).
+
+    Args:
+      model: the policy (or reference) model.
+      packed_ids, segment_ids, positions: [P, L] (`packing.pack_groups`'s layout).
+      predict_index: [P, G, C] the row position whose output predicts each target.
+      targets: [P, G, C] (or [P * G, C]) the continuations' tokens.
+      target_mask: like `targets`, 1 on the tokens to score.
+      temperature, return_entropy, logprob_impl, attention_impl: as in `score_groups`.
+
+    Returns:
+      Log-probs shaped like `targets` (0 where `target_mask` is 0), or the pair with the
+      entropies.
+    """
+    fn = "score_packed"
+    p, length = packed_ids.shape
+    _check("segment_ids", segment_ids, (p, length), fn)
+    _check("positions", positions, (p, length), fn)
+    if predict_index.ndim != 3 or predict_index.shape[0] != p:
+        raise ValueError(
+            f"{fn}: `predict_index` has shape {tuple(predict_index.shape)}; expected [P={p}, G, C]."
+        )
+    _, g, c = predict_index.shape
+    if targets.size != p * g * c or targets.shape[-1] != c:
+        raise ValueError(
+            f"{fn}: `targets` has shape {tuple(targets.shape)}; expected [P={p}, G={g}, C={c}]"
+            f" or [P * G, C]."
+        )
+    _check("target_mask", target_mask, targets.shape, fn)
     hidden = model(
-        ids,
-        attention_mask=layout.segment_ids >= 0,
-        positions=layout.positions,
-        segment_ids=layout.segment_ids,
+        packed_ids,
+        attention_mask=segment_ids >= 0,
+        positions=positions,
+        segment_ids=segment_ids,
         attention_impl=attention_impl,
         return_hidden=True,
     )
-    picked = packing.gather_packed(hidden, layout.predict_index)
-    return _head(
-        model, picked, completion_ids, completion_mask, temperature, return_entropy, logprob_impl
-    )
+    picked = packing.gather_packed(hidden, predict_index).reshape(*targets.shape, -1)
+    return _head(model, picked, targets, target_mask, temperature, return_entropy, logprob_impl)
 
 
 def score_sequences(

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from medjax import agents, losses
+from medjax import agents, losses, packing
 from medjax.agents import tools as tools_lib
 from medjax.envs import research
 from medjax.sampling import SamplingParams
@@ -342,6 +342,101 @@ def episode_rows(
         k: np.where(keep[:, None], v[source], pad_id if k == "input_ids" else 0).astype(v.dtype)
         for k, v in batch.items()
     }
+
+
+# The arrays of `shared_prefix_rows`' packed layout (besides the rows' own [B, C] arrays).
+PACKED_KEYS = ("packed_ids", "packed_segments", "packed_positions", "predict_index")
+
+
+def shared_prefix_rows(
+    batch: Mapping[str, np.ndarray],
+    group: int,
+    *,
+    pad_id: int,
+    min_widths: tuple[int, int] = (0, 0),
+):
+    """Rows of whole episodes ([B, T], `episode_rows`) repacked so that each question's
+    `group` episodes are one row: the tokens they share up to the first one any of them
+    scores (the prompt) once, then each episode's remaining tokens back to back
+    (`medjax.packing`'s layout: an episode attends to the prompt and to itself only, at its
+    own positions). `medjax.scoring.score_packed` gives each scored token the log-prob the
+    whole row gives it, for P prefixes + B continuations instead of B whole episodes, and
+    runs the LM head on the scored tokens only.
+
+    Returns the batch with `PACKED_KEYS` ([P, L]; `predict_index` [P, group, K]: the packed
+    position that predicts each scored token) and every other [B, T] array cut to its
+    row's scored tokens, [B, K] in order (`input_ids` are then the targets, `loss_mask`
+    their mask values; `attention_mask` is dropped); [B] arrays (advantages) are unchanged. L and K
+    are `data.bucket` widths, at least `min_widths` (L, K): a trainer that passes the widths
+    it has compiled for pads narrower batches to them instead of compiling again. A loss
+    over the scored tokens only is the same on these rows.
+
+    Raises:
+      ValueError: rows that do not form whole groups, or a group whose rows differ in
+        their first token (nothing to share: they are not one question's episodes).
+    """
+    ids = np.asarray(batch["input_ids"])
+    b, t = ids.shape
+    if b % group:
+        raise ValueError(f"shared_prefix_rows: {b} rows do not form groups of {group}.")
+    num = b // group
+    lengths = (np.asarray(batch["attention_mask"]) > 0).sum(axis=1)
+    scored = (np.asarray(batch["loss_mask"]) > 0) & (np.arange(t)[None, :] < lengths[:, None])
+    first = np.where(scored.any(axis=1), scored.argmax(axis=1), lengths)
+    prefix = np.zeros(num, np.int64)
+    for q in range(num):
+        rows = slice(q * group, (q + 1) * group)
+        n = int(min(lengths[rows].min(), first[rows].min()))
+        same = (ids[rows, :n] == ids[q * group, :n]).all(axis=0)
+        prefix[q] = n if same.all() else int(np.argmin(same))
+        if prefix[q] == 0:
+            raise ValueError(
+                f"shared_prefix_rows: rows {q * group}-{(q + 1) * group - 1} share no first"
+                " token; they are not one question's episodes."
+            )
+    starts = np.repeat(prefix, group)
+    rest = lengths - starts
+    need = prefix + rest.reshape(num, group).sum(axis=1)  # Each packed row's tokens.
+    width = int(max(rest.max(), 1))
+    inside = np.arange(width)[None, :] < rest[:, None]
+    at = np.minimum(starts[:, None] + np.arange(width)[None, :], t - 1)
+    conts = np.where(inside, np.take_along_axis(ids, at, axis=1), pad_id)
+    layout = packing.pack_groups(
+        prefix, rest.reshape(num, group), prompt_capacity=int(prefix.max()),
+        completion_capacity=width,
+        row_length=max(data_lib.bucket(int(need.max())), min_widths[0]),
+    )  # fmt: skip
+    packed = packing.pack_tokens(
+        ids[::group, : int(prefix.max())], conts.reshape(num, group, width),
+        layout.source_index, pad_id=pad_id,
+    )  # fmt: skip
+    # Each row's scored tokens, in order, at the front of K columns.
+    counts = scored.sum(axis=1)
+    k = max(data_lib.bucket(int(max(counts.max(), 1))), min_widths[1])
+    keep = np.arange(k)[None, :] < counts[:, None]
+    cols = np.zeros((b, k), np.int64)  # Positions in the episode of each kept token.
+    for r in range(b):
+        cols[r, : counts[r]] = np.flatnonzero(scored[r])
+    predict = np.asarray(layout.predict_index).reshape(b, width)
+    within = np.maximum(cols - starts[:, None], 0)  # Each kept token's place in its continuation.
+    predict = np.where(keep, np.take_along_axis(predict, within, axis=1), 0)
+    out = {}
+    for key, v in batch.items():
+        v = np.asarray(v)
+        if key == "attention_mask":
+            continue
+        if v.shape[:2] != (b, t):
+            out[key] = v
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = np.where(keep, np.take_along_axis(v, cols, axis=1), fill).astype(v.dtype)
+    out.update(
+        packed_ids=np.asarray(packed, np.int32),
+        packed_segments=np.asarray(layout.segment_ids, np.int32),
+        packed_positions=np.asarray(layout.positions, np.int32),
+        predict_index=predict.reshape(num, group, k).astype(np.int32),
+    )
+    return out
 
 
 def grpo_batch(

@@ -23,7 +23,7 @@ from medjax import partitioning
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.transformer import DecoderLM
-from medjax.training import checkpoints, metrics, steps
+from medjax.training import checkpoints, metrics, rl, steps
 from medjax.training import validate as validate_lib
 from medjax.training.task import Task, TaskData
 
@@ -304,6 +304,7 @@ class Policy:
             self.graphdef, temperature=temperature, mesh=run.mesh,
             num_microbatches=num_microbatches,
         )  # fmt: skip
+        self.packed_widths = (0, 0)  # The widest (L, K) of `rl.shared_prefix_rows` so far.
 
     def model(self):
         return nnx.merge(self.graphdef, *self.state.weights())
@@ -344,6 +345,20 @@ def score_and_update(run: Run, stage, jobs, reference, bad, step: int, last_good
                     job_batch["loss_mask"],
                 )
             )  # fmt: skip
+    if stage.grouped_scoring:  # GRPO only (its check): one job, groups of num_generations.
+        packed = []
+        for job_policy, job_batch in jobs:
+            # Widths only grow within a stage: a batch narrower than one the step has
+            # compiled for is padded to it (a compile costs more than the padding).
+            job_batch = rl.shared_prefix_rows(
+                job_batch, stage.num_generations, pad_id=0, min_widths=job_policy.packed_widths
+            )
+            job_policy.packed_widths = (
+                job_batch["packed_ids"].shape[1],
+                job_batch["input_ids"].shape[1],
+            )
+            packed.append((job_policy, job_batch))
+        jobs = packed
     t_scoring = time.perf_counter() - t1
     t2 = time.perf_counter()
     updates = []

@@ -87,6 +87,12 @@ class RLStage:
       reference: a Hugging Face folder for the reference model; None: the stage's initial
         policy, frozen.
       advantage_scale, advantage_ddof: `losses.group_advantages` options (GRPO).
+      grouped_scoring: GRPO: the update scores each question's G episodes as one packed
+        row, the tokens they share up to the first one the policy wrote (the prompt)
+        encoded once (`rl.shared_prefix_rows`, Prefix Grouper's layout): the loss and
+        gradients of whole-episode rows from fewer tokens. Needs prompts_per_step to split
+        into num_minibatches x num_microbatches, and Dr. GRPO's max_completion_length
+        bound (its default, the rows' width, is not the same width packed).
       optimizer: called as `optimizer(total_steps=...)` for the policy.
       shared_model: M-GRPO: one model plays both agents (one update over main and sub rows)
         or, False, the sub-agent is its own model with `sub_optimizer`.
@@ -122,6 +128,7 @@ class RLStage:
     reference: str | None = None
     advantage_scale: str = "group"
     advantage_ddof: int = 1
+    grouped_scoring: bool = False
     optimizer: Callable[..., optax.GradientTransformation] = optim.make_optimizer
     shared_model: bool = True
     sub_optimizer: Callable[..., optax.GradientTransformation] | None = None

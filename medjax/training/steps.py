@@ -102,14 +102,23 @@ def policy_loss_fn(loss: Callable, *, temperature: float = 1.0) -> LossFn:
       temperature: the sampling temperature (log-probs are taken at it, as sampled).
 
     The batch holds `input_ids`, `attention_mask`, `loss_mask` [B, T], `advantages` [B], and
-    optionally `old_logps` and `ref_logps` [B, T].
+    optionally `old_logps` and `ref_logps` [B, T]; or, repacked by
+    `rl.shared_prefix_rows` (`RLStage.grouped_scoring`), each group's episodes as one packed
+    row (`rl.PACKED_KEYS`) and [B, C] continuations in place of the [B, T] arrays.
     """
 
     def fn(model, batch):
-        logps, entropy = scoring.score_sequences(
-            model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-            temperature=temperature, return_entropy=True,
-        )  # fmt: skip
+        if "packed_ids" in batch:
+            logps, entropy = scoring.score_packed(
+                model, batch["packed_ids"], batch["packed_segments"], batch["packed_positions"],
+                batch["predict_index"], batch["input_ids"], batch["loss_mask"],
+                temperature=temperature, return_entropy=True,
+            )  # fmt: skip
+        else:
+            logps, entropy = scoring.score_sequences(
+                model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                temperature=temperature, return_entropy=True,
+            )  # fmt: skip
         kwargs = {}
         if "ref_logps" in batch:
             kwargs["ref_per_token_logps"] = batch["ref_logps"]

@@ -202,6 +202,7 @@ def rl_stage(values: Mapping[str, Any], algorithm_names: Sequence[str]) -> None:
     text(where, "reference", values["reference"], none=True)
     choice(where, "advantage_scale", values["advantage_scale"], grpo_losses.REWARD_SCALES)
     integer(where, "advantage_ddof", values["advantage_ddof"], minimum=0)
+    flag(where, "grouped_scoring", values["grouped_scoring"])
     flag(where, "shared_model", values["shared_model"])
     function(where, "sub_optimizer", values["sub_optimizer"], none=True)
     integer(where, "sub_target_count", values["sub_target_count"], minimum=1, none=True)

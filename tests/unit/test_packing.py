@@ -60,6 +60,24 @@ def test_pack_groups_rejects_bad_lengths():
         packing.pack_groups(
             np.array([1]), np.array([[3, 1]]), prompt_capacity=2, completion_capacity=2
         )
+    # Rows of 2 + 2 + 1 and 3 + 0 + 2 tokens: a row_length of 4 holds neither.
+    with pytest.raises(ValueError, match=r"rows need \[5, 5\] tokens; row_length is 4"):
+        packing.pack_groups(
+            np.array([2, 3]), np.array([[2, 1], [0, 2]]), prompt_capacity=3,
+            completion_capacity=2, row_length=4,
+        )  # fmt: skip
+
+
+def test_pack_groups_row_length_packs_the_same_rows_shorter():
+    """The hand example's rows (5 tokens each) in rows of 5 instead of 3 + 2 x 2 = 7: every
+    map the same, only the trailing padding gone."""
+    lens = np.array([2, 3]), np.array([[2, 1], [0, 2]])
+    full = packing.pack_groups(*lens, prompt_capacity=3, completion_capacity=2)
+    short = packing.pack_groups(*lens, prompt_capacity=3, completion_capacity=2, row_length=5)
+    for name in ("segment_ids", "positions", "source_index"):
+        np.testing.assert_array_equal(getattr(short, name), getattr(full, name)[:, :5])
+    for name in ("completion_index", "predict_index", "completion_mask"):
+        np.testing.assert_array_equal(getattr(short, name), getattr(full, name))
 
 
 def test_pack_groups_under_jit_with_traced_lengths():

@@ -41,6 +41,7 @@ SPECIFIC_FIELDS: dict[str, str] = {
     "reference": "the KL term's reference model, scored only when the KL coefficient is not 0",
     "advantage_scale": "GRPO's group advantages",
     "advantage_ddof": "GRPO's group advantages scaled by a standard deviation",
+    "grouped_scoring": "GRPO's update of each question's episodes as one packed row",
     "shared_model": "M-GRPO's agents",
     "sub_optimizer": "M-GRPO's separate sub-agent model",
     "sub_target_count": "M-GRPO's trajectory alignment",
@@ -167,11 +168,30 @@ def rows_split(where: str, values: Mapping[str, Any]) -> None:
     of num_microbatches."""
     rows = values["prompts_per_step"] * values["num_generations"]
     minibatches, microbatches = values["num_minibatches"], values["num_microbatches"]
-    if rows % minibatches or (rows // minibatches) % microbatches:
+    if not _splits(rows, values):
         raise SettingError(
             f"{where}: prompts_per_step * num_generations = {rows} rows do not split into"
             f" num_minibatches {minibatches} of num_microbatches {microbatches}."
         )
+
+
+def groups_split(where: str, values: Mapping[str, Any]) -> None:
+    """With grouped_scoring a row is a question: prompts_per_step must split into
+    num_minibatches of num_microbatches."""
+    prompts = values["prompts_per_step"]
+    minibatches, microbatches = values["num_minibatches"], values["num_microbatches"]
+    if not _splits(prompts, values):
+        raise SettingError(
+            f"{where}: grouped_scoring packs a question's episodes into one row, and"
+            f" prompts_per_step {prompts} does not split into num_minibatches {minibatches}"
+            f" of num_microbatches {microbatches}."
+        )
+
+
+def _splits(count: int, values: Mapping[str, Any]) -> bool:
+    """Whether `count` rows split in order into num_minibatches of num_microbatches."""
+    minibatches, microbatches = values["num_minibatches"], values["num_microbatches"]
+    return count % minibatches == 0 and (count // minibatches) % microbatches == 0
 
 
 def bound_option(fn: Callable, option: str) -> Any:

@@ -22,7 +22,7 @@ class GRPO:
     name: ClassVar[str] = "grpo"
     hierarchical: ClassVar[bool] = False
     fields: ClassVar[frozenset[str]] = frozenset(
-        {"kl_beta", "reference", "advantage_scale", "advantage_ddof"}
+        {"kl_beta", "reference", "advantage_scale", "advantage_ddof", "grouped_scoring"}
     )
 
     def _loss(self, stage):
@@ -31,7 +31,17 @@ class GRPO:
     def check(self, where, values, defaults) -> None:
         base.unused_fields(where, self.name, self.fields, values, defaults)
         base.rows_split(where, values)
-        bound = base.bound_option(values["loss"] or losses.grpo_loss, "beta")
+        loss = values["loss"] or losses.grpo_loss
+        if values["grouped_scoring"]:
+            base.groups_split(where, values)
+            dr_grpo = base.bound_option(loss, "loss_type") == "dr_grpo"
+            if dr_grpo and base.bound_option(loss, "max_completion_length") is None:
+                raise SettingError(
+                    f"{where}: grouped_scoring with loss_type 'dr_grpo' needs the loss's"
+                    " max_completion_length bound: its default, the rows' width, is another"
+                    " width once the episodes are packed."
+                )
+        bound = base.bound_option(loss, "beta")
         kl = values["kl_beta"]
         if kl and bound and float(bound) != float(kl):
             raise SettingError(
