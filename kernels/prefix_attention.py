@@ -64,6 +64,8 @@ IMPLS = ("auto", "reference", "xla", "pallas")
 
 # Finite, like the model's mask value: a fully masked row must not produce inf - inf = NaN.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
+# The score of a masked entry, for attention written elsewhere (the model's cached attention).
+MASKED_SCORE = _MASKED
 _NO_SEGMENT = np.iinfo(np.int32).max
 
 

@@ -174,7 +174,6 @@ def _generate_rows(
     prompt_mask = partitioning.constrain_batch(prompt_mask)
     p, tp = prompt_ids.shape
     n = params.max_new_tokens
-    b = p * num_samples
     if prefix_ids is None:
         cache = model.init_cache(p, tp + n)
     else:
@@ -190,6 +189,59 @@ def _generate_rows(
         prompt_ids, attention_mask=prompt_mask, cache=cache, return_hidden=True,
         cache_is_empty=prefix_ids is None,
     )  # fmt: skip
+    return _decode(model, hidden, cache, key, row_budget, params, num_samples)
+
+
+def _kept_rows(cache: KVCache, source_rows, keep, slots: int) -> KVCache:
+    """A cache of `slots` slots whose row r holds the first keep[r] tokens of the given
+    cache's row source_rows[r], in slots 0 .. keep[r] - 1 (the rest empty).
+
+    A row's real tokens sit in its slots in position order, with empty slots (position -1)
+    between the chunks of earlier calls: sorting the slots by position (those to drop last)
+    packs the kept ones to the front, so the cache never holds more than each row's own
+    tokens plus one call's chunk and budget."""
+    positions = cache.positions[source_rows]
+    kept = (positions >= 0) & (positions < keep[:, None])
+    order = jnp.argsort(jnp.where(kept, positions, jnp.iinfo(jnp.int32).max), axis=1)
+    extra = slots - positions.shape[1]
+    take = order[None, :, None, :, None]
+
+    def move(x):
+        x = jnp.take_along_axis(x[:, source_rows], take, axis=3)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))
+
+    slot = jnp.arange(slots, dtype=jnp.int32)[None]
+    return KVCache(
+        k=move(cache.k), v=move(cache.v),
+        positions=jnp.where(slot < keep[:, None], slot, -1),
+        index=jnp.max(keep).astype(jnp.int32), lengths=keep.astype(jnp.int32),
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_samples", "slots", "mesh"))
+def _continue(
+    graphdef, state, cache, source_rows, keep, chunk_ids, chunk_mask, key, row_budget,
+    params: SamplingParams, num_samples, slots, mesh=None,
+):  # fmt: skip
+    """`_generate` for prompts that continue rows of an earlier call's cache."""
+    with partitioning.activations_on(mesh):
+        model = nnx.merge(graphdef, state)
+        cache = _rows_on_mesh(_kept_rows(cache, source_rows, keep, slots))
+        hidden, cache = model(
+            partitioning.constrain_batch(chunk_ids),
+            attention_mask=partitioning.constrain_batch(chunk_mask),
+            cache=cache,
+            return_hidden=True,
+        )
+        return _decode(model, hidden, cache, key, row_budget, params, num_samples)
+
+
+def _decode(model, hidden, cache, key, row_budget, params, num_samples):
+    """Samples from the prompts' last hidden states [P, T, D] and their cache: G rows per
+    prompt, a token per step until each row has stopped. Returns the tokens, log-probs and
+    lengths of every row and the cache with the sampled tokens in it."""
+    n = params.max_new_tokens
+    b = hidden.shape[0] * num_samples
     cache = _rows_on_mesh(_broadcast_cache(cache, num_samples))
     last = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], num_samples, axis=0)
     last = partitioning.constrain_batch(last)
@@ -235,8 +287,8 @@ def _generate_rows(
         rows(jnp.zeros((b,), jnp.int32)), rows(jnp.full((b, n), params.pad_id, jnp.int32)),
         rows(jnp.zeros((b, n), jnp.float32)),
     )  # fmt: skip
-    *_, lengths, tokens, logps = jax.lax.while_loop(cond, step, init)
-    return tokens, logps, lengths
+    _, _, _, cache, _, lengths, tokens, logps = jax.lax.while_loop(cond, step, init)
+    return tokens, logps, lengths, cache
 
 
 def bucket_length(length: int, buckets: tuple[int, ...] | None = None) -> int:
@@ -274,7 +326,7 @@ def pad_prompts(prompt_ids, prompt_mask, length: int, pad_id: int = 0):
 def compile_count() -> int:
     """How many generation programs have been compiled in this process (one per distinct
     prompt shape, G and SamplingParams): bucket prompt lengths to keep it bounded."""
-    return _generate._cache_size()
+    return _generate._cache_size() + _continue._cache_size()
 
 
 def sample(
@@ -288,7 +340,8 @@ def sample(
     buckets: tuple[int, ...] | None = (),
     max_new_tokens: jax.Array | None = None,
     prefix_ids: jax.Array | None = None,
-) -> SampleOutput:
+    return_cache: bool = False,
+) -> SampleOutput | tuple[SampleOutput, KVCache]:
     """Generates `num_samples` continuations of every prompt.
 
     Args:
@@ -306,9 +359,11 @@ def sample(
       prefix_ids: optional [1, Tx] tokens that come before every prompt (a shared system
         prompt): prefilled once instead of once per row, with the same result as prompts
         that begin with them. Each distinct Tx compiles its own program.
+      return_cache: also return the [P * G]-row KVCache with the prompts and the sampled
+        tokens in it, for `sample_continuing`.
 
     Returns:
-      SampleOutput with [P * G, N] arrays, prompt-major rows.
+      SampleOutput with [P * G, N] arrays, prompt-major rows (and the cache).
     """
     if prompt_ids.ndim != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(
@@ -321,16 +376,7 @@ def sample(
     if buckets != ():
         target = bucket_length(prompt_ids.shape[1], buckets)
         prompt_ids, prompt_mask = pad_prompts(prompt_ids, prompt_mask, target, params.pad_id)
-    rows = prompt_ids.shape[0] * num_samples
-    if max_new_tokens is None:
-        row_budget = jnp.full((rows,), params.max_new_tokens, jnp.int32)
-    else:
-        row_budget = jnp.asarray(max_new_tokens, jnp.int32)
-        if row_budget.shape != (rows,):
-            raise ValueError(
-                f"sample: `max_new_tokens` has shape {tuple(row_budget.shape)}; expected"
-                f" [P * G] = ({rows},)."
-            )
+    row_budget = _row_budget(max_new_tokens, prompt_ids.shape[0] * num_samples, params, "sample")
     if prefix_ids is not None:
         prefix_ids = jnp.asarray(prefix_ids, jnp.int32)
         if prefix_ids.ndim != 2 or prefix_ids.shape[0] != 1 or prefix_ids.shape[1] == 0:
@@ -338,10 +384,91 @@ def sample(
                 f"sample: `prefix_ids` has shape {tuple(prefix_ids.shape)}; expected [1, Tx > 0]."
             )
     graphdef, state = nnx.split(model)
-    tokens, logps, lengths = _generate(
+    tokens, logps, lengths, cache = _generate(
         graphdef, state, prompt_ids, prompt_mask, key, row_budget, params, num_samples,
         prefix_ids, partitioning.mesh_of(state),
     )  # fmt: skip
+    out = _output(tokens, logps, lengths)
+    return (out, cache) if return_cache else out
+
+
+def _output(tokens, logps, lengths) -> SampleOutput:
     # A row holds its tokens up to and including the one that stopped it.
     mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
     return SampleOutput(tokens, logps, mask, lengths)
+
+
+def _row_budget(max_new_tokens, rows: int, params: SamplingParams, fn: str) -> jax.Array:
+    if max_new_tokens is None:
+        return jnp.full((rows,), params.max_new_tokens, jnp.int32)
+    row_budget = jnp.asarray(max_new_tokens, jnp.int32)
+    if row_budget.shape != (rows,):
+        raise ValueError(
+            f"{fn}: `max_new_tokens` has shape {tuple(row_budget.shape)}; expected"
+            f" [P * G] = ({rows},)."
+        )
+    return row_budget
+
+
+def sample_continuing(
+    model: DecoderLM,
+    cache: KVCache,
+    source_rows,
+    keep,
+    chunk_ids: jax.Array,
+    chunk_mask: jax.Array,
+    key: jax.Array,
+    params: SamplingParams,
+    *,
+    slots: int,
+    num_samples: int = 1,
+    max_new_tokens: jax.Array | None = None,
+) -> tuple[SampleOutput, KVCache]:
+    """`sample` for prompts that continue the rows of an earlier call's cache (returned with
+    `return_cache=True`, or by this function): prompt p is the first keep[p] tokens of that
+    cache's row source_rows[p] followed by its own chunk, so only the chunk is prefilled.
+
+    The samples are those of `sample` on the whole prompts with the same key (the cached
+    keys and values are the ones a prefill of those tokens computes, to float rounding).
+
+    Args:
+      model: the policy whose cache `cache` is (the same weights).
+      cache: a KVCache of R rows.
+      source_rows: [P] int, the cache row each prompt continues (rows may repeat).
+      keep: [P] int, how many of that row's leading tokens the prompt keeps (at most the
+        row's length; 0 keeps none).
+      chunk_ids, chunk_mask: [P, W] the rest of each prompt, left-padded (at least one real
+        token a row: its logits start the sampling).
+      key, params, num_samples, max_new_tokens: as in `sample`.
+      slots: S of the returned cache, static: at least max(keep) + W + params.max_new_tokens
+        (one compiled program per value).
+
+    Returns:
+      (SampleOutput with [P * G, N] arrays, the [P * G]-row cache with the prompts and the
+      sampled tokens in it).
+    """
+    chunk_ids, chunk_mask = jnp.asarray(chunk_ids, jnp.int32), jnp.asarray(chunk_mask)
+    source_rows = jnp.asarray(source_rows, jnp.int32)
+    keep = jnp.asarray(keep, jnp.int32)
+    p, w = chunk_ids.shape
+    if chunk_mask.shape != (p, w) or source_rows.shape != (p,) or keep.shape != (p,):
+        raise ValueError(
+            f"sample_continuing: `chunk_ids` {tuple(chunk_ids.shape)}, `chunk_mask`"
+            f" {tuple(chunk_mask.shape)}, `source_rows` {tuple(source_rows.shape)} and `keep`"
+            f" {tuple(keep.shape)} must be [P, W], [P, W], [P] and [P]."
+        )
+    need = int(jnp.max(keep)) + w + params.max_new_tokens
+    if slots < max(need, cache.positions.shape[1]):
+        raise ValueError(
+            f"sample_continuing: slots={slots} cannot hold max(keep) + W + max_new_tokens ="
+            f" {need} tokens nor the cache's {cache.positions.shape[1]} slots."
+        )
+    if params.temperature <= 0:
+        raise ValueError(f"sample_continuing: temperature must be > 0, got {params.temperature}.")
+    row_budget = _row_budget(max_new_tokens, p * num_samples, params, "sample_continuing")
+    graphdef, state = nnx.split(model)
+    tokens, logps, lengths, cache = _continue(
+        graphdef, state, cache, source_rows, keep, chunk_ids, chunk_mask, key, row_budget,
+        params, num_samples, slots, partitioning.mesh_of(state),
+    )  # fmt: skip
+    return _output(tokens, logps, lengths), cache

@@ -10,9 +10,17 @@ samples are rounded up to powers of two (each row still stops at its exact budge
 
 A prefix that all of a call's prompts share (the system prompt with its tool list: most of
 an agent's first prompt) is prefilled once and its cache broadcast to every row
-(`shared_prefix_length`). The rest of the history is prefilled again each turn: the KV
-cache is not kept between calls. That is exact and keeps the sampler's memory bounded by one
-turn; the cost is one prefill of each episode's own history per turn.
+(`shared_prefix_length`).
+
+The KV cache is kept between calls (`keep_cache`, on unless `serving`): each prompt of a call
+continues the row of the previous call's cache that shares its longest token prefix (an
+agent's next turn is its last prompt, its reply and the tokens appended since), so a turn
+prefills only the tokens added since the episode's last call (`sampling.sample_continuing`).
+Rows no prompt continues (finished episodes) are dropped, and each row is packed to its own
+tokens, so the cache holds the live episodes' tokens plus one turn's chunk and budget. The
+samples are those of a prefill of the whole prompts (to float rounding in attention); the
+cache is dropped when the model's weights change (a new array in any parameter) or by
+`clear_cache()`.
 """
 
 import dataclasses
@@ -36,6 +44,8 @@ _FINE_LENGTH = 512
 # A prefix all of a call's prompts share is prefilled once when it is at least this long; its
 # length is rounded down to a multiple of it (one compiled program per rounded length).
 _PREFIX_QUANTUM = 64
+# How many calls' caches are kept (`JaxPolicyBackend._kept_calls`).
+_KEPT_CALLS = 2
 
 
 def padded_rows(rows: int) -> int:
@@ -57,6 +67,68 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]], quantum: int = _PREFI
     for other in prompts[1:]:
         n = next((i for i in range(n) if other[i] != first[i]), n)
     return n // quantum * quantum
+
+
+def _left_padded(chunks, rows: int, width: int, pad: int):
+    """[rows, width] ids and mask of `chunks` left-padded, then one-token dummy rows."""
+    ids = np.full((rows, width), pad, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    mask[len(chunks) :, -1] = 1
+    for row, chunk in enumerate(chunks):
+        ids[row, width - len(chunk) :] = chunk
+        mask[row, width - len(chunk) :] = 1
+    return ids, mask
+
+
+def _weights(model) -> list:
+    return jax.tree.leaves(nnx.state(model))
+
+
+@dataclasses.dataclass
+class _CachedRows:
+    """The KV cache of a call's rows and, on the host, the tokens each row holds.
+
+    Attributes:
+      cache: the sampler's KVCache after the call ([R] rows).
+      tokens: [R, T] int32, row r's tokens (its prompt, then its sampled tokens) in
+        position order, -1 after them and on padding rows (which match nothing).
+      lengths: [R] how many tokens each row holds.
+      weights: the model's parameter arrays the cache was computed with.
+    """
+
+    cache: KVCache
+    tokens: np.ndarray
+    lengths: np.ndarray
+    weights: list
+
+    @classmethod
+    def of(cls, cache, prompts, sampled, sampled_lengths, samples, model) -> "_CachedRows":
+        held = [
+            list(prompts[row // samples]) + sampled[row, : sampled_lengths[row]].tolist()
+            for row in range(len(prompts) * samples)
+        ]
+        tokens = np.full((sampled.shape[0], max(map(len, held))), -1, np.int32)
+        for row, ids in enumerate(held):
+            tokens[row, : len(ids)] = ids
+        lengths = np.zeros(sampled.shape[0], np.int64)
+        lengths[: len(held)] = [len(ids) for ids in held]
+        return cls(cache, tokens, lengths, _weights(model))
+
+    def longest_prefixes(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+        """For each prompt, the row sharing its longest token prefix and that prefix's
+        length, at most the prompt's length - 1 (its last token must be fed to the model)."""
+        source = np.zeros(len(prompts), np.int32)
+        keep = np.zeros(len(prompts), np.int32)
+        width = self.tokens.shape[1]
+        for i, prompt in enumerate(prompts):
+            n = min(len(prompt) - 1, width)
+            if n <= 0:
+                continue
+            same = self.tokens[:, :n] == np.asarray(prompt[:n], np.int32)[None]
+            shared = np.where(same.all(axis=1), n, same.argmin(axis=1))
+            source[i] = int(shared.argmax())
+            keep[i] = int(shared[source[i]])
+        return source, keep
 
 
 class _TemperedLM(nnx.Module):
@@ -104,6 +176,9 @@ class JaxPolicyBackend:
       share_prefix: prefill the tokens that all of a call's prompts share once
         (`shared_prefix_length`) instead of once per row; the samples are the same (to
         float rounding in attention).
+      keep_cache: keep the KV cache of each call's rows for the next call's prompts that
+        continue them (default: on unless `serving`); memory: the caches of the last two
+        calls whose rows differ (a main agent's and its sub-agents').
     """
 
     def __init__(
@@ -115,14 +190,42 @@ class JaxPolicyBackend:
         row_buckets: bool = True,
         serving: bool = False,
         share_prefix: bool = True,
+        keep_cache: bool | None = None,
     ):
         self.model = model
         self.row_buckets = row_buckets
         self.share_prefix = share_prefix
         self.serving = serving
+        self.keep_cache = not serving if keep_cache is None else keep_cache
         self.tokenizer = tokenizer
         self._key = jax.random.key(seed)
         self.calls = 0
+        # Tokens prefilled and reused over all calls (progress lines, benchmarks).
+        self.stats = dict(prefilled_tokens=0, reused_tokens=0)
+        # The caches of the last calls whose rows differ (most recent first): two, so that a
+        # main agent and its sub-agents on one backend each continue their own rows.
+        self._kept_calls: list[_CachedRows] = []
+
+    def clear_cache(self) -> None:
+        """Drops the KV cache kept from the last call (its memory is freed)."""
+        self._kept_calls = []
+
+    def _kept(self, prompts) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """(which kept cache, source rows, kept lengths) for the prompts: the kept cache
+        whose rows hold the most of them; None when no prompt continues a row. The caches
+        are dropped if the weights changed since they were filled."""
+        if not self._kept_calls:
+            return None
+        now, then = _weights(self.model), self._kept_calls[0].weights
+        if len(now) != len(then) or any(a is not b for a, b in zip(now, then, strict=True)):
+            self._kept_calls = []
+            return None
+        best = None
+        for i, rows in enumerate(self._kept_calls):
+            source, keep = rows.longest_prefixes(prompts)
+            if keep.sum() > 0 and (best is None or keep.sum() > best[2].sum()):
+                best = (i, source, keep)
+        return best
 
     def encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         """Token ids of each conversation's prompt, generation prompt included."""
@@ -160,28 +263,7 @@ class JaxPolicyBackend:
                 f"JaxPolicyBackend.generate_ids: {len(max_new_tokens)} budgets for"
                 f" {len(prompts)} prompts."
             )
-        # A prefix every prompt shares (the system prompt and its tool list) is prefilled
-        # once, not once per row.
-        shared = shared_prefix_length(prompts) if self.share_prefix else 0
-        prefix = jnp.asarray([prompts[0][:shared]], jnp.int32) if shared else None
-        prompts = [p[shared:] for p in prompts]
-        # Rows are padded with one-token dummy prompts of budget 1, and prompts left-padded,
-        # to bucketed sizes: a run compiles one program per (row bucket, length bucket)
-        # instead of one per number of live episodes and prompt length. Past 8 rows and 512
-        # tokens the buckets are 1.5x apart, not 2x: every padded column of every row
-        # (dummies included) costs a full prefill column, which a real model's prompts of a
-        # few thousand tokens feel more than the extra compiles.
-        rows = len(prompts)
-        if self.row_buckets:
-            rows = padded_rows(rows)
-        width = padded_length(max(len(p) for p in prompts))
-        pad = params.pad_id if params.pad_id >= 0 else 0
-        ids = np.full((rows, width), pad, np.int32)
-        mask = np.zeros((rows, width), np.int32)
-        mask[len(prompts) :, -1] = 1
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
+        rows = padded_rows(len(prompts)) if self.row_buckets else len(prompts)
         model, samples, static = self.model, num_samples, params
         steps = params.max_new_tokens
         if self.serving:
@@ -212,13 +294,53 @@ class JaxPolicyBackend:
             + stops.stop_sequences(self.tokenizer, params.stop_strings),
         )
         self._key, key = jax.random.split(self._key)
-        out = sampling.sample(
-            model, jnp.asarray(ids), jnp.asarray(mask), key, sampler_params,
-            num_samples=samples, buckets=(), max_new_tokens=jnp.asarray(budget_of),
-            prefix_ids=prefix,
-        )  # fmt: skip
+        pad = params.pad_id if params.pad_id >= 0 else 0
+        kept = self._kept(prompts) if self.keep_cache else None
+        if kept is not None:
+            which, source, keep = kept
+            continued = self._kept_calls.pop(which).cache
+            # Only what each prompt adds to its cached row is prefilled: left-padded chunks.
+            chunks = [p[k:] for p, k in zip(prompts, keep, strict=True)]
+            width = padded_length(max(len(c) for c in chunks))
+            ids, mask = _left_padded(chunks, rows, width, pad)
+            source = np.pad(source, (0, rows - len(prompts)))
+            keep = np.pad(keep, (0, rows - len(prompts)))
+            need = int(keep.max()) + width + steps
+            slots = max(padded_length(need), continued.positions.shape[1])
+            out, cache = sampling.sample_continuing(
+                model, continued, source, keep, ids, mask, key, sampler_params,
+                slots=slots, num_samples=samples, max_new_tokens=jnp.asarray(budget_of),
+            )  # fmt: skip
+            self.stats["reused_tokens"] += int(keep.sum())
+            self.stats["prefilled_tokens"] += sum(len(c) for c in chunks)
+        else:
+            # A prefix every prompt shares (the system prompt and its tool list) is
+            # prefilled once, not once per row.
+            shared = shared_prefix_length(prompts) if self.share_prefix else 0
+            prefix = jnp.asarray([prompts[0][:shared]], jnp.int32) if shared else None
+            # Rows are padded with one-token dummy prompts of budget 1, and prompts
+            # left-padded, to bucketed sizes: a run compiles one program per (row bucket,
+            # length bucket) instead of one per number of live episodes and prompt length.
+            # Past 8 rows and 512 tokens the buckets are 1.5x apart, not 2x: every padded
+            # column of every row (dummies included) costs a full prefill column, which a
+            # real model's prompts of a few thousand tokens feel more than the extra
+            # compiles.
+            chunks = [p[shared:] for p in prompts]
+            width = padded_length(max(len(c) for c in chunks))
+            ids, mask = _left_padded(chunks, rows, width, pad)
+            out = sampling.sample(
+                model, jnp.asarray(ids), jnp.asarray(mask), key, sampler_params,
+                num_samples=samples, buckets=(), max_new_tokens=jnp.asarray(budget_of),
+                prefix_ids=prefix, return_cache=self.keep_cache,
+            )  # fmt: skip
+            if self.keep_cache:
+                out, cache = out
+            self.stats["prefilled_tokens"] += shared + sum(len(c) for c in chunks)
         self.calls += 1
         tokens, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logps, out.lengths))
+        if self.keep_cache:
+            rows = _CachedRows.of(cache, prompts, tokens, lengths, samples, self.model)
+            self._kept_calls = [rows, *self._kept_calls][:_KEPT_CALLS]
         results = []
         for index in range(len(prompts) * num_samples):
             # Sampled rows are prompt-major with `samples` rows per prompt.

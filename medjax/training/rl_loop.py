@@ -103,6 +103,10 @@ def run_rl(
             run.env, backend, records, num_generations=stage.num_generations, **hierarchy
         )
         t_rollout = time.perf_counter() - t0 - t_wait
+        # The rollouts' KV caches are done with: free them before the update.
+        for used in (backend, hierarchy.get("sub_backend")):
+            if used is not None:
+                used.clear_cache()
         rows = method.rows(
             stage, algorithms.Rollouts(trajs, records, picked, step, base_key, run, main_side)
         )

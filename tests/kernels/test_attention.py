@@ -168,8 +168,15 @@ def test_model_with_splash_equals_xla():
     value, grads = jax.value_and_grad(loss, argnums=1)(graphdef, params)
     splash_value, splash_grads = jax.value_and_grad(loss, argnums=1)(splash_graphdef, params)
     np.testing.assert_allclose(float(splash_value), float(value), rtol=F32_TOL)
+    # A gradient element sums the contributions of many positions (an embedding row: every
+    # place its token occurs), which cancel: its float32 rounding scales with the terms,
+    # i.e. with the tensor's typical element, not with the element itself (on a 2-core AMD
+    # EPYC, 2026-12-07, one embedding element of 0.1894 differed by 2.9e-5, 1.5e-4 of
+    # itself; the tensor's root mean square is 8.3). Hence a tolerance relative to each
+    # tensor's root mean square.
     for x, y in zip(jax.tree.leaves(splash_grads), jax.tree.leaves(grads), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=F32_TOL, atol=F32_TOL)
+        rms = float(np.sqrt(np.mean(np.square(np.asarray(y)))))
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=F32_TOL, atol=F32_TOL * rms)
 
 
 def test_model_attention_setting_is_checked():

@@ -64,6 +64,8 @@ def test_rows_and_prompt_lengths_are_padded_to_their_buckets(backend, monkeypatc
 
     monkeypatch.setattr(sampling, "sample", spy)
     params = sampling.SamplingParams(max_new_tokens=1, greedy=True)
+    # Prefilling whole prompts (the second call's would continue the first's kept rows).
+    backend = llm.JaxPolicyBackend(backend.model, backend.tokenizer, seed=1, keep_cache=False)
     # Each prompt starts with its own token: no shared prefix.
     outs = backend.generate_ids([[6 + i] + [5] * (599 - i) for i in range(9)], params)
     backend.generate_ids([[6 + i] + [5] * 4 for i in range(3)], params)
@@ -94,8 +96,10 @@ def test_a_shared_prefix_is_prefilled_once_with_the_same_samples(backend, monkey
         return sample(model, prompt_ids, *args, prefix_ids=prefix_ids, **kwargs)
 
     monkeypatch.setattr(sampling, "sample", spy)
-    shared_on = llm.JaxPolicyBackend(backend.model, backend.tokenizer, seed=3)
-    shared_off = llm.JaxPolicyBackend(backend.model, backend.tokenizer, seed=3, share_prefix=False)
+    # Each call prefills whole prompts (no KV cache kept from the call before).
+    kw = dict(seed=3, keep_cache=False)
+    shared_on = llm.JaxPolicyBackend(backend.model, backend.tokenizer, **kw)
+    shared_off = llm.JaxPolicyBackend(backend.model, backend.tokenizer, share_prefix=False, **kw)
     for params in (
         sampling.SamplingParams(max_new_tokens=12, greedy=True),
         sampling.SamplingParams(max_new_tokens=12, temperature=0.9),
