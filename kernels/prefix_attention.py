@@ -64,8 +64,6 @@ IMPLS = ("auto", "reference", "xla", "pallas")
 
 # Finite, like the model's mask value: a fully masked row must not produce inf - inf = NaN.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
-# The score of a masked entry, for attention written elsewhere (the model's cached attention).
-MASKED_SCORE = _MASKED
 _NO_SEGMENT = np.iinfo(np.int32).max
 
 
@@ -239,22 +237,32 @@ def reference_grouped_attention(
     return masked_attention(q, k, v, grouped_mask(segment_ids), scale)
 
 
-def masked_attention(q, k, v, mask, scale=None):
-    """GQA attention of q [B, Tq, H, K] over k, v [B, Tk, N, K] under a [B, Tq, Tk] bool
-    mask; softmax in float32, rows with no visible key give 0. The model's plain and cached
-    attention use it too, so every path shares one piece of attention math."""
+def masked_attention(q, k, v, mask, scale=None, *, heads_first=False):
+    """GQA attention of q [B, Tq, H, K] over k, v [B, Tk, N, K] ([B, N, Tk, K] with
+    `heads_first`: the KV cache's layout) under a [B, Tq, Tk] bool mask; softmax in float32,
+    rows with no visible key give 0. The model's plain and cached attention use it too, so
+    every path shares one piece of attention math."""
     b, tq, h, kd = q.shape
-    n = k.shape[2]
+    n = k.shape[1 if heads_first else 2]
     scale = kd**-0.5 if scale is None else scale
     mask = mask[:, None, None]  # [B, 1, 1, Tq, Tk] over (n, g).
     q_BxTxNxGxK = q.reshape(b, tq, n, h // n, kd)
-    scores = jnp.einsum("btngk,bsnk->bngts", q_BxTxNxGxK, k, preferred_element_type=jnp.float32)
+    if heads_first:
+        # q moved to [B, N, G, Tq, K] first: left to the einsum, XLA on CPU copied the
+        # whole cache into another order at every decode step (SmolLM2, 16 rows of 896
+        # slots: 307 ms a step against 84).
+        q_BxNxGxTxK = q_BxTxNxGxK.transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bngtk,bnsk->bngts", q_BxNxGxTxK, k, preferred_element_type=jnp.float32)
+    else:
+        scores = jnp.einsum("btngk,bsnk->bngts", q_BxTxNxGxK, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores * scale, _MASKED)
     # A row with no visible key would otherwise average every value uniformly.
-    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
-    out = jnp.einsum(
-        "bngts,bsnk->btngk", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
+    if heads_first:
+        out = jnp.einsum("bngts,bnsk->bngtk", probs, v, preferred_element_type=jnp.float32)
+        out = out.transpose(0, 3, 1, 2, 4)
+    else:
+        out = jnp.einsum("bngts,bsnk->btngk", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, tq, h, kd).astype(q.dtype)
 
 

@@ -92,13 +92,11 @@ class _CachedRows:
       cache: the sampler's KVCache after the call ([R] rows).
       tokens: [R, T] int32, row r's tokens (its prompt, then its sampled tokens) in
         position order, -1 after them and on padding rows (which match nothing).
-      lengths: [R] how many tokens each row holds.
       weights: the model's parameter arrays the cache was computed with.
     """
 
     cache: KVCache
     tokens: np.ndarray
-    lengths: np.ndarray
     weights: list
 
     @classmethod
@@ -110,9 +108,7 @@ class _CachedRows:
         tokens = np.full((sampled.shape[0], max(map(len, held))), -1, np.int32)
         for row, ids in enumerate(held):
             tokens[row, : len(ids)] = ids
-        lengths = np.zeros(sampled.shape[0], np.int64)
-        lengths[: len(held)] = [len(ids) for ids in held]
-        return cls(cache, tokens, lengths, _weights(model))
+        return cls(cache, tokens, _weights(model))
 
     def longest_prefixes(self, prompts) -> tuple[np.ndarray, np.ndarray]:
         """For each prompt, the row sharing its longest token prefix and that prefix's

@@ -247,32 +247,14 @@ class Attention(nnx.Module):
             visible = (key_pos[:, None, :] <= positions_BxT[:, :, None]) & (
                 key_pos[:, None, :] >= 0
             )
-            out = cached_attention(
-                q, k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype), visible
+            out = prefix_attention.masked_attention(
+                q,
+                k_cache[layer].astype(q.dtype),
+                v_cache[layer].astype(q.dtype),
+                visible,
+                heads_first=True,
             )
         return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_cache
-
-
-def cached_attention(q, k_BxNxSxK, v_BxNxSxK, visible_BxTxS):
-    """GQA attention of q [B, T, H, K] over a layer's cache in its [B, N, S, K] layout under a
-    [B, T, S] mask: `prefix_attention.masked_attention`'s math (float32 softmax, rows with no
-    visible slot give 0) without moving the cache into [B, S, N, K] order first."""
-    b, t, h, kd = q.shape
-    n = k_BxNxSxK.shape[1]
-    q_BxNxGxTxK = q.reshape(b, t, n, h // n, kd).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum(
-        "bngtk,bnsk->bngts", q_BxNxGxTxK, k_BxNxSxK, preferred_element_type=jnp.float32
-    )
-    mask = visible_BxTxS[:, None, None]
-    scores = jnp.where(mask, scores * kd**-0.5, prefix_attention.MASKED_SCORE)
-    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
-    out = jnp.einsum(
-        "bngts,bnsk->bngtk",
-        probs.astype(v_BxNxSxK.dtype),
-        v_BxNxSxK,
-        preferred_element_type=jnp.float32,
-    )
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, kd).astype(q.dtype)
 
 
 def silu(x: jax.Array) -> jax.Array:
