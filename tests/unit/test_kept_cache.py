@@ -241,3 +241,25 @@ def test_smollm2_tool_episodes_equal_with_and_without_the_kept_cache(smollm, gre
     worst = {keep: float(np.concatenate(e).max()) for keep, e in errors.items()}
     assert worst[True] <= 1.25 * worst[False] and worst[True] < 5e-5, worst
     assert stats_k["prefilled_tokens"] < stats_p["prefilled_tokens"] / 2
+
+
+def test_sample_continuing_names_what_is_wrong(tiny):
+    """Shapes that disagree, and a cache too small for the kept tokens + chunk + budget,
+    are refused naming the arrays and the numbers (a silent dynamic_update_slice would clamp
+    the write into the wrong slots)."""
+    model, _ = tiny
+    cache = model.init_cache(2, 16)
+    params = sampling.SamplingParams(max_new_tokens=4, greedy=True)
+    ids, mask = jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32)
+    key = jax.random.key(0)
+    with pytest.raises(
+        ValueError, match=r"`keep` \(3,\) must be \[P, W\], \[P, W\], \[P\] and \[P\]"
+    ):
+        sampling.sample_continuing(
+            model, cache, [0, 1], [0, 0, 0], ids, mask, key, params, slots=16
+        )
+    # max(keep) 10 + W 3 + 4 new tokens = 17 > 16 slots.
+    with pytest.raises(ValueError, match=r"slots=16 cannot hold .* = 17 tokens nor the cache's 16"):
+        sampling.sample_continuing(model, cache, [0, 1], [10, 2], ids, mask, key, params, slots=16)
+    with pytest.raises(ValueError, match=r"slots=8 cannot hold .* = 9 tokens nor the cache's 16"):
+        sampling.sample_continuing(model, cache, [0, 1], [2, 2], ids, mask, key, params, slots=8)
