@@ -19,6 +19,13 @@ Only the text-level fields of `SamplingParams` travel: the remote model has its 
 so `eos_ids`, `stop_sequences` and `pad_id` (ids of the local tokenizer) are not sent and the
 server stops on its own EOS. Token ids come back only from servers that return the `token_ids`
 extension of a choice (vLLM with `return_token_ids`, `medjax.llm.serve`).
+
+Stop strings. The agent loop stops each turn on `</tool_call>` or `</answer>` and parses the
+reply, so it needs the matched stop string at the end of the text, as a local backend leaves
+it. OpenAI, and vLLM and SGLang by default, leave it out (`finish_reason` "stop" either way);
+a server may also keep it (vLLM with `include_stop_str_in_output`, SGLang with
+`no_stop_trim`, passed through `extra_body`). With `stop_in_output="restore"` (the default)
+the backend puts it back; see `restore_stop_string` for the rule and its limits.
 """
 
 import concurrent.futures
@@ -28,11 +35,12 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from medjax.llm.base import Generation, Message
@@ -42,6 +50,15 @@ logger = logging.getLogger("medjax.llm")
 
 # How much of a failed response's body an error message quotes.
 _DETAIL_CHARS = 300
+# The fields `request_body` sets itself, which `extra_body` may not replace.
+_OWN_FIELDS = frozenset(
+    ("model", "messages", "n", "max_tokens", "temperature", "top_p", "top_k", "stop", "logprobs")
+)
+STOP_IN_OUTPUT = ("restore", "as_returned")
+# A stop string the unclosed-tag rule can restore: a bare closing tag such as "</answer>".
+_CLOSING_TAG = re.compile(r"</([A-Za-z_][\w.:-]*)>")
+# Where the server does not say which stop string matched (OpenAI's choices carry neither).
+UNREPORTED = object()
 
 
 class BackendError(RuntimeError):
@@ -97,6 +114,90 @@ def _redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "[redacted]") if secret else text
 
 
+def reported_stop(choice: Mapping[str, Any]) -> object:
+    """The stop a server says ended a choice, or `UNREPORTED`.
+
+    vLLM's `stop_reason` and SGLang's `matched_stop` hold the matched stop string, a stop
+    token's id (an int, an EOS included on SGLang), or null for EOS on vLLM; OpenAI's choices
+    carry neither field.
+    """
+    for field in ("stop_reason", "matched_stop"):
+        if field in choice:
+            return choice[field]
+    return UNREPORTED
+
+
+def unclosed_tag_stop(text: str, stop_strings: Sequence[str]) -> str | None:
+    """The closing-tag stop string whose opening tag is the last one left open in `text`.
+
+    Args:
+      text: a reply that ended on a stop the server did not name.
+      stop_strings: the stop strings of the request; only bare closing tags ("</answer>")
+        take part.
+
+    Returns:
+      E.g. "</tool_call>" for '<think>a</think><tool_call>{"name": ...', "</answer>" for
+      "<tool_call>...</tool_call><answer>flu"; None when every such tag is closed (or never
+      opened), as after an EOS.
+    """
+    best, best_at = None, -1
+    for stop in stop_strings:
+        tag = _CLOSING_TAG.fullmatch(stop)
+        if tag is None:
+            continue
+        opened_at = text.rfind(f"<{tag[1]}>")
+        # Open: opened after its last close. The innermost (latest) open tag closes first.
+        if opened_at > best_at and text.find(stop, opened_at) < 0:
+            best, best_at = stop, opened_at
+    return best
+
+
+def restore_stop_string(
+    text: str,
+    finish_reason: str,
+    stop_strings: Sequence[str],
+    *,
+    reported: object = UNREPORTED,
+) -> str:
+    """A reply's text with the stop string that ended it at its end, as a local backend
+    returns it, whether the server kept that string or left it out.
+
+    The rule, first match wins:
+      1. `finish_reason` other than "stop" ("length", "content_filter"), or no stop strings
+         sent: nothing to restore.
+      2. The text already ends with a sent stop string: the server kept it.
+      3. The server named the stop (`reported`, from vLLM's `stop_reason` or SGLang's
+         `matched_stop`): a sent stop string is appended; null or a token id (EOS, a stop
+         token) appends nothing.
+      4. Otherwise (OpenAI's replies say nothing): the unclosed-tag rule appends the closing
+         tag of the last tag left open (`unclosed_tag_stop`), and nothing when all are closed.
+
+    Limits of rule 4, none of which arise where the server reports the stop (rule 3):
+      - A stop string that is not a closing tag ("End Inquiry") is never restored: an
+        OpenAI reply that ends on it reads exactly like one that ends on EOS.
+      - A reply that hit EOS with a tag still open ('<answer>flu' then EOS) gets that tag
+        closed, so a reply that a local backend would show unclosed reads as closed.
+      - Only bare opening tags count ("<answer>", not "<answer id=1>"), and crossed tags
+        ("<a><b></a>") are closed innermost first.
+
+    Args:
+      text: the reply as the server returned it.
+      finish_reason: the choice's finish reason.
+      stop_strings: the `stop` list of the request.
+      reported: what the server said matched (`reported_stop(choice)`), or `UNREPORTED`.
+
+    Returns:
+      `text`, possibly with one stop string appended.
+    """
+    if finish_reason != "stop" or not stop_strings:
+        return text
+    if any(text.endswith(stop) for stop in stop_strings):
+        return text
+    if reported is not UNREPORTED:
+        return text + reported if isinstance(reported, str) and reported in stop_strings else text
+    return text + (unclosed_tag_stop(text, stop_strings) or "")
+
+
 class OpenAICompatibleBackend:
     """Generates with a remote model through the OpenAI chat-completions API.
 
@@ -112,6 +213,18 @@ class OpenAICompatibleBackend:
         [1/2, 1] of that so that concurrent requests do not retry in lockstep.
       max_backoff_s: cap on any delay, a server's Retry-After included.
       max_concurrency: most requests in flight at once, across concurrent calls too.
+      stop_in_output: "restore" (default): each reply ends with the stop string that ended
+        it, whether the server kept it or left it out (`restore_stop_string`), so that the
+        agent loop parses `</tool_call>` and `</answer>` from any server. "as_returned": the
+        text exactly as the server sent it; for a server known to keep the matched stop
+        that does not name it, where the unclosed-tag guess should not apply.
+      extra_body: fields added to every request, for a server's extensions (vLLM's
+        `{"include_stop_str_in_output": True}`, SGLang's `{"no_stop_trim": True}`). It may
+        not set a field the backend sets itself; OpenAI refuses fields it does not know.
+
+    Raises:
+      ValueError: a setting out of range, an unknown `stop_in_output`, or an `extra_body`
+        that is not a JSON object of new fields.
     """
 
     def __init__(
@@ -125,6 +238,8 @@ class OpenAICompatibleBackend:
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         max_concurrency: int = 8,
+        stop_in_output: str = "restore",
+        extra_body: Mapping[str, Any] | None = None,
     ):
         if max_concurrency < 1:
             raise ValueError(f"OpenAICompatibleBackend: max_concurrency={max_concurrency} < 1.")
@@ -132,6 +247,13 @@ class OpenAICompatibleBackend:
             raise ValueError(f"OpenAICompatibleBackend: max_retries={max_retries} < 0.")
         if timeout_s <= 0:
             raise ValueError(f"OpenAICompatibleBackend: timeout_s={timeout_s} must be > 0.")
+        if stop_in_output not in STOP_IN_OUTPUT:
+            raise ValueError(
+                f"OpenAICompatibleBackend: stop_in_output={stop_in_output!r}; expected one of"
+                f" {', '.join(STOP_IN_OUTPUT)}."
+            )
+        self.extra_body = _checked_extra_body(extra_body)
+        self.stop_in_output = stop_in_output
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.model = model
@@ -142,6 +264,7 @@ class OpenAICompatibleBackend:
         self.max_backoff_s = max_backoff_s
         self.max_concurrency = max_concurrency
         self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._warned_unreported = False
 
     def __repr__(self) -> str:
         return (
@@ -167,7 +290,7 @@ class OpenAICompatibleBackend:
             body["top_k"] = params.top_k  # vLLM's (and medjax.llm.serve's) extension field.
         if params.stop_strings:
             body["stop"] = list(params.stop_strings)
-        return body
+        return body | self.extra_body
 
     def generate(
         self,
@@ -228,7 +351,7 @@ class OpenAICompatibleBackend:
                 )
                 time.sleep(delay)
                 continue
-            return self._parse(reply, n, attempt)
+            return self._parse(reply, n, attempt, body.get("stop") or [])
 
     def _post(self, body: dict[str, Any]) -> bytes:
         """Sends one attempt; returns the body of a 2xx reply.
@@ -271,7 +394,9 @@ class OpenAICompatibleBackend:
         except (ConnectionError, http.client.HTTPException) as e:
             raise _AttemptError(None, f"connection failed ({type(e).__name__})") from None
 
-    def _parse(self, reply: bytes, n: int, attempt: int) -> list[Generation]:
+    def _parse(
+        self, reply: bytes, n: int, attempt: int, stop_strings: Sequence[str]
+    ) -> list[Generation]:
         def fail(why: str) -> BackendError:
             return BackendError(
                 f"POST {self.url}: malformed reply after {attempt} attempt(s): {why}",
@@ -291,17 +416,68 @@ class OpenAICompatibleBackend:
         for choice in choices:
             try:
                 content = (choice.get("logprobs") or {}).get("content")
+                text = choice["message"].get("content") or ""
+                if not isinstance(text, str):
+                    raise TypeError(f"message.content is {type(text).__name__}, not a string")
+                finish_reason = choice.get("finish_reason") or "stop"
+                if self.stop_in_output == "restore":
+                    text = self._restored(text, finish_reason, stop_strings, reported_stop(choice))
                 generations.append(
                     Generation(
-                        text=choice["message"].get("content") or "",
+                        text=text,
                         token_ids=[int(t) for t in choice.get("token_ids") or []],
                         logps=None if content is None else [float(t["logprob"]) for t in content],
-                        finish_reason=choice.get("finish_reason") or "stop",
+                        finish_reason=finish_reason,
                     )
                 )
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise fail(f"choice {choice.get('index')!r}: {type(e).__name__}: {e}") from None
         return generations
+
+    def _restored(
+        self, text: str, finish_reason: str, stop_strings: Sequence[str], reported: object
+    ) -> str:
+        restored = restore_stop_string(text, finish_reason, stop_strings, reported=reported)
+        silent = [s for s in stop_strings if _CLOSING_TAG.fullmatch(s) is None]
+        if (
+            restored == text
+            and finish_reason == "stop"
+            and reported is UNREPORTED
+            and silent
+            and not any(text.endswith(s) for s in stop_strings)
+            and not self._warned_unreported
+        ):
+            # Once per backend: every EOS reply of such a server would repeat it.
+            self._warned_unreported = True
+            logger.warning(
+                "POST %s: the server does not say which stop ended a reply (no stop_reason or"
+                " matched_stop), so a reply without an open tag is taken as ended by EOS and"
+                " the stop string(s) %s are never restored; use a server that names the"
+                " matched stop (vLLM, SGLang) or keeps it.",
+                self.url,
+                ", ".join(repr(s) for s in silent),
+            )
+        return restored
+
+
+def _checked_extra_body(extra_body: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`extra_body` as a dict, refused where it would replace the backend's own fields or
+    could not be sent as JSON."""
+    if extra_body is None:
+        return {}
+    if not isinstance(extra_body, Mapping) or not all(isinstance(k, str) for k in extra_body):
+        raise ValueError("OpenAICompatibleBackend: extra_body must map field names to values.")
+    clashes = sorted(_OWN_FIELDS & set(extra_body))
+    if clashes:
+        raise ValueError(
+            f"OpenAICompatibleBackend: extra_body may not set {', '.join(clashes)}; the backend"
+            " sets it from the SamplingParams."
+        )
+    try:
+        # A copy: a caller's later change to its mapping cannot reach the requests.
+        return json.loads(json.dumps(dict(extra_body), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"OpenAICompatibleBackend: extra_body is not JSON: {e}.") from None
 
 
 def _error_message(body: str) -> str:

@@ -1,7 +1,9 @@
 """medjax.llm.OpenAICompatibleBackend and medjax.llm.serve against real HTTP servers on
 127.0.0.1: a served model's greedy replies equal the local backend's, the request carries the
 sampling parameters, retries (500, 429 + Retry-After, timeouts, refused connections) and their
-limits, the concurrency bound, 400s naming the field, an API key that never leaks, and the CLI."""
+limits, the concurrency bound, 400s naming the field, an API key that never leaks, the CLI,
+and the stop string a server left out put back (the rule on hand-made replies; the agent loop
+against each kind of server is tests/integration/test_openai_stop_behaviours.py)."""
 
 import contextlib
 import dataclasses
@@ -457,3 +459,170 @@ def test_cli_serves_a_checkpoint(tiny, tmp_path):
     assert [o.token_ids for o in outs] == [g.token_ids for g in expected]
     assert [o.text for o in outs] == [g.text for g in expected]
     assert proc.returncode == 0  # SIGTERM unwinds serve_forever.
+
+
+# -- stop strings a server left out --------------------------------------------------------
+
+STOPS = ("</tool_call>", "</answer>")
+CALL = '<tool_call>{"name": "lookup", "arguments": {"term": "fever"}}'
+
+
+@pytest.mark.parametrize(
+    "text, finish_reason, stops, reported, expected",
+    [
+        # OpenAI: no field names the stop; the last open tag is the one that was closed.
+        (
+            "<think>a</think>" + CALL,
+            "stop",
+            STOPS,
+            None,
+            "<think>a</think>" + CALL + "</tool_call>",
+        ),
+        (
+            "<think>a</think><answer>flu",
+            "stop",
+            STOPS,
+            None,
+            "<think>a</think><answer>flu</answer>",
+        ),
+        # An EOS: every tag closed or none opened, nothing appended.
+        ("Do you have a cough?", "stop", STOPS, None, "Do you have a cough?"),
+        ("<think>a</think>Any nausea?", "stop", STOPS, None, "<think>a</think>Any nausea?"),
+        # A closed call before an open answer: the answer is the open one.
+        (
+            CALL + "</tool_call><answer>flu",
+            "stop",
+            STOPS,
+            None,
+            CALL + "</tool_call><answer>flu</answer>",
+        ),
+        # A closed call after an open answer does not hide the answer.
+        (
+            "<answer>x " + CALL + "</tool_call> y",
+            "stop",
+            STOPS,
+            None,
+            "<answer>x " + CALL + "</tool_call> y</answer>",
+        ),
+        # Nested open tags: the innermost closes first.
+        ("<answer>see " + CALL, "stop", STOPS, None, "<answer>see " + CALL + "</tool_call>"),
+        # Kept by the server: never doubled.
+        ("<answer>flu</answer>", "stop", STOPS, None, "<answer>flu</answer>"),
+        (CALL + "</tool_call>", "stop", STOPS, "</tool_call>", CALL + "</tool_call>"),
+        # Cut by the budget or a filter: not a stop string.
+        ("<answer>flu", "length", STOPS, None, "<answer>flu"),
+        ("<answer>flu", "content_filter", STOPS, None, "<answer>flu"),
+        # No stop strings sent: nothing can have matched.
+        ("<answer>flu", "stop", (), None, "<answer>flu"),
+        # Only bare tags count: "<answer id=1>" opens no "<answer>".
+        ("<answer id=1>flu", "stop", STOPS, None, "<answer id=1>flu"),
+        # A stop string that is not a tag cannot be told from an EOS without the server.
+        ("<think>done</think>", "stop", (*STOPS, "End Inquiry"), None, "<think>done</think>"),
+    ],
+)
+def test_unreported_stops_follow_the_unclosed_tag_rule(
+    text, finish_reason, stops, reported, expected
+):
+    if reported is None:
+        reported = llm.openai_backend.UNREPORTED
+    got = llm.openai_backend.restore_stop_string(text, finish_reason, stops, reported=reported)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    "choice, expected",
+    [
+        # vLLM: stop_reason is the matched string, null for EOS, an id for a stop token.
+        ({"stop_reason": "</answer>"}, "<answer>flu</answer>"),
+        ({"stop_reason": None}, "<answer>flu"),  # EOS with the tag still open: left open.
+        ({"stop_reason": 128009}, "<answer>flu"),
+        # SGLang: matched_stop, an int for EOS.
+        ({"matched_stop": "</answer>"}, "<answer>flu</answer>"),
+        ({"matched_stop": 2}, "<answer>flu"),
+        # A reported string we did not send is not ours to append.
+        ({"stop_reason": "\n\n"}, "<answer>flu"),
+        # No field: the unclosed-tag rule.
+        ({}, "<answer>flu</answer>"),
+    ],
+)
+def test_a_reported_stop_wins_over_the_tag_rule(choice, expected):
+    reported = llm.openai_backend.reported_stop(choice)
+    got = llm.openai_backend.restore_stop_string("<answer>flu", "stop", STOPS, reported=reported)
+    assert got == expected
+
+
+def test_a_reported_end_phrase_is_restored():
+    stops = (*STOPS, "End Inquiry")
+    got = llm.openai_backend.restore_stop_string(
+        "I have enough. ", "stop", stops, reported="End Inquiry"
+    )
+    assert got == "I have enough. End Inquiry"
+
+
+def _stop_choice(index, text, **fields):
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": "stop",
+        **fields,
+    }
+
+
+def test_the_backend_restores_stripped_stops_unless_told_not_to():
+    reply = (
+        200,
+        {},
+        {
+            "choices": [
+                _stop_choice(0, "<think>a</think>" + CALL),  # OpenAI: stripped, unnamed.
+                _stop_choice(1, "Any cough?"),  # EOS.
+                _stop_choice(2, "<answer>flu", stop_reason="</answer>"),  # vLLM.
+                _stop_choice(3, "<answer>flu", stop_reason=None),  # vLLM: EOS.
+            ]
+        },
+    )
+    params = SamplingParams(max_new_tokens=9, stop_strings=STOPS)
+    with scripted(reply) as srv:
+        restored = client(srv.url).generate(CHATS[1:], params, num_samples=4)
+        raw = client(srv.url, stop_in_output="as_returned").generate(
+            CHATS[1:], params, num_samples=4
+        )
+    assert [g.text for g in restored] == [
+        "<think>a</think>" + CALL + "</tool_call>",
+        "Any cough?",
+        "<answer>flu</answer>",
+        "<answer>flu",
+    ]
+    assert [g.text for g in raw] == [
+        "<think>a</think>" + CALL,
+        "Any cough?",
+        "<answer>flu",
+        "<answer>flu",
+    ]
+    assert all(g.finish_reason == "stop" for g in restored + raw)
+
+
+def test_extra_body_travels_and_cannot_replace_the_backends_fields():
+    vendor = {"include_stop_str_in_output": True, "chat_template_kwargs": {"x": [1]}}
+    with scripted(chat_reply("a")) as srv:
+        backend = client(srv.url, extra_body=vendor)
+        vendor["chat_template_kwargs"]["x"].append(2)  # Copied at construction.
+        backend.generate(CHATS[1:], SamplingParams(max_new_tokens=3, stop_strings=STOPS))
+    ((_, body),) = srv.requests
+    assert body["include_stop_str_in_output"] is True
+    assert body["chat_template_kwargs"] == {"x": [1]}
+    assert body["stop"] == list(STOPS) and body["max_tokens"] == 3
+    with pytest.raises(ValueError, match="extra_body may not set max_tokens, stop"):
+        client("http://127.0.0.1:9/v1", extra_body={"stop": ["x"], "max_tokens": 5})
+    with pytest.raises(ValueError, match="extra_body is not JSON"):
+        client("http://127.0.0.1:9/v1", extra_body={"x": float("nan")})
+    with pytest.raises(ValueError, match="extra_body is not JSON"):
+        client("http://127.0.0.1:9/v1", extra_body={"x": object()})
+    with pytest.raises(ValueError, match="stop_in_output='strip'; expected one of restore"):
+        client("http://127.0.0.1:9/v1", stop_in_output="strip")
+
+
+def test_a_content_that_is_not_text_is_a_malformed_reply():
+    reply = (200, {}, {"choices": [_stop_choice(0, [{"type": "text", "text": "a"}])]})
+    with scripted(reply) as srv, pytest.raises(llm.BackendError, match="not a string"):
+        client(srv.url).generate(CHATS[1:], PARAMS)
