@@ -67,6 +67,9 @@ setuptools.setup(
             "tensorboardX>=2.6.5",
             "redis>=8.1",  # The Redis store's tests (a real redis-server, see .ci/run).
             "accelerate>=1.16",  # transformers' own GGUF loading, the oracle of tests/golden.
+            # The official client, against medjax.llm.serve
+            # (tests/integration/test_chat_server_openai_client.py).
+            "openai>=3.63.0",
             # Loads medjax's exported LoRA adapter onto the base (tests/golden/test_hf_parity.py).
             "peft>=0.18",
             # The CPU build; a bare `torch` would pull a multi-GB CUDA build.

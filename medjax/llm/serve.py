@@ -25,10 +25,42 @@ token-id fields (eos_ids, stop_sequences, pad_id) come from the server's `base_p
 CLI's backend is a `JaxPolicyBackend(serving=True)`, in which any temperature, max_tokens and
 n share programs (traced or rounded up). `seed` is honoured where the server has a
 `backend_for_seed` (the CLI does: a fresh PRNG per seeded request, so the same seed and
-request give the same reply). Replies carry, per choice, `logprobs` when asked for and the
-backend gives them, and a medjax extension `token_ids`: the sampled ids, the stopping token
-included, so that a client can train on them. The reply text follows the backend's convention
-(a matched stop string is kept, an EOS token is not).
+request give the same reply).
+
+Every request field is either served or refused with a 400 naming it (`param`), as OpenAI
+refuses what it does not know; none is silently ignored:
+  * served: messages, model, n, max_tokens, max_completion_tokens, temperature, top_p, stop,
+    seed, logprobs, top_logprobs (0 to 20), stream (false), vLLM's top_k,
+    include_stop_str_in_output and return_token_ids, and the identifiers user,
+    safety_identifier and prompt_cache_key (accepted; they change no reply);
+  * accepted only at their no-op values, refused otherwise: tools ([]), tool_choice ("none"),
+    response_format ({"type": "text"}), logit_bias ({}), presence_penalty and
+    frequency_penalty (0), modalities (["text"]), store (false), metadata ({}), service_tier
+    ("auto", "default"); any other field given a non-null value (functions, audio, ...) and
+    any field this server does not know are refused. A message may carry only role and
+    content (other keys null).
+Tools are refused rather than rendered: serving them needs the template's tool rendering and
+a per-family parser from the reply's text into `tool_calls` (and constrained decoding for
+tool_choice "required"); medjax's agents put their tools in the system prompt themselves.
+logit_bias and the penalties would change the sampler's logits, which it does not take per
+request.
+
+Replies carry, per choice, the content, finish_reason ("stop" for EOS or a stop string,
+"length" for the budget), and:
+  * a matched stop string is left out of `content`, as OpenAI does; `stop_reason` (vLLM's
+    field) carries the string that matched (null otherwise), so a caller restores it with
+    `content + (stop_reason or "")`, or asks `include_stop_str_in_output: true` to have it
+    kept (text the stopping token carried past it is dropped either way);
+  * `logprobs` when asked for and the backend gives them: per sampled token its text,
+    log-prob at the sampling temperature and UTF-8 `bytes` (a token holding part of a
+    multi-byte character carries its own bytes; its `token` text then holds U+FFFD), and
+    `top_logprobs`, the k most likely tokens of the same distribution, scored by one forward
+    pass of the prompt and the reply on the backend's model (equal to the sampler's to float
+    rounding; served only by backends with a `model` and an `encode`, i.e. JaxPolicyBackend);
+  * a medjax extension `token_ids`: the sampled ids, the stopping token included, so that a
+    client can train on them (dropped with `return_token_ids: false`). `token_ids` and
+    `logprobs.content` cover every sampled token, those of a stop string and of the EOS token
+    included, so they may run past `content`.
 """
 
 import argparse
@@ -52,174 +84,24 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax.numpy as jnp
+
+from medjax.llm import reply_tokens
 from medjax.llm.base import Generation, TextBackend
+from medjax.llm.chat_request import (
+    SEED_RANGE,
+    ChatRequest,
+    RequestError,
+    is_int,
+    missing_api_key,
+    parse_request,
+)
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
 
 logger = logging.getLogger("medjax.llm")
 
 _MAX_BODY_BYTES = 16 << 20
-_GREEDY_BELOW = 1e-5  # Temperatures below this decode greedily (vLLM's _SAMPLING_EPS).
-_MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2].
-_SEED_RANGE = (-(1 << 63), 1 << 63)  # What jax.random.key accepts.
-# Each stop string becomes token-id sequences matched at every decode step of the program.
-_MAX_STOPS = 16
-_MAX_STOP_CHARS = 256
-
-
-class RequestError(ValueError):
-    """A request the server cannot serve; `param` names the offending field."""
-
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param = param
-        self.status = status
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _content_text(content: Any, field: str) -> str:
-    """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not (
-                isinstance(part, dict)
-                and part.get("type") == "text"
-                and isinstance(part.get("text"), str)
-            ):
-                raise RequestError(
-                    f"{field}[{i}] must be a text part {{'type': 'text', 'text': str}}.",
-                    param=f"{field}[{i}]",
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    raise RequestError(
-        f"{field} must be a string or a list of text parts, got {type(content).__name__}.",
-        param=field,
-    )
-
-
-def parse_request(
-    body: Any, base_params: SamplingParams, *, max_n: int | None = None
-) -> tuple[list[dict[str, str]], SamplingParams, int, bool, int | None]:
-    """Validates a chat-completions body.
-
-    Args:
-      body: the decoded JSON.
-      base_params: supplies the token-id fields and the default max_new_tokens.
-      max_n: the largest n served (None: no bound).
-
-    Returns:
-      (messages, params, n, logprobs, seed).
-
-    Raises:
-      RequestError: naming the first invalid field.
-    """
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object.")
-    if body.get("stream"):
-        raise RequestError("stream: streaming is not supported.", param="stream")
-    raw = body.get("messages")
-    if raw is None:
-        raise RequestError("messages: required.", param="messages")
-    if not isinstance(raw, list) or not raw:
-        raise RequestError("messages must be a non-empty list.", param="messages")
-    messages = []
-    for i, message in enumerate(raw):
-        field = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise RequestError(f"{field} must be an object.", param=field)
-        if not isinstance(message.get("role"), str):
-            raise RequestError(f"{field}.role must be a string.", param=f"{field}.role")
-        content = _content_text(message.get("content"), f"{field}.content")
-        messages.append({"role": message["role"], "content": content})
-
-    def field(name: str, check: Callable[[Any], bool], what: str, default: Any) -> Any:
-        value = body.get(name)
-        if value is None:
-            return default
-        if not check(value):
-            raise RequestError(f"{name} must be {what}, got {value!r}.", param=name)
-        return value
-
-    n = field("n", lambda v: _is_int(v) and v >= 1, "an integer >= 1", 1)
-    if max_n is not None and n > max_n:
-        raise RequestError(f"n must be at most {max_n} on this server, got {n}.", param="n")
-    max_tokens = field(
-        "max_completion_tokens",
-        lambda v: _is_int(v) and v >= 1,
-        "an integer >= 1",
-        None,
-    )
-    if max_tokens is None:
-        max_tokens = field(
-            "max_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1",
-            base_params.max_new_tokens,
-        )  # fmt: skip
-    temperature = field(
-        "temperature",
-        lambda v: _is_number(v) and 0 <= v <= _MAX_TEMPERATURE,
-        f"a number in [0, {_MAX_TEMPERATURE:g}]",
-        1.0,
-    )
-    top_p = field("top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)
-    top_k = field("top_k", lambda v: _is_int(v) and v >= -1, "an integer >= -1", 0)
-    stop = field(
-        "stop",
-        lambda v: (
-            (
-                all(isinstance(s, str) and 0 < len(s) <= _MAX_STOP_CHARS for s in v)
-                if isinstance(v, list)
-                else isinstance(v, str) and 0 < len(v) <= _MAX_STOP_CHARS
-            )
-            and (not isinstance(v, list) or len(v) <= _MAX_STOPS)
-        ),
-        f"a non-empty string or a list of at most {_MAX_STOPS} such strings, each of at most"
-        f" {_MAX_STOP_CHARS} characters",
-        [],
-    )
-    seed = field(
-        "seed",
-        lambda v: _is_int(v) and _SEED_RANGE[0] <= v < _SEED_RANGE[1],
-        "a 64-bit signed integer",
-        None,
-    )
-    logprobs = field("logprobs", lambda v: isinstance(v, bool), "a boolean", False)
-    params = SamplingParams(
-        max_new_tokens=max_tokens,
-        # The API's temperature 0 is greedy decoding; the log-probs are then untempered. As in
-        # vLLM, a temperature below _GREEDY_BELOW is greedy too: dividing logits by 1e-30
-        # overflows float32 and the log-probs would be NaN.
-        temperature=float(temperature) if temperature >= _GREEDY_BELOW else 1.0,
-        greedy=temperature < _GREEDY_BELOW,
-        top_p=float(top_p),
-        top_k=max(top_k, 0),
-        stop_strings=tuple([stop] if isinstance(stop, str) else stop),
-        eos_ids=base_params.eos_ids,
-        stop_sequences=base_params.stop_sequences,
-        pad_id=base_params.pad_id,
-    )
-    return messages, params, n, logprobs, seed
-
-
-def missing_api_key(name: str | None) -> str | None:
-    """Why a server asked to require the key in variable `name` must not start (the variable
-    is unset or empty), or None. Names the variable, never a value."""
-    if name is not None and not os.environ.get(name):
-        return (
-            f"the environment variable {name!r} is unset or empty; refusing to serve without"
-            " authentication."
-        )
-    return None
 
 
 def _sampling_variant(params: SamplingParams) -> tuple[Any, ...]:
@@ -275,6 +157,7 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
         self.created = int(time.time())
         self._variants: set[tuple[Any, ...]] = set()
         self._variants_lock = threading.Lock()
+        self._token_bytes = reply_tokens.TokenBytes(tokenizer) if tokenizer is not None else None
 
     @property
     def url(self) -> str:
@@ -288,9 +171,7 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
           RequestError: an invalid request (400) or an unknown model (404).
           Exception: whatever the backend raised.
         """
-        messages, params, n, want_logprobs, seed = parse_request(
-            body, self.base_params, max_n=self.max_n
-        )
+        request = parse_request(body, self.base_params, max_n=self.max_n)
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise RequestError(
@@ -298,17 +179,35 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
                 param="model",
                 status=404,
             )
-        prompt_tokens = self._prompt_tokens(messages)
-        params = self._fit_context(body, params, prompt_tokens)
-        self._admit_variant(params)
         backend = self.backend
-        if seed is not None and self.backend_for_seed is not None:
-            backend = self.backend_for_seed(seed)
+        if request.seed is not None and self.backend_for_seed is not None:
+            backend = self.backend_for_seed(request.seed)
+        if request.top_logprobs and not reply_tokens.scores_top_logprobs(backend):
+            raise RequestError(
+                "top_logprobs: this server's backend does not expose its model's logits.",
+                param="top_logprobs",
+            )
+        prompt_tokens = self._prompt_tokens(request.messages)
+        params = self._fit_context(body, request.params, prompt_tokens)
+        self._admit_variant(params)
+        n = request.n
+        top = [None] * n
         with self.backend_lock:
-            generations = backend.generate([messages], params, num_samples=n)
-        if len(generations) != n:
-            raise RuntimeError(f"the backend returned {len(generations)} replies for n={n}.")
-        choices = [self._choice(i, g, want_logprobs) for i, g in enumerate(generations)]
+            generations = backend.generate([request.messages], params, num_samples=n)
+            if len(generations) != n:
+                raise RuntimeError(f"the backend returned {len(generations)} replies for n={n}.")
+            if request.logprobs and request.top_logprobs:
+                top = reply_tokens.top_logprobs(
+                    backend.model,
+                    backend.encode([request.messages])[0],
+                    [g.token_ids for g in generations],
+                    temperature=params.temperature,
+                    k=request.top_logprobs,
+                )
+        choices = [
+            self._choice(i, g, request, t)
+            for i, (g, t) in enumerate(zip(generations, top, strict=True))
+        ]
         completion_tokens = sum(len(g.token_ids) for g in generations)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -394,28 +293,52 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
             param=name,
         )
 
-    def _choice(self, index: int, generation: Generation, want_logprobs: bool) -> dict[str, Any]:
+    def _choice(
+        self,
+        index: int,
+        generation: Generation,
+        request: ChatRequest,
+        top: list[list[tuple[int, float]]] | None,
+    ) -> dict[str, Any]:
+        """One reply's choice: the content cut at a matched stop string, its log-probs."""
+        content, matched = reply_tokens.cut_at_stop(
+            generation.text, request.params.stop_strings, keep=request.include_stop_str
+        )
         logprobs = None
-        if want_logprobs and generation.logps is not None:
+        if request.logprobs and generation.logps is not None:
             tokens = generation.token_ids or [None] * len(generation.logps)
-            logprobs = {
-                "content": [
-                    {"token": self._token_text(t), "logprob": lp, "bytes": None, "top_logprobs": []}
-                    for t, lp in zip(tokens, generation.logps, strict=False)
-                ]
-            }
-        return {
+            entries = []
+            for i, (token, logp) in enumerate(zip(tokens, generation.logps, strict=False)):
+                entry = self._logprob_entry(token, logp)
+                entry["top_logprobs"] = (
+                    [self._logprob_entry(t, lp) for t, lp in top[i]]
+                    if top is not None and i < len(top)
+                    else []
+                )
+                entries.append(entry)
+            logprobs = {"content": entries}
+        choice = {
             "index": index,
-            "message": {"role": "assistant", "content": generation.text},
-            "finish_reason": generation.finish_reason,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop" if matched is not None else generation.finish_reason,
+            # vLLM's field: the stop string that ended the reply (null for EOS or the budget).
+            "stop_reason": matched,
             "logprobs": logprobs,
-            "token_ids": list(generation.token_ids),
         }
+        if request.return_token_ids:
+            choice["token_ids"] = list(generation.token_ids)
+        return choice
 
-    def _token_text(self, token_id: int | None) -> str:
+    def _logprob_entry(self, token_id: int | None, logp: float) -> dict[str, Any]:
+        """OpenAI's {token, logprob, bytes} of one token (bytes null for an unknown id)."""
         if token_id is None or self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return {"token": "", "logprob": float(logp), "bytes": None}
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return {
+            "token": text,
+            "logprob": float(logp),
+            "bytes": list(self._token_bytes(token_id)) if self._token_bytes else None,
+        }
 
     def authorized(self, header: str | None) -> bool:
         """Whether an Authorization header carries the key (always, when no key variable is
@@ -625,8 +548,9 @@ def make_server(
       base_params: its eos_ids, stop_sequences and pad_id go into every request's params;
         its max_new_tokens is the default max_tokens.
       tokenizer: counts prompt tokens (for `usage` and the context check) and renders tokens
-        in `logprobs`; None takes the backend's `tokenizer` attribute where it has one
-        (without any, both are left empty and prompts are not checked).
+        in `logprobs` (their text and UTF-8 bytes, `TokenBytes`); None takes the backend's
+        `tokenizer` attribute where it has one (without any, both are left empty and prompts
+        are not checked).
       api_key_env: names the environment variable holding the key that requests must carry
         as `Authorization: Bearer <key>` (401 otherwise); unset or empty, the server refuses
         to start (ValueError).
@@ -680,22 +604,76 @@ def make_server(
 def eos_ids_of(tokenizer: Any, checkpoint: str | os.PathLike | None = None) -> tuple[int, ...]:
     """The ids that end a reply: the tokenizer's EOS token, plus the `eos_token_id` of the
     checkpoint's generation_config.json when there is one (Qwen instruct models list both
-    <|im_end|> and <|endoftext|> there)."""
+    <|im_end|> and <|endoftext|> there).
+
+    Raises:
+      ValueError: generation_config.json is not a JSON object, or its `eos_token_id` is not
+        an integer or a list of them; names the file.
+    """
     ids = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     config = pathlib.Path(checkpoint) / "generation_config.json" if checkpoint else None
-    if config is not None and config.exists():
-        extra = json.loads(config.read_text()).get("eos_token_id")
-        ids += [int(i) for i in (extra if isinstance(extra, list) else [extra]) if i is not None]
+    if config is not None and config.is_file():
+        try:
+            settings = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config}: not valid JSON: {e}") from None
+        extra = settings.get("eos_token_id") if isinstance(settings, dict) else None
+        extra = extra if isinstance(extra, list) else [extra]
+        if not isinstance(settings, dict) or not all(i is None or is_int(i) for i in extra):
+            raise ValueError(f"{config}: eos_token_id must be an integer or a list of integers.")
+        ids += [i for i in extra if i is not None]
     return tuple(dict.fromkeys(ids))
 
 
+_CLI = "medjax.llm.serve"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag in one line on stderr (argparse's usage block left out)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{_CLI}: {message}\n")
+
+
+def _flag_problem(args: argparse.Namespace) -> str | None:
+    """The first flag out of range, as one line, or None."""
+    checks = [
+        ("--port", args.port, 0 <= args.port <= 65535, "in [0, 65535]"),
+        ("--seed", args.seed, SEED_RANGE[0] <= args.seed < SEED_RANGE[1], "a 64-bit integer"),
+        ("--default-max-tokens", args.default_max_tokens, args.default_max_tokens >= 1, ">= 1"),
+        ("--max-context", args.max_context, args.max_context is None or args.max_context >= 2,
+         ">= 2 (a prompt token and a reply token)"),
+        ("--max-n", args.max_n, args.max_n >= 1, ">= 1"),
+        ("--max-sampling-variants", args.max_sampling_variants,
+         args.max_sampling_variants >= 1, ">= 1"),
+        ("--request-timeout", args.request_timeout,
+         math.isfinite(args.request_timeout) and args.request_timeout > 0, "a finite number > 0"),
+        ("--backlog", args.backlog, args.backlog >= 1, ">= 1"),
+    ]  # fmt: skip
+    for flag, value, ok, what in checks:
+        if not ok:
+            return f"argument {flag}: must be {what}, got {value}."
+    return None
+
+
+def _one_line(error: BaseException, path: str) -> str:
+    """An exception as one line that names `path` (loaders' own messages usually do)."""
+    message = (str(error).strip().splitlines() or [""])[0]
+    if not isinstance(error, (OSError, ValueError)) or not message:
+        message = f"{type(error).__name__}: {message}".rstrip(": ")
+    return message if path in message else f"{path}: {message}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Loads a checkpoint and serves it until interrupted (SIGINT or SIGTERM)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m medjax.llm.serve", description=__doc__.split("\n\n")[0]
-    )
+    """Loads a checkpoint and serves it until interrupted (SIGINT or SIGTERM).
+
+    A bad flag, a missing or unreadable checkpoint or tokenizer, and an address that cannot
+    be bound end the process with one line on stderr naming the flag or file (exit status 2
+    for a flag out of range, 1 otherwise), before anything is served.
+    """
+    parser = _Parser(prog=f"python -m {_CLI}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Hugging Face model folder.")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint).")
     parser.add_argument("--host", default="127.0.0.1")
@@ -721,41 +699,62 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--backlog", type=int, default=256, help="the listen queue.")
     args = parser.parse_args(argv)
+    if problem := _flag_problem(args):
+        parser.error(problem)
     if reason := missing_api_key(args.api_key_env):  # Before loading the checkpoint.
-        sys.exit(f"medjax.llm.serve: --api-key-env: {reason}")
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    import jax.numpy as jnp
+        sys.exit(f"{_CLI}: --api-key-env: {reason}")
 
     from medjax.llm.jax_backend import JaxPolicyBackend
     from medjax.models import checkpoint as checkpoint_lib
 
-    model = checkpoint_lib.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype))
-    tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer or args.checkpoint)
+    for flag, path in (("--checkpoint", args.checkpoint), ("--tokenizer", args.tokenizer)):
+        if path is not None and not os.path.exists(path):
+            sys.exit(f"{_CLI}: {flag} {path}: no such file or directory.")
+    if not checkpoint_lib.is_checkpoint(args.checkpoint):
+        sys.exit(
+            f"{_CLI}: --checkpoint {args.checkpoint}: not a checkpoint (a folder with"
+            " config.json, or a .gguf file)."
+        )
+    # Loading errors are the user's file, not a bug to trace: one line naming the file.
+    try:
+        model = checkpoint_lib.from_pretrained(args.checkpoint, dtype=getattr(jnp, args.dtype))
+    except Exception as e:
+        sys.exit(f"{_CLI}: --checkpoint {_one_line(e, args.checkpoint)}")
+    flag, path = ("--tokenizer", args.tokenizer) if args.tokenizer else ("--checkpoint", None)
+    try:
+        tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer or args.checkpoint)
+        eos_ids = eos_ids_of(tokenizer, args.checkpoint)
+    except Exception as e:
+        sys.exit(f"{_CLI}: {flag} {_one_line(e, path or args.checkpoint)}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     base_params = SamplingParams(
-        max_new_tokens=args.default_max_tokens,
-        eos_ids=eos_ids_of(tokenizer, args.checkpoint),
-        pad_id=int(pad_id),
+        max_new_tokens=args.default_max_tokens, eos_ids=eos_ids, pad_id=int(pad_id)
     )
-    server = make_server(
-        JaxPolicyBackend(model, tokenizer, seed=args.seed, serving=True),
-        host=args.host,
-        port=args.port,
-        model_name=args.model_name or pathlib.Path(args.checkpoint).resolve().name,
-        base_params=base_params,
-        tokenizer=tokenizer,
-        api_key_env=args.api_key_env,
-        backend_for_seed=lambda seed: JaxPolicyBackend(model, tokenizer, seed=seed, serving=True),
-        context_length=args.max_context or model.config.max_position_embeddings,
-        max_n=args.max_n,
-        max_sampling_variants=args.max_sampling_variants,
-        request_timeout_s=args.request_timeout,
-        backlog=args.backlog,
-    )
+    try:
+        server = make_server(
+            JaxPolicyBackend(model, tokenizer, seed=args.seed, serving=True),
+            host=args.host,
+            port=args.port,
+            model_name=args.model_name or pathlib.Path(args.checkpoint).resolve().name,
+            base_params=base_params,
+            tokenizer=tokenizer,
+            api_key_env=args.api_key_env,
+            backend_for_seed=lambda seed: JaxPolicyBackend(
+                model, tokenizer, seed=seed, serving=True
+            ),
+            context_length=args.max_context or model.config.max_position_embeddings,
+            max_n=args.max_n,
+            max_sampling_variants=args.max_sampling_variants,
+            request_timeout_s=args.request_timeout,
+            backlog=args.backlog,
+        )
+    except OSError as e:
+        sys.exit(f"{_CLI}: --host/--port {args.host}:{args.port}: cannot listen there: {e}")
+    # Configured only now: a failed start leaves its one line alone on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # SIGTERM unwinds serve_forever like Ctrl-C does, so the socket is closed either way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"medjax.llm.serve: serving {server.model_name} on {server.url}", flush=True)
+    print(f"{_CLI}: serving {server.model_name} on {server.url}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -13,7 +13,10 @@ import threading
 import time
 
 import pytest
+import tokenizers
+import transformers
 from flax import nnx
+from tokenizers import decoders, pre_tokenizers
 
 from medjax import llm, models, sampling
 from medjax.llm import serve
@@ -253,6 +256,26 @@ GOOD = {"messages": CHAT}
         (GOOD | {"stop": ["a"] * 17}, 400, "stop"),
         (GOOD | {"stop": "a" * 257}, 400, "stop"),
         (GOOD | {"model": "gpt-4"}, 404, "model"),
+        # Fields this server does not serve: refused by name, never ignored.
+        (GOOD | {"min_p": 0.1}, 400, "min_p"),
+        (GOOD | {"echo": None}, 400, "echo"),  # Unknown, whatever its value.
+        (GOOD | {"tools": [{"type": "function"}]}, 400, "tools"),
+        (GOOD | {"tool_choice": {"type": "function"}}, 400, "tool_choice"),
+        (GOOD | {"functions": [{"name": "f"}]}, 400, "functions"),
+        (GOOD | {"logit_bias": {"5": -100}}, 400, "logit_bias"),
+        (GOOD | {"presence_penalty": "high"}, 400, "presence_penalty"),
+        (GOOD | {"frequency_penalty": True}, 400, "frequency_penalty"),  # true is not 1.
+        (GOOD | {"response_format": {"type": "text", "strict": True}}, 400, "response_format"),
+        (GOOD | {"modalities": ["audio"]}, 400, "modalities"),
+        (GOOD | {"stream_options": {"include_usage": True}}, 400, "stream_options"),
+        (GOOD | {"logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
+        (GOOD | {"logprobs": True, "top_logprobs": 2.0}, 400, "top_logprobs"),
+        (GOOD | {"logprobs": False, "top_logprobs": 0}, 400, "top_logprobs"),
+        (GOOD | {"include_stop_str_in_output": "yes"}, 400, "include_stop_str_in_output"),
+        (GOOD | {"return_token_ids": 1}, 400, "return_token_ids"),
+        (GOOD | {"user": 7}, 400, "user"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "c1"}]}, 400,
+         "messages[0].tool_call_id"),
         ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, 400,
          "messages[0].content[0]"),
         ({"messages": []}, 400, "messages"),
@@ -409,3 +432,165 @@ def test_an_unset_api_key_variable_refuses_to_start(monkeypatch, caplog, capsys)
     texts = [caplog.text, captured.out, captured.err, line, str(err.value)]
     texts += [json.dumps(r[1]) + json.dumps(r[2]) for r in (wrong, anonymous, emptied)]
     assert all(KEY not in text for text in texts)
+
+
+class Fixed:
+    """Replies with one fixed generation per sample; records the params of each call."""
+
+    def __init__(self, generation, tokenizer=None):
+        self.generation, self.tokenizer = generation, tokenizer
+        self.params: list[SamplingParams] = []
+
+    def generate(self, conversations, params, *, num_samples=1):
+        self.params.append(params)
+        return [self.generation] * num_samples
+
+
+@pytest.mark.parametrize(
+    "text, stop, include, content, matched",
+    [
+        # The token that completed "</answer>" also carried "\n": dropped either way.
+        ("Paris</answer>\n", ["</answer>"], False, "Paris", "</answer>"),
+        ("Paris</answer>\n", ["</answer>"], True, "Paris</answer>", "</answer>"),
+        # The string completed first is the one that matched: "bc" (ends at 3) before
+        # "abcd" (ends at 4), though "abcd" starts earlier.
+        ("xabcd", ["abcd", "bc"], False, "xa", "bc"),
+        # Both end at the same place: the longer one matched.
+        ("abc", ["c", "bc"], False, "a", "bc"),
+        ("abc", ["c", "bc"], True, "abc", "bc"),
+        # No match: the text whole, the backend's finish reason kept.
+        ("abc", ["z"], False, "abc", None),
+    ],
+)
+def test_a_matched_stop_string_is_cut_from_content(text, stop, include, content, matched):
+    # Catches: the stop string kept (OpenAI leaves it out), the trailing text of its token
+    # kept, the wrong one of several stop strings, a stop_reason that does not say which.
+    backend = Fixed(Generation(text, [5, 6, 7], [-0.1] * 3, "length"))
+    body = GOOD | {"stop": stop, "include_stop_str_in_output": include}
+    with serving(backend) as server:
+        status, reply, _ = chat(server, body)
+    assert status == 200
+    (choice,) = reply["choices"]
+    assert choice["message"]["content"] == content and choice["stop_reason"] == matched
+    assert choice["finish_reason"] == ("length" if matched is None else "stop")
+    assert choice["token_ids"] == [5, 6, 7]  # Every sampled id, the stop string's included.
+    assert backend.params[0].stop_strings == tuple(stop)
+
+
+def test_token_ids_can_be_left_out_and_top_logprobs_need_a_model(tok):
+    # Catches: return_token_ids ignored; top_logprobs answered with empty lists by a backend
+    # that cannot score them.
+    ids = tok.encode("a") + tok.encode("b")  # One byte-level symbol each.
+    backend = Fixed(Generation("ab", ids, [-0.1, -0.2], "length"), tok)
+    with serving(backend) as server:
+        plain = chat(server, GOOD | {"return_token_ids": False})
+        top = chat(server, GOOD | {"logprobs": True, "top_logprobs": 2})
+        zero = chat(server, GOOD | {"logprobs": True, "top_logprobs": 0})
+    assert plain[0] == 200 and "token_ids" not in plain[1]["choices"][0]
+    assert top[0] == 400 and top[1]["error"]["param"] == "top_logprobs"
+    assert zero[0] == 200
+    entries = zero[1]["choices"][0]["logprobs"]["content"]
+    assert [e["top_logprobs"] for e in entries] == [[], []]
+    assert [(e["token"], e["bytes"]) for e in entries] == [("a", [97]), ("b", [98])]
+
+
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style tokenizer (Llama 2, Mistral): "▁" marks a space and characters
+    outside the vocabulary fall back to <0xNN> byte pieces."""
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for piece in ("\u2581", "h", "i"):
+        vocab[piece] = len(vocab)
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True)
+    )
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    tok.chat_template = tokenizer_lib.CHAT_TEMPLATE  # The server counts the prompt with it.
+    return tok
+
+
+def test_logprob_bytes_of_a_byte_fallback_tokenizer():
+    # Catches: a byte piece's bytes given as the text "<0xE4>" or as U+FFFD's UTF-8, and
+    # "▁" given as its own 3 bytes instead of a space.
+    tok = _byte_fallback_tokenizer()
+    ids = tok.encode("hi 中", add_special_tokens=False)
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert pieces == ["\u2581", "h", "i", "\u2581", "<0xE4>", "<0xB8>", "<0xAD>"]
+    backend = Fixed(Generation(" hi 中", ids, [-0.1] * len(ids), "length"), tok)
+    with serving(backend) as server:
+        status, reply, _ = chat(server, GOOD | {"logprobs": True})
+    assert status == 200
+    entries = reply["choices"][0]["logprobs"]["content"]
+    assert [e["bytes"] for e in entries] == [[32], [104], [105], [32], [0xE4], [0xB8], [0xAD]]
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--port", "70000"], "argument --port: must be in [0, 65535], got 70000"),
+        (["--request-timeout", "0"], "argument --request-timeout"),
+        (["--request-timeout", "nan"], "argument --request-timeout"),
+        (["--max-context", "1"], "argument --max-context"),
+        (["--backlog", "0"], "argument --backlog"),
+        (["--default-max-tokens", "0"], "argument --default-max-tokens"),
+        (["--max-sampling-variants", "0"], "argument --max-sampling-variants"),
+        (["--max-n", "-3"], "argument --max-n: must be >= 1, got -3"),
+        (["--seed", str(2**63)], "argument --seed"),
+        (["--dtype", "float8"], "argument --dtype"),
+    ],
+)
+def test_cli_flags_out_of_range_are_one_line(flags, named, capsys, tmp_path):
+    # Catches: a bad flag reaching the loader or make_server (a traceback), and argparse's
+    # usage block in place of one line. The checkpoint does not exist: flags come first.
+    with pytest.raises(SystemExit) as exited:
+        serve.main(["--checkpoint", str(tmp_path / "none"), *flags])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"medjax.llm.serve: {named}")
+
+
+def test_cli_loading_errors_are_one_line_naming_the_file(tok, tiny, tmp_path, monkeypatch, capsys):
+    # Catches: a traceback for a loader failure that is not a ValueError (ZeroDivisionError
+    # from a GGUF's head_count 0, before the loader checks it), a bad generation_config.json,
+    # a folder that is no checkpoint, and a port already taken.
+    model, _ = tiny
+
+    def main_line(argv):
+        with pytest.raises(SystemExit) as exited:
+            serve.main(argv)
+        code = exited.value.code
+        err = capsys.readouterr().err
+        line = code if isinstance(code, str) else err
+        assert "\n" not in line.rstrip("\n") and "Traceback" not in line
+        return line
+
+    assert "not a checkpoint" in main_line(["--checkpoint", str(tmp_path)])
+    gguf = tmp_path / "odd.gguf"
+    gguf.write_bytes(b"GGUF")
+
+    def divide(*args, **kwargs):
+        return 1 // 0
+
+    monkeypatch.setattr(models.checkpoint, "from_pretrained", divide)
+    line = main_line(["--checkpoint", str(gguf)])
+    reason = "ZeroDivisionError: integer division or modulo by zero"
+    assert line == f"medjax.llm.serve: --checkpoint {gguf}: {reason}"
+    monkeypatch.undo()
+
+    folder = tmp_path / "ckpt"
+    models.save_pretrained(model, folder)
+    tok.save_pretrained(folder)
+    (folder / "generation_config.json").write_text('{"eos_token_id": "two"}')
+    line = main_line(["--checkpoint", str(folder), "--port", "0"])
+    assert line.startswith("medjax.llm.serve: --checkpoint ") and "generation_config.json" in line
+    assert "eos_token_id" in line
+    (folder / "generation_config.json").unlink()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = main_line(["--checkpoint", str(folder), "--port", str(port)])
+    assert line.startswith(f"medjax.llm.serve: --host/--port 127.0.0.1:{port}: cannot listen")
