@@ -216,6 +216,12 @@ def train(
         tokenizer, new_tokenizer = runtime.make_tokenizer(
             run_dir, init_from, loaded.chats, tokenizer_vocab_size, not resuming, chat_template
         )
+        # What only the tokenizer and data tell: the chat template renders, every stage's
+        # budget holds its prompts.
+        source = validate_lib.tokenizer_source(run_dir, values["init_from"], chat_template)
+        runtime.validated(
+            validate_lib.run_inputs, tokenizer, source, task, env, loaded, stages, evaluate
+        )
         options = {"scan_layers": scan_layers, "remat": remat, "attention": attention, "lora": lora}
         policy = runtime.init_model(model, init_from, tokenizer, seed, mesh, dtype, options)
         # Nothing was written to run_dir before this point: a setting that cannot run

@@ -11,6 +11,13 @@ its read and write, so keys that several writers update should be written throug
 `compare_and_set` only. Names starting with "." are the store's own: keys never have such
 parts (`check_key`), so no key can collide with a temporary or lock file.
 
+A folder named like a record would hold the keys under `a.json/` in the file of the key
+`a`: a key's folder part that ends in ".json" is written with a "~" after it
+(`a.json/b` is `<root>/a.json~/b.json`), and a lock folder part that ends in ".lock" alike
+(`.locks/a.lock~/b.lock`). No key part holds "~", so the file store takes exactly the keys
+the other backends take, each in a file of its own. (A store written before this rule kept
+such a key, `a.json/b`, in the folder `a.json`; that record is no longer found.)
+
 A writer holds an exclusive `flock` on its temporary file until the file is renamed or
 removed; opening the store removes the temporary files that no process holds locked and that
 are older than `FileStore.stale_temp_age` (what writers that were killed left behind).
@@ -34,6 +41,10 @@ from medjax.store.base import InvalidKeyError, Store, StoreCorruptError, check_k
 SUFFIX = ".json"
 TEMP_PREFIX = ".tmp-"
 LOCKS = ".locks"
+LOCK_SUFFIX = ".lock"
+# Marks a folder whose key part ends in the suffix of the files beside it; `check_key` keeps
+# it out of every key part.
+FOLDER_MARK = "~"
 
 
 class _NonFiniteError(ValueError):
@@ -93,6 +104,30 @@ def _is_key(name: str) -> bool:
     return True
 
 
+def _folder(part: str, suffix: str) -> str:
+    """The folder name of a key part among files named `<part><suffix>`."""
+    return part + FOLDER_MARK if part.endswith(suffix) else part
+
+
+def _relative(key: str, suffix: str) -> str:
+    """The file of `key` relative to its tree: `a.json/b` -> `a.json~/b.json`."""
+    *folders, name = check_key(key).split("/")
+    return "/".join([*(_folder(f, suffix) for f in folders), name + suffix])
+
+
+def _key_of(relative: str) -> str | None:
+    """The key whose record is the file `relative` (the inverse of `_relative`), or None
+    for a file that is no key's (a stray, or a folder without its mark)."""
+    *folders, name = relative.split("/")
+    if not name.endswith(SUFFIX):
+        return None
+    parts = [f[: -len(FOLDER_MARK)] if f.endswith(SUFFIX + FOLDER_MARK) else f for f in folders]
+    key = "/".join([*parts, name[: -len(SUFFIX)]])
+    if not _is_key(key) or _relative(key, SUFFIX) != relative:
+        return None
+    return key
+
+
 def _remove_if_stale(path: str, min_age: float) -> bool:
     """Removes the temporary file `path` if no process holds its lock and it is older than
     `min_age` s; True if removed. Never raises."""
@@ -133,7 +168,10 @@ class FileStore(Store):
         self.remove_stale_temps()
 
     def _path(self, key: str) -> pathlib.Path:
-        return self.root / (check_key(key) + SUFFIX)
+        return self.root / _relative(key, SUFFIX)
+
+    def _lock_path(self, key: str) -> pathlib.Path:
+        return self.root / LOCKS / _relative(key, LOCK_SUFFIX)
 
     def _walk(self, top: pathlib.Path) -> Iterator[tuple[pathlib.Path, list[str]]]:
         """(folder, file names) under `top`, skipping folders of the store's own (".")."""
@@ -222,19 +260,19 @@ class FileStore(Store):
 
     def list(self, prefix: str = "") -> list[str]:
         check_key(prefix, prefix=True)
+        top = prefix.rpartition("/")[0]  # The folder every key under `prefix` is in.
+        top = "/".join(_folder(f, SUFFIX) for f in top.split("/")) if top else ""
         keys = []
-        for folder, names in self._walk(self.root / prefix.rpartition("/")[0]):
+        for folder, names in self._walk(self.root / top):
             for name in names:
-                if not name.endswith(SUFFIX):
-                    continue
-                key = (folder / name[: -len(SUFFIX)]).relative_to(self.root).as_posix()
-                if key.startswith(prefix) and _is_key(key):
+                key = _key_of((folder / name).relative_to(self.root).as_posix())
+                if key is not None and key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
 
     def compare_and_set(self, key, expected, value) -> bool:
         path, data = self._path(key), _encode(key, value)
-        lock = self.root / LOCKS / (key + ".lock")
+        lock = self._lock_path(key)
         lock.parent.mkdir(parents=True, exist_ok=True)
         with open(lock, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -1,8 +1,10 @@
 """Orbax checkpoints of a `TrainState` plus a JSON record (data position, stage, ...).
 
-Saves are asynchronous (the next steps run while the arrays are written), keep the last K,
-and restore onto whatever mesh the target state lives on: the target's shardings decide
-where each restored array goes, so a run saved on one mesh shape resumes on another.
+Saves are asynchronous (the next steps run while the arrays are written), keep the last K
+(also after a process was killed between a save and orbax's removal of older checkpoints:
+opening the folder again removes them), and restore onto whatever mesh the target state
+lives on: the target's shardings decide where each restored array goes, so a run saved on
+one mesh shape resumes on another.
 """
 
 import os
@@ -35,7 +37,8 @@ def _check_directory(directory: str) -> None:
 
 
 class Checkpointer:
-    """Every `save_every` steps and at the end; the last `keep` kept.
+    """Every `save_every` steps and at the end; the last `keep` kept (older ones left by a
+    killed process are removed when the folder is opened).
 
     Args:
       directory: the stage's checkpoint folder (created on the first save).
@@ -52,6 +55,14 @@ class Checkpointer:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._prune(keep)
+
+    def _prune(self, keep: int) -> None:
+        """Deletes all but the newest `keep` checkpoints. Orbax removes older ones only once a
+        save has committed, after it: a process killed in between leaves one more, and none
+        is ever removed if that was the stage's last save (its rerun saves nothing)."""
+        for step in sorted(self._manager.all_steps())[:-keep]:
+            self._manager.delete(step)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -10,6 +10,7 @@ M-GRPO trains a second policy (the sub-agent) when `shared_model` is False; deco
 its sub-agent runs in another process (`decoupled_loop`).
 """
 
+import collections
 import time
 from collections.abc import Mapping
 
@@ -23,6 +24,22 @@ from medjax.models.transformer import DecoderLM
 from medjax.training import algorithms, data, decoupled_loop, evaluation, runtime
 
 PROGRESS_KEYS = ("reward/mean", "reward/correct", "reward/answered", "update/grad_norm")
+
+
+def stop_without_tokens(stage, step: int, batch: Mapping[str, np.ndarray], trajs) -> None:
+    """Raises TrainError when the step's rows hold no token to train (`loss_mask` and, for
+    GRAO, `ref_loss_mask` all 0): every episode ended before its policy wrote a token, so
+    the update would be on nothing, and the stage would export an untrained policy with
+    exit status 0. Names the episodes' finish reasons."""
+    if any(np.any(v) for k, v in batch.items() if k.endswith("loss_mask")):
+        return
+    reasons = collections.Counter(getattr(t, "finish_reason", None) for t in trajs)
+    shown = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=str))
+    raise runtime.TrainError(
+        f"RLStage {stage.name!r}: step {step + 1}: no token to train in {len(trajs)} episodes"
+        f" (finish reasons: {shown}); the task's max_context_tokens or max_new_tokens leaves"
+        " the policy no room. Stopped instead of training on nothing."
+    )
 
 
 def _sub_policy(run, stage, model, sub_model, tx, loss_fn, temperature) -> runtime.Policy:
@@ -110,6 +127,7 @@ def run_rl(
         rows = method.rows(
             stage, algorithms.Rollouts(trajs, records, picked, step, base_key, run, main_side)
         )
+        stop_without_tokens(stage, step, rows.policy, trajs)
         jobs = [(policy, rows.policy)] + ([] if rows.sub is None else [(sub, rows.sub)])
         update_metrics, t_scoring, t_update = runtime.score_and_update(
             run, stage, jobs, reference, bad, step, last_good

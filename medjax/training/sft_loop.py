@@ -33,6 +33,15 @@ def run_sft(run: runtime.Run, stage, model: DecoderLM) -> DecoderLM:
         run.write_config()
         t0 = time.perf_counter()
         batch = method.rows(stage, ([rows[i] for i in stream[step]], pad_id))
+        if not batch.policy["loss_mask"].any():
+            # A zero gradient would still move the weights (decay, momentum) and the stage
+            # would export a policy that learnt nothing; `validate.sft_budget` refuses the
+            # chats that cause this before a run starts.
+            raise runtime.TrainError(
+                f"SFTStage {stage.name!r}: step {step + 1}: no assistant token within"
+                f" max_length {stage.max_length} in the batch's {len(stream[step])} chats;"
+                " stopped instead of training on nothing."
+            )
         state, m = step_fn(state, run.put(batch.policy))
         m = jax.device_get(m)
         elapsed = time.perf_counter() - t0

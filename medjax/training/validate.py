@@ -7,18 +7,25 @@ where (`SFTStage 'sft'`, `RLStage 'rl'`, `train`) and which field:
 
     SFTStage 'sft': steps -1 is not an integer >= 1.
 
+`run_inputs()` checks what only the loaded data and tokenizer tell, still before anything
+is written: the chat template renders the conversations medjax sends, and every stage's
+token budget holds its prompts (an RL turn has room to generate, an SFT chat keeps an
+assistant token).
+
 `settings()` flattens what defines a run into {key: JSON value}; `train()` stores it in
 `run.json` at the first start and, on a rerun, `differences()` names every key whose value
 changed. Fields that only say how the run is carried out (mesh shape, logging, checkpoint
 intervals) are left out: a run may resume on another mesh or log more often.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
 import numbers
 import os
 import re
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -266,6 +273,222 @@ def train_arguments(values: Mapping[str, Any], is_checkpoint: Callable[[str], bo
     integer(where, "max_bad_steps", values["max_bad_steps"], minimum=0)
     flag(where, "interactive", values["interactive"], none=True)
     function(where, "operative_config", values["operative_config"], none=True)
+
+
+# ---------------------------------------------------------------------------------------
+# What the loaded data and tokenizer tell: the chat template and the stages' token budgets.
+
+# The conversation the agent loop and SFT render: a system prompt, a question, a tool call,
+# the tool's response (a user turn: medjax sends no "tool" role) and an answer.
+PROBE_CHAT: tuple[dict[str, str], ...] = (
+    {"role": "system", "content": "You are a careful medical researcher."},
+    {"role": "user", "content": "Which gene is linked to Kappa syndrome?"},
+    {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "search", "arguments": {"query": "Kappa"}}\n</tool_call>',
+    },
+    {"role": "user", "content": "<tool_response>\nKappa syndrome: gene KAPPA1.\n</tool_response>"},
+    {"role": "assistant", "content": "<answer>KAPPA1</answer>"},
+)
+
+
+def tokenizer_source(run_dir: str, init_from: str | None, chat_template: str | None) -> str:
+    """Where the run's chat template comes from, as errors name it: the GGUF file, the
+    folder's chat_template.jinja or tokenizer_config.json, or medjax's own ChatML."""
+    if chat_template == "chatml":
+        return "train: chat_template 'chatml'"
+    folder = init_from if init_from is not None else os.path.join(run_dir, "tokenizer")
+    if init_from is not None and not os.path.isdir(init_from):
+        return f"init_from {init_from}"  # A GGUF file: its tokenizer.chat_template.
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            where = "init_from" if init_from is not None else "run_dir"
+            return f"{where} {os.path.join(folder, name)}"
+    return "the trained tokenizer (medjax's ChatML)"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def chat_template(tokenizer, source: str) -> None:
+    """Renders `PROBE_CHAT` as the agent loop and SFT do (the prompt before each assistant
+    turn with the generation prompt, the whole chat without) and checks that every
+    message's content is in the text. Raises SettingError naming `source` and
+    `tokenizer.chat_template`: a template that does not parse, raises (an unknown role, a
+    variable it needs) or drops a message."""
+    what = f"{source}: tokenizer.chat_template"
+    chat = list(PROBE_CHAT)
+    try:
+        for i, m in enumerate(chat):
+            if m["role"] == "assistant":
+                tokenizer_lib.apply_chat_template(tokenizer, chat[:i], add_generation_prompt=True)
+        text = tokenizer_lib.apply_chat_template(tokenizer, chat, add_generation_prompt=False)
+    except Exception as e:  # jinja2's syntax and undefined errors, the template's own raise.
+        raise SettingError(
+            f"{what} does not render a conversation of a system prompt, a question, a tool"
+            f" call, its response and an answer: {_one_line(e)}"
+        ) from None
+    if not isinstance(text, str):
+        raise SettingError(f"{what} renders {type(text).__name__}, not text.")
+    for i, m in enumerate(chat):
+        if m["content"] not in text:
+            raise SettingError(
+                f"{what} leaves message {i} ({m['role']}: {m['content'][:40]!r}) out of the"
+                " text it renders; the policy would never see it."
+            )
+
+
+class _ProbeStopError(Exception):
+    """Ends a probe rollout once its first turn's prompts are seen."""
+
+
+class _FirstTurnProbe:
+    """A token backend that records the prompts and per-episode budgets of the first turn
+    (one call for every live episode) and then ends the rollout."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.seen: list[tuple[int, int]] = []  # (prompt length, new-token budget).
+
+    def generate(self, conversations, params, *, num_samples: int = 1):
+        raise _ProbeStopError
+
+    def generate_ids(self, prompts, params, *, num_samples: int = 1, max_new_tokens=None):
+        budgets = max_new_tokens or [params.max_new_tokens] * len(prompts)
+        self.seen = [(len(p), int(b)) for p, b in zip(prompts, budgets, strict=True)]
+        raise _ProbeStopError
+
+
+# A context and turn budget no prompt reaches: the probe's first-turn budget is then
+# this minus the prompt and the loop's reserve (see `_first_turn_needs`).
+_UNBOUNDED = 1 << 40
+
+
+def _first_turn_needs(task, env, tokenizer, records, hierarchy: Mapping[str, Any]) -> list:
+    """(prompt tokens, the least `max_context_tokens` whose first turn may generate) of each
+    record's episode. The agent loop gives a first turn min(max_new_tokens, context - prompt
+    - reserve) new tokens (the reserve: the forced final turn's tokens and the early-stop
+    prompt); with both budgets unbounded that is `_UNBOUNDED` - prompt - reserve, so the
+    loop itself says how much room each prompt needs."""
+    probe = _FirstTurnProbe(tokenizer)
+    unbounded = dataclasses.replace(task, max_context_tokens=_UNBOUNDED, max_new_tokens=_UNBOUNDED)
+    extra = {"sub_backend": probe, **hierarchy} if hierarchy else {}
+    with contextlib.suppress(_ProbeStopError):
+        unbounded.rollout(env, probe, list(records), num_generations=1, **extra)
+    return [(length, _UNBOUNDED - budget + 1) for length, budget in probe.seen]
+
+
+def _binding(task, field: str) -> str:
+    """The gin binding of a task's field, as a gin file imports the module: rl.ResearchTask."""
+    return f"{type(task).__module__.rpartition('.')[2]}.{type(task).__qualname__}.{field}"
+
+
+def _pool(records: Sequence[Any], hops) -> list:
+    """The training records an RL stage draws from (`RLStage.hops`)."""
+    if hops is None:
+        return list(records)
+    return [
+        r for r in records if isinstance(r, Mapping) and hops[0] <= r.get("hops", -1) <= hops[1]
+    ]
+
+
+def episode_budgets(task, env, tokenizer, data, stages: Sequence[Any], evaluate: bool) -> None:
+    """Every episode the run samples has room for a first turn: the training questions of
+    each RL stage and, with `evaluate`, the held-out ones, under the task's
+    `max_context_tokens` (None: no limit, nothing to check). Raises SettingError naming the
+    binding, the longest prompt and the least budget that fits."""
+    limit = getattr(task, "max_context_tokens", None)
+    if limit is None or not dataclasses.is_dataclass(task) or not hasattr(task, "max_new_tokens"):
+        return  # No limit, or a task whose budgets this probe cannot set.
+    rl_stages = [s for s in stages if hasattr(s, "num_generations")]
+    modes = sorted({bool(s.method.hierarchical) for s in rl_stages})
+    if evaluate and not modes:
+        modes = [False]  # The evaluations of an SFT-only run.
+    for hierarchical in modes:
+        groups = []
+        trained = [s for s in rl_stages if bool(s.method.hierarchical) == hierarchical]
+        if trained:
+            pools = [_pool(data.records, s.hops) for s in trained]
+            ids = {id(r) for pool in pools for r in pool}
+            groups.append(("training questions", [r for r in data.records if id(r) in ids]))
+        if evaluate:
+            groups.append(("held-out questions", data.eval_records))
+        hierarchy = {"hierarchical": True} if hierarchical else {}
+        for what, records in groups:
+            needs = _first_turn_needs(task, env, tokenizer, records, hierarchy)
+            short = [(p, n) for p, n in needs if n > limit]
+            if not short:
+                continue
+            longest = max(p for p, _ in short)
+            least = max(n for _, n in short)
+            agent = " (M-GRPO's main agent)" if hierarchical else ""
+            raise SettingError(
+                f"{_binding(task, 'max_context_tokens')} {limit} leaves no room for the first"
+                f" turn of {len(short)} of {len(needs)} {what}{agent}: the longest prompt is"
+                f" {longest} tokens, and a turn needs 1 new token and the reserve of the forced"
+                f" final turn (final_turn_tokens {task.final_turn_tokens} and the early-stop"
+                f" prompt) on top; set it to at least {least}."
+            )
+
+
+def sft_budget(stage, task, env, data, tokenizer, source: str) -> None:
+    """Every chat of an SFT stage keeps at least one assistant token within `max_length`
+    (a chat cut before its first one trains on nothing; a batch of such chats would train on
+    nothing at all). Raises SettingError naming the stage, the field, how many chats are cut
+    so, and the least max_length that keeps one of each; or, when the chat template does
+    not render an assistant's content verbatim (SFT cannot mask it), naming `source`."""
+    from medjax.training import algorithms  # Imports this module: not at the top.
+
+    where = f"SFTStage {stage.name!r}"
+    run = types.SimpleNamespace(task=task, env=env, data=data, tokenizer=tokenizer)
+    try:
+        rows = algorithms.SFT().chats(run, stage)
+    except ValueError as e:
+        raise SettingError(f"{where}: {source}: tokenizer.chat_template: {_one_line(e)}") from None
+    firsts = [next((i for i, m in enumerate(mask) if m), None) for _, mask in rows]
+    if any(f is None for f in firsts):
+        n = sum(f is None for f in firsts)
+        raise SettingError(
+            f"{where}: {n} of {len(rows)} chats have no assistant turn to train on (the"
+            " expert's chats hold none)."
+        )
+    cut = [f for f in firsts if f >= stage.max_length]
+    if cut:
+        # Chats that keep some assistant tokens but lose later ones: said, not refused.
+        lengths = [len(ids) for ids, _ in rows]
+        partly = sum(f < stage.max_length < n for f, n in zip(firsts, lengths, strict=True))
+        raise SettingError(
+            f"{where}: max_length {stage.max_length} cuts away every assistant token of"
+            f" {len(cut)} of {len(rows)} chats (up to {max(cut)} tokens come before the"
+            f" first; {partly} more chats lose their last tokens); set it to at least"
+            f" {max(cut) + 1}, or shorten the chats (max_observation_chars)."
+        )
+
+
+def run_inputs(
+    tokenizer, source: str, task, env, data, stages: Sequence[Any], evaluate: bool
+) -> None:
+    """The checks that need the run's tokenizer and data, in the order a run meets them:
+    `chat_template`, `episode_budgets`, then each SFT stage's `sft_budget`.
+
+    Args:
+      tokenizer: the run's tokenizer (its chat template included).
+      source: where its template comes from (`tokenizer_source`), named in errors.
+      task: the run's task; `env` its environment, `data` its loaded `TaskData`.
+      stages: the run's stages.
+      evaluate: whether the run evaluates (held-out episodes need room too).
+
+    Raises:
+      SettingError: one line naming the file or the stage (or task binding) and the field.
+    """
+    chat_template(tokenizer, source)
+    # Before SFT's: a task whose expert plays under the same budget (the consultation
+    # doctor) has empty chats when the budget cannot hold a prompt.
+    episode_budgets(task, env, tokenizer, data, stages, evaluate)
+    for stage in stages:
+        if hasattr(stage, "max_length"):
+            sft_budget(stage, task, env, data, tokenizer, source)
 
 
 # ---------------------------------------------------------------------------------------

@@ -334,3 +334,41 @@ def test_hf_cache_snapshot_link_outside_the_repo(folder, tmp_path):
         + rf" {re.escape(str(root))}",
         snapshot,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Keep-last-K after a kill: a training stage's orbax checkpoints (medjax.training).
+
+
+def _saved_steps(directory):
+    return sorted(int(e) for e in os.listdir(directory) if e.isdigit())
+
+
+@pytest.mark.parametrize(("saved", "keep", "left"), [
+    ((1, 2, 3), 2, [2, 3]),  # A kill between the last save's commit and orbax's removal.
+    ((5, 10, 15, 20), 1, [20]),  # keep_checkpoints lowered for the rerun.
+    ((4, 8), 2, [4, 8]),  # Nothing to remove.
+])  # fmt: skip
+def test_opening_a_checkpoint_folder_keeps_the_newest_k(tmp_path, saved, keep, left):
+    import jax.numpy as jnp
+
+    from medjax.training import checkpoints
+
+    directory = tmp_path / "checkpoints"
+    # What a killed process leaves: more committed checkpoints than `keep` (written here by
+    # a checkpointer that keeps them all, as orbax does until its removal after the save).
+    writer = checkpoints.Checkpointer(
+        str(directory), save_every=1, keep=len(saved), async_save=False
+    )
+    for step in saved:
+        writer.save(step, {"w": jnp.full(3, float(step))}, {"step": step})
+    writer.close()
+    assert _saved_steps(directory) == list(saved)
+
+    resumed = checkpoints.Checkpointer(str(directory), save_every=1, keep=keep, async_save=False)
+    assert _saved_steps(directory) == left
+    assert resumed.latest_step() == saved[-1]
+    state, meta = resumed.restore(saved[-1], {"w": jnp.zeros(3)})
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full(3, float(saved[-1])))
+    assert meta == {"step": saved[-1]}
+    resumed.close()

@@ -162,6 +162,26 @@ def test_list_shows_exactly_the_keys(tmp_path):
     assert s.list("nothing/") == []
 
 
+def test_folders_named_like_a_record_or_lock_file_take_a_mark(tmp_path):
+    """The layout that keeps `a`, `a.json/b` and `a.lock/c` apart: a folder part ending in
+    the suffix of the files beside it gets a "~", which no key part holds."""
+    s = files.FileStore(tmp_path)
+    assert s.compare_and_set("a", None, {"v": 1})
+    assert s.put("a.json/b", {"v": 2})
+    assert s.compare_and_set("a.lock/c", None, {"v": 3})
+    assert sorted(_tree(tmp_path)) == [
+        ".locks/a.lock", ".locks/a.lock~/c.lock", "a.json", "a.json~/b.json", "a.lock/c.json",
+    ]  # fmt: skip
+    # Files where no key's record is: a folder named like a record without its mark (a
+    # store written before the mark), a marked folder whose name ends otherwise.
+    record = (tmp_path / "a.json").read_bytes()
+    for stray in ("x.json/y.json", "z~/w.json", "a.lock~/d.json"):
+        (tmp_path / stray).parent.mkdir(exist_ok=True)
+        (tmp_path / stray).write_bytes(record)
+    assert s.list() == ["a", "a.json/b", "a.lock/c"]
+    assert s.list("x.json/") == [] and s.get("x.json/y") is None
+
+
 # Temporary files of dead writers.
 
 _WRITER = """

@@ -44,6 +44,34 @@ def test_put_get_list_delete(store):
     assert store.list("a/") == ["a/c"]
 
 
+@pytest.mark.parametrize("deep_first", [False, True])
+def test_a_key_and_the_keys_under_its_file_name_are_distinct(store, deep_first):
+    """`a` and `a.json/b` (the file store's record of `a` and a folder of that name), `a`
+    and `a.lock/c` (its lock file and a lock folder): every backend keeps them apart,
+    whichever is written first."""
+    writes = [
+        lambda: store.compare_and_set("a", None, {"v": 2}),
+        lambda: store.put("a.json/b", {"v": 3}, if_absent=True),
+        lambda: store.compare_and_set("a.lock/c", None, {"v": 4}),
+        lambda: store.compare_and_set("a.lock", None, {"v": 5}),
+    ]
+    for write in reversed(writes) if deep_first else writes:
+        assert write()
+    assert store.get("a") == {"v": 2}
+    assert store.get("a.json/b") == {"v": 3}
+    assert store.get("a.lock/c") == {"v": 4}
+    assert store.get("a.lock") == {"v": 5}
+    assert store.compare_and_set("a", {"v": 2}, {"v": 6})
+    assert store.compare_and_set("a.lock/c", {"v": 4}, {"v": 7})
+    assert store.list() == ["a", "a.json/b", "a.lock", "a.lock/c"]
+    assert store.list("a.json/") == ["a.json/b"]
+    assert store.list("a.json") == ["a.json/b"]
+    assert store.list("a.lock/") == ["a.lock/c"]
+    store.delete("a")
+    assert store.get("a") is None and store.get("a.json/b") == {"v": 3}
+    assert store.list() == ["a.json/b", "a.lock", "a.lock/c"]
+
+
 def test_if_absent_is_idempotent(store):
     assert store.put("k", {"v": 1}, if_absent=True)
     assert not store.put("k", {"v": 2}, if_absent=True)
