@@ -130,7 +130,14 @@ def make_tokenizer(run_dir, init_from, chats, vocab_size: int, fresh: bool, chat
 
 def init_model(config, init_from, tokenizer, seed, mesh, dtype, options) -> DecoderLM:
     if init_from is not None:
-        return load_policy("init_from", init_from, mesh, dtype, options)
+        model = load_policy("init_from", init_from, mesh, dtype, options)
+        if len(tokenizer) > model.config.vocab_size:
+            # Ids past the embedding's rows would be clamped by the lookup, silently.
+            raise TrainError(
+                f"init_from {init_from}: the tokenizer has {len(tokenizer)} tokens, but the"
+                f" model's vocab_size is {model.config.vocab_size}."
+            )
+        return model
     config = config.replace(vocab_size=len(tokenizer), dtype=dtype, param_dtype=dtype, **options)
     with jax.set_mesh(mesh):
         model = DecoderLM(config, rngs=nnx.Rngs(seed))

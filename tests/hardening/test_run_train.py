@@ -249,6 +249,37 @@ def test_a_truncated_init_from_checkpoint_names_the_file(data, tmp_path):
     assert not run_dir.exists()
 
 
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(data, tmp_path):
+    """A checkpoint whose tokenizer has more tokens than its embedding has rows: the ids past
+    the rows would be clamped by the embedding lookup (no error on CPU or TPU) and train the
+    wrong rows. Catches the pairing going unchecked."""
+    from flax import nnx
+
+    from medjax.models import checkpoint, tokenizer
+    from medjax.models.config import ModelConfig
+    from medjax.models.transformer import DecoderLM
+
+    tok = tokenizer.train_bpe(["the patient has a fever"] * 20, validate.MIN_VOCAB_SIZE + 8)
+    config = ModelConfig(
+        family="llama", vocab_size=len(tok) - 3, hidden_size=16, intermediate_size=32,
+        num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=256,
+    )  # fmt: skip
+    folder = tmp_path / "policy"
+    checkpoint.save_pretrained(DecoderLM(config, rngs=nnx.Rngs(0)), str(folder))
+    tok.save_pretrained(str(folder))
+
+    run_dir = tmp_path / "run"
+    budgets = ("train_lib.SFTStage.max_length=4096", "rl.ResearchTask.max_context_tokens=4096")
+    args = argv("sft", run_dir, f"train_lib.train.init_from='{folder}'", *budgets,
+                data_dir=data["data_dir"])  # fmt: skip
+    message = fails(args)
+    assert message == (
+        f"run_train: error: init_from {folder}: the tokenizer has {len(tok)} tokens, but the"
+        f" model's vocab_size is {len(tok) - 3}."
+    ), message
+    assert not run_dir.exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Disk full.
 
