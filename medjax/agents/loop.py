@@ -11,8 +11,13 @@ With a `TokenBackend` the loop keeps each episode as token ids: the first prompt
 template's rendering, each reply appends exactly the sampled ids, and each user turn
 appends the ids of the text the chat template adds between the history so far and the next
 generation prompt. So the prompt of every turn, and the trajectory the trainer reads, are
-the ids the policy saw and sampled. A template that rewrites earlier turns (Qwen3's drops
-past `<think>` blocks) cannot be used this way and raises `TemplateDriftError`.
+the ids the policy saw and sampled. The ids not sampled come from `tokenizer_lib.tokenize_chat`,
+which encodes message content (tool output, patient replies, documents) with special tokens as
+text: a `<|im_end|>` in a tool's output is characters, not the end of the turn. Where the
+history ends at a special token (ChatML's `<|im_end|>`), a user turn's ids are the tail of
+`tokenizer_lib.encode_chat` of the whole conversation, as SFT data has them. A template
+that rewrites earlier turns (Qwen3's drops past `<think>` blocks) cannot be used this way
+and raises `TemplateDriftError`.
 
 Usage:
   agent = AgentSpec("researcher", backend, system_prompt="...", tools=[search, read])
@@ -171,8 +176,8 @@ class _Runner:
                 )  # fmt: skip
                 ep = _Episode(traj)
                 if self.token_mode:
-                    ep.text = tokenizer_lib.apply_chat_template(self.tokenizer, head)
-                    ids = self.tokenizer.encode(ep.text, add_special_tokens=False)
+                    chat = tokenizer_lib.tokenize_chat(self.tokenizer, head)
+                    ep.text, ids = chat.text, chat.ids
                     traj.token_ids, traj.loss_mask = ids, [0] * len(ids)
                     traj.logps = [0.0] * len(ids)
                 self.episodes.append(ep)
@@ -230,19 +235,24 @@ class _Runner:
         traj = ep.traj
         traj.messages.append({"role": "user", "content": content})
         if self.token_mode:
-            full = tokenizer_lib.apply_chat_template(self.tokenizer, traj.messages)
-            if not full.startswith(ep.text):
-                raise TemplateDriftError(
-                    f"agent {self.agent.name!r}, query {traj.query_id!r}: the chat template"
-                    " renders the history differently from the ids sampled so far (does it"
-                    " rewrite past assistant turns?); token trajectories need a template that"
-                    " only appends."
-                )
-            delta = self.tokenizer.encode(full[len(ep.text) :], add_special_tokens=False)
-            traj.token_ids.extend(delta)
-            traj.loss_mask.extend([0] * len(delta))
-            traj.logps.extend([0.0] * len(delta))
-            ep.text = full
+            chat = self._tail(ep, traj.messages)
+            traj.token_ids.extend(chat.ids)
+            traj.loss_mask.extend([0] * len(chat.ids))
+            traj.logps.extend([0.0] * len(chat.ids))
+            ep.text = chat.text
+
+    def _tail(self, ep: _Episode, messages: list[Message]) -> tokenizer_lib.ChatTokens:
+        """The chat rendered with the next generation prompt; its ids are those of the text
+        after the history the episode already holds the ids of."""
+        try:
+            return tokenizer_lib.tokenize_chat(self.tokenizer, messages, prefix=ep.text)
+        except tokenizer_lib.ChatPrefixError:
+            raise TemplateDriftError(
+                f"agent {self.agent.name!r}, query {ep.traj.query_id!r}: the chat template"
+                " renders the history differently from the ids sampled so far (does it"
+                " rewrite past assistant turns?); token trajectories need a template that"
+                " only appends."
+            ) from None
 
     def _finish(self, ep: _Episode, reason: str, answer: str | None = None) -> None:
         ep.done, ep.traj.finish_reason, ep.traj.answer = True, reason, answer
@@ -284,10 +294,7 @@ class _Runner:
         self._append_user(ep, content)
 
     def _user_ids(self, ep: _Episode, content: str) -> list[int]:
-        full = tokenizer_lib.apply_chat_template(
-            self.tokenizer, [*ep.traj.messages, {"role": "user", "content": content}]
-        )
-        return self.tokenizer.encode(full[len(ep.text) :], add_special_tokens=False)
+        return self._tail(ep, [*ep.traj.messages, {"role": "user", "content": content}]).ids
 
     def run(self) -> list[Trajectory]:
         first, turn_index, run_start = True, 0, time.perf_counter()

@@ -224,11 +224,9 @@ class JaxPolicyBackend:
         return best
 
     def encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
-        """Token ids of each conversation's prompt, generation prompt included."""
-        return [
-            tokenizer_lib.apply_chat_template(self.tokenizer, m, tokenize=True)
-            for m in conversations
-        ]
+        """Token ids of each conversation's prompt, generation prompt included, with the
+        messages' content encoded as text (`tokenizer_lib.encode_chat`)."""
+        return [tokenizer_lib.encode_chat(self.tokenizer, m) for m in conversations]
 
     def generate(
         self,

@@ -1,7 +1,9 @@
 """A deterministic policy for tests and ablations: a Python function writes each reply.
 
-`ScriptedBackend(fn, tokenizer)` is a full `TokenBackend`: it renders each prompt to text,
-asks `fn(prompt_text)` for the reply, tokenises it, and then behaves like a sampler that
+`ScriptedBackend(fn, tokenizer)` is a full `TokenBackend`: it encodes chats as
+`tokenizer_lib.encode_chat` does (content's special tokens as text), decodes each prompt to
+text, asks `fn(prompt_text)` for the reply, tokenises it as a policy's output (a special
+token's text becomes its id, as a sampler would draw it), and then behaves like a sampler that
 drew exactly those tokens: it stops on the first stop string or stop sequence, on the
 budget, or else appends the EOS token; log-probs are 0 (a deterministic policy gives its
 reply probability 1). Agent-loop tests use it to play the policy turn by turn.
@@ -39,10 +41,7 @@ class ScriptedBackend:
         *,
         num_samples: int = 1,
     ) -> list[Generation]:
-        prompts = [
-            tokenizer_lib.apply_chat_template(self.tokenizer, m, tokenize=True)
-            for m in conversations
-        ]
+        prompts = [tokenizer_lib.encode_chat(self.tokenizer, m) for m in conversations]
         return self.generate_ids(prompts, params, num_samples=num_samples)
 
     def generate_ids(

@@ -227,7 +227,7 @@ class ChatCompletionServer(http.server.ThreadingHTTPServer):
         if self.tokenizer is None:
             return 0
         try:
-            ids = tokenizer_lib.apply_chat_template(self.tokenizer, messages, tokenize=True)
+            ids = tokenizer_lib.encode_chat(self.tokenizer, messages)
         except Exception as e:
             # A template may reject a conversation (an unknown role, an order it forbids).
             reason = (str(e).splitlines() or [""])[0]

@@ -62,14 +62,18 @@ def chat_ids(
     The chat template's framing (`<|im_start|>assistant\\n`, `<|im_end|>`) is not the
     policy's: rollouts stop on `</tool_call>` / `</answer>` and the loop appends the framing,
     so SFT teaches exactly what the policy samples. Tool responses are first cut to
-    `max_observation_chars` as rollouts cut them (`truncate_observations`).
+    `max_observation_chars` as rollouts cut them (`truncate_observations`). The ids are
+    `tokenizer_lib.encode_chat`'s, as the agent loop makes them: special tokens in any
+    message's content are text, so a `<|im_end|>` written in a message neither ends its turn
+    nor forges another.
 
     Raises:
       ValueError: the template does not render an assistant message's content verbatim
         right after the generation prompt (naming the message).
     """
     messages = truncate_observations(messages, max_observation_chars)
-    text = tokenizer_lib.apply_chat_template(tokenizer, messages, add_generation_prompt=False)
+    chat = tokenizer_lib.tokenize_chat(tokenizer, messages, add_generation_prompt=False)
+    text = chat.text
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -83,13 +87,11 @@ def chat_ids(
                 " after the generation prompt; cannot mask it."
             )
         spans.append((len(prefix), len(prefix) + len(m["content"])))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    mask = [0] * len(ids)
-    for j, (start, end) in enumerate(encoded["offset_mapping"]):
+    mask = [0] * len(chat.ids)
+    for j, (start, end) in enumerate(chat.offsets):
         if end > start and any(s <= start and end <= e for s, e in spans):
             mask[j] = 1
-    return ids, mask
+    return chat.ids, mask
 
 
 def pad_rows(

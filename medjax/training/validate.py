@@ -324,6 +324,9 @@ def chat_template(tokenizer, source: str) -> None:
             if m["role"] == "assistant":
                 tokenizer_lib.apply_chat_template(tokenizer, chat[:i], add_generation_prompt=True)
         text = tokenizer_lib.apply_chat_template(tokenizer, chat, add_generation_prompt=False)
+        # As the policy's ids are made: with content as text (a template that cuts through a
+        # special token in content is refused there).
+        tokenizer_lib.encode_chat(tokenizer, chat, add_generation_prompt=False)
     except Exception as e:  # jinja2's syntax and undefined errors, the template's own raise.
         raise SettingError(
             f"{what} does not render a conversation of a system prompt, a question, a tool"
