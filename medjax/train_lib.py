@@ -32,9 +32,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
-from medjax import partitioning, topologies
+from medjax import partitioning, paths, topologies
 from medjax.kernels import attention as attention_lib
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models.config import LoraConfig, ModelConfig
@@ -55,8 +56,7 @@ ALGORITHMS = algorithms.names()
 def _recorded_settings(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, RUN_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = json.loads(paths.read_text(path))
     except (OSError, ValueError) as e:
         raise TrainError(f"{path}: unreadable ({' '.join(str(e).split())}).") from None
     return record.get("settings") if isinstance(record, dict) else None
@@ -93,7 +93,8 @@ def train(
     mesh shape, evaluation, logging and checkpoint intervals may always change).
 
     Args:
-      run_dir: the run's folder: new, empty, or a previous run of the same command.
+      run_dir: the run's folder: new, empty, or a previous run of the same command; local
+        or on any filesystem `etils.epath` and orbax reach (`gs://bucket/run` on Cloud TPU).
       stages: `SFTStage`s and `RLStage`s, run in order.
       task: the task (data, agent budgets, reward): `rl.ResearchTask` (the default) or
         `consultation.ConsultationTask` (the MedDialogRubrics doctor).
@@ -190,9 +191,9 @@ def train(
     except ValueError as e:
         raise TrainError(f"train: {e}") from None
     dtype = jnp.dtype(dtype)
-    run_dir = os.path.abspath(run_dir)
+    run_dir = paths.absolute(run_dir)
     if init_from is not None:
-        values["init_from"] = os.path.abspath(init_from)
+        values["init_from"] = paths.absolute(init_from)
     resuming = runtime.check_run_dir(run_dir, stages)
     bindings = validate_lib.gin_bindings(config_text()) if config_text is not None else None
     settings = validate_lib.settings(values, stages, bindings)
@@ -227,17 +228,16 @@ def train(
         # Nothing was written to run_dir before this point: a setting that cannot run
         # stopped above.
         if jax.process_index() == 0:
-            os.makedirs(run_dir, exist_ok=True)
+            epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
             if not resuming:
                 record = {"stages": names, "created": time.time(), "settings": settings}
                 path = os.path.join(run_dir, RUN_FILE)
                 try:
-                    with open(path, "w", encoding="utf-8") as f:
-                        json.dump(record, f, indent=1)
+                    paths.write_text(path, json.dumps(record, indent=1))
                 except OSError as e:  # write() names no file: name it.
                     raise OSError(e.errno, e.strerror, e.filename or path) from e
             if new_tokenizer:
-                tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
+                runtime.save_tokenizer(tokenizer, os.path.join(run_dir, "tokenizer"))
         run = runtime.Run(run_dir, task, env, loaded, tokenizer, mesh, seed, max_bad_steps,
                           interactive, operative_config, dtype, options)  # fmt: skip
         result = _run_stages(run, stages, policy, evaluate, values["init_from"])
@@ -269,7 +269,7 @@ def _compile_only(target: "str | aot.CompileOnly", values: dict) -> aot.Report:
             target.topology, config=config, stages=values["stages"], task=values["task"],
             mesh_shape=tuple(values["mesh_shape"]), evaluate=values["evaluate"],
             progress=target.progress, skip=target.skip,
-            run_dir=os.path.abspath(values["run_dir"]),
+            run_dir=paths.absolute(values["run_dir"]),
         )  # fmt: skip
     except (topologies.TopologyError, topologies.MissingLibtpuError) as e:
         raise TrainError(f"compile_only: {e}") from None
@@ -297,7 +297,7 @@ def _run_stages(run: runtime.Run, stages, policy, evaluate: bool, init_from=None
                 sub_export = export + "_sub"
                 sub_policy = (
                     run.load_policy(f"stage {stage.name!r}", sub_export)
-                    if os.path.exists(os.path.join(sub_export, "config.json"))
+                    if paths.exists(os.path.join(sub_export, "config.json"))
                     else None
                 )
             print(f"{stage.name}: finished earlier; loaded {export}", flush=True)
@@ -324,8 +324,7 @@ def _run_stages(run: runtime.Run, stages, policy, evaluate: bool, init_from=None
     results = {}
     for p in points:
         path = os.path.join(run_dir, "eval", f"{p}.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                results[p] = json.load(f)
+        if paths.exists(path):
+            results[p] = json.loads(paths.read_text(path))
     rl_stages = [s.name for s in stages if isinstance(s, RLStage)]
     return evaluation.write_results(run_dir, results, rl_stages, run.task.result_keys)

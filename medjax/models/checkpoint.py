@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from medjax import partitioning
+from medjax import partitioning, paths
 from medjax.models.config import ModelConfig, from_hf_config, to_hf_config
 from medjax.models.transformer import DecoderLM, new_lora_a
 
@@ -205,16 +206,24 @@ def write_safetensors(
         arrays.append(array)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # Align the data to 8 bytes, as the reference writer does.
+    if paths.is_remote(path):  # No rename there; an object appears whole when closed.
+        with epath.Path(path).open("wb") as f:
+            _write_tensor_bytes(f, blob, arrays)
+        return
     # Write beside and rename: a reader that memory-mapped the old file keeps its old inode
     # instead of faulting on a truncated mapping.
     path = pathlib.Path(path)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for array in arrays:
-            f.write(array.tobytes())
+        _write_tensor_bytes(f, blob, arrays)
     os.replace(partial, path)
+
+
+def _write_tensor_bytes(f, blob: bytes, arrays: list[np.ndarray]) -> None:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for array in arrays:
+        f.write(array.tobytes())
 
 
 def _stacked(path: tuple, config: ModelConfig) -> bool:
@@ -331,7 +340,7 @@ def is_gguf(path: str | os.PathLike) -> bool:
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is what `from_pretrained` loads: a folder with config.json or a .gguf
     file."""
-    path = pathlib.Path(path)
+    path = epath.Path(path) if paths.is_remote(path) else pathlib.Path(path)
     return (path / "config.json").is_file() or (is_gguf(path) and path.is_file())
 
 
@@ -366,7 +375,8 @@ def from_pretrained(
 
     Args:
       path: folder with config.json and model.safetensors (or sharded files with
-        model.safetensors.index.json), or a `.gguf` file (see `gguf_checkpoint.from_gguf`).
+        model.safetensors.index.json), local or remote (`gs://...`, copied to a temporary
+        local folder first), or a local `.gguf` file (see `gguf_checkpoint.from_gguf`).
       dtype: activations' dtype; also the parameters' unless `param_dtype` is given.
       param_dtype: parameters' dtype.
       mesh: place parameters sharded on this mesh by `rules`; None for the default device.
@@ -380,6 +390,13 @@ def from_pretrained(
         the folder, a missing or unexpected tensor, a weight that is not floating point, or a
         shape that does not match the config; one line naming the file and tensor or field.
     """
+    if paths.is_remote(path) and not is_gguf(path):
+        # The reader memory-maps local files: load a temporary local copy (the arrays are
+        # on the devices when it is removed).
+        with paths.local_copy(path) as local:
+            return from_pretrained(
+                local, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **options
+            )
     folder = pathlib.Path(path)
     param_dtype = dtype if param_dtype is None else param_dtype
     if is_gguf(folder):
@@ -548,22 +565,24 @@ def save_pretrained(
 ) -> None:
     """Writes a Hugging Face folder (config.json, safetensors) that transformers loads.
 
+    config.json is written last, so a folder with config.json holds a whole export on any
+    filesystem (object stores have no atomic rename of a folder).
+
     Args:
       model: the model to export.
-      path: folder, created if needed.
+      path: folder, created if needed; local or remote (`gs://...`).
       dtype: dtype of the saved tensors; the parameters' own by default.
       max_shard_bytes: tensors go to model-0000i-of-0000n.safetensors files of at most this
         size plus model.safetensors.index.json when they do not fit in one file.
       merge_lora: a LoRA model's adapters merged into its weights (the adapted model); False
         writes the base weights alone (the adapters go to `save_peft_adapter`'s folder).
     """
-    folder = pathlib.Path(path)
+    folder = _folder(path)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     hf_config = to_hf_config(config)
     if dtype is not None:
         hf_config["dtype"] = np.dtype(dtype).name
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, array in _hf_tensors(model, dtype, merge_lora):
@@ -574,7 +593,17 @@ def save_pretrained(
         size += array.nbytes
     if len(shards) == 1:
         write_safetensors(folder / "model.safetensors", shards[0])
-        return
+    else:
+        _write_shards(folder, shards)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def _folder(path: str | os.PathLike):
+    """pathlib for a local folder; epath for a remote one (pathlib makes gs:// a gs:/ folder)."""
+    return epath.Path(path) if paths.is_remote(path) else pathlib.Path(path)
+
+
+def _write_shards(folder, shards: list[dict[str, np.ndarray]]) -> None:
     weight_map = {}
     total = 0
     for i, shard in enumerate(shards):
@@ -609,7 +638,7 @@ def save_peft_adapter(
     lora = model.config.lora
     if lora is None:
         raise ValueError("save_peft_adapter: the model has no LoRA adapters (config.lora None).")
-    folder = pathlib.Path(path)
+    folder = _folder(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for path_tuple, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):

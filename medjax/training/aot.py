@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from medjax import partitioning, sampling, topologies
+from medjax import partitioning, paths, sampling, topologies
 from medjax.llm import jax_backend
 from medjax.models.config import ModelConfig
 from medjax.models.transformer import DecoderLM
@@ -772,13 +772,11 @@ def publish(report: Report, run_dir: str) -> None:
     """Prints the table and, from process 0, writes it to `run_dir`."""
     print(format_table(report), flush=True)
     if jax.process_index() == 0:
-        print(f"compile_only: wrote {write_report(report, os.path.abspath(run_dir))}")
+        print(f"compile_only: wrote {write_report(report, paths.absolute(run_dir))}")
 
 
 def write_report(report: Report, run_dir: str) -> str:
-    """Writes the report as JSON in `run_dir`; returns the path."""
-    os.makedirs(run_dir, exist_ok=True)
+    """Writes the report as JSON in `run_dir` (local or remote); returns the path."""
     path = os.path.join(run_dir, REPORT_FILE)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report.as_json(), f, indent=1)
+    paths.write_text(path, json.dumps(report.as_json(), indent=1))
     return path

@@ -4,13 +4,15 @@ Saves are asynchronous (the next steps run while the arrays are written), keep t
 (also after a process was killed between a save and orbax's removal of older checkpoints:
 opening the folder again removes them), and restore onto whatever mesh the target state
 lives on: the target's shardings decide where each restored array goes, so a run saved on
-one mesh shape resumes on another.
+one mesh shape resumes on another. The folder may be remote (`gs://...`): orbax writes it
+through tensorstore, and the checks here read it through `etils.epath`.
 """
-
-import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from medjax import paths
 
 
 class CheckpointDirError(ValueError):
@@ -18,11 +20,12 @@ class CheckpointDirError(ValueError):
 
 
 def _check_directory(directory: str) -> None:
-    if not os.path.exists(directory):
+    folder = epath.Path(directory)
+    if not folder.exists():
         return
-    if not os.path.isdir(directory):
+    if not folder.is_dir():
         raise CheckpointDirError(f"{directory} is a file, not a checkpoint directory.")
-    entries = [e for e in os.listdir(directory) if not e.startswith(".")]
+    entries = [e.name for e in folder.iterdir() if not e.name.startswith(".")]
     strays = [e for e in entries if not (e.isdigit() or ".orbax-checkpoint-tmp" in e)]
     if strays:
         raise CheckpointDirError(
@@ -30,7 +33,7 @@ def _check_directory(directory: str) -> None:
             " point the run somewhere else or remove them. Nothing was written."
         )
     for e in entries:
-        if e.isdigit() and not os.path.isdir(os.path.join(directory, e, "meta")):
+        if e.isdigit() and not (folder / e / "meta").is_dir():
             raise CheckpointDirError(
                 f"{directory}/{e} is not a medjax checkpoint (no meta/); nothing was written."
             )
@@ -41,20 +44,20 @@ class Checkpointer:
     killed process are removed when the folder is opened).
 
     Args:
-      directory: the stage's checkpoint folder (created on the first save).
+      directory: the stage's checkpoint folder (created on the first save), local or remote.
       save_every: the save interval in steps (the final step is always saved).
       keep: how many checkpoints to keep.
       async_save: write in a background thread.
     """
 
     def __init__(self, directory: str, *, save_every: int, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)
         _check_directory(self.directory)
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
         self._prune(keep)
 
     def _prune(self, keep: int) -> None:

@@ -9,8 +9,10 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from medjax import paths
 from medjax.llm import JaxPolicyBackend
 from medjax.training import data, metrics, steps
 from medjax.training.runtime import Run
@@ -53,9 +55,8 @@ def evaluate_point(
     if not evaluate:
         return None
     path = os.path.join(run.run_dir, "eval", f"{point}.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+    if paths.exists(path):
+        return json.loads(paths.read_text(path))
     count = len(run.data.eval_records)
     print(f"eval {point}: {count} held-out records, greedy (a line per turn)", flush=True)
     t0 = time.perf_counter()
@@ -66,9 +67,7 @@ def evaluate_point(
     result["expert_nll"] = expert_nll(run, model)
     result["time_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        paths.write_text(path, json.dumps(result, indent=1))
     shown = ", ".join(f"{k} {result[k]:.4g}" for k in run.task.result_keys)
     print(f"eval {point}: {shown} ({count} held-out records, {result['time_s']:.0f} s)", flush=True)
     return result
@@ -123,10 +122,8 @@ def write_results(run_dir: str, results: dict[str, dict], rl_stages, keys) -> di
     text += f"\nColumns:\n\n- point: {POINTS}.\n"
     text += "".join(f"- {k}: {keys[k]}.\n" for k in keys)
     text += "".join(f"\n![reward per step]({p})\n" for p in plots)
-    with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(text)
-    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(table, f, indent=1)
+    paths.write_text(os.path.join(run_dir, "results.md"), text)
+    paths.write_text(os.path.join(run_dir, "results.json"), json.dumps(table, indent=1))
     print("\n" + "\n".join(lines), flush=True)
     return table
 
@@ -150,5 +147,6 @@ def plot_rewards(run_dir: str, stage: str) -> str | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(run_dir, f"{stage}_reward_per_step.png")
-    fig.savefig(path, dpi=120)
+    with epath.Path(path).open("wb") as f:  # savefig names no remote filesystem: a file object.
+        fig.savefig(f, format="png", dpi=120)
     return path

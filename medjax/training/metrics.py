@@ -13,6 +13,10 @@ steps > s, as `truncate_after` drops them from the JSONL.
 
 `read_event_scalars` reads the event files back without TensorFlow (the TFRecord framing with
 both CRCs checked, and the `Event` proto), applying those marks as TensorBoard does.
+
+`run_dir` may be remote (`gs://...`, through `etils.epath`). Such filesystems cannot append to
+an object (gcsfs silently overwrites it instead), so there each write rewrites the whole JSONL
+and event file from a copy kept in memory: the files are a few kilobytes per thousand steps.
 """
 
 import io
@@ -33,7 +37,9 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 
+from medjax import paths
 from medjax.training import events as events_lib
 
 JSONL_NAME = "metrics.jsonl"
@@ -101,7 +107,10 @@ class MetricsWriter:
         """
         if log_every < 1:
             raise ValueError(f"MetricsWriter: log_every must be >= 1, got {log_every}.")
-        self.logdir = pathlib.Path(run_dir) / subdir if subdir else pathlib.Path(run_dir)
+        # Local paths keep pathlib (open, append, rename); remote ones go through epath.
+        self._remote = paths.is_remote(run_dir)
+        path_type = epath.Path if self._remote else pathlib.Path
+        self.logdir = path_type(run_dir) / subdir if subdir else path_type(run_dir)
         self.jsonl_path = self.logdir / JSONL_NAME
         self.is_writer = is_writer
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
@@ -109,8 +118,8 @@ class MetricsWriter:
         self._log_every = log_every
         self._desc = desc
         self._progress_keys = tuple(progress_keys)
-        self._events: io.BufferedWriter | None = None
-        self._jsonl: io.TextIOWrapper | None = None
+        self._events: io.BufferedWriter | _RewrittenFile | None = None
+        self._jsonl: io.TextIOWrapper | _RewrittenFile | None = None
         self._bar: tqdm.tqdm | None = None
         self._start_step: int | None = None
         # (step, monotonic time, compile_seconds()) of the last line or of `start`.
@@ -166,7 +175,11 @@ class MetricsWriter:
         record.update({k: _json_float(v) for k, v in values.items()})
         if self._jsonl is None:
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+            if self._remote:
+                old = self.jsonl_path.read_bytes() if self.jsonl_path.exists() else b""
+                self._jsonl = _RewrittenFile(self.jsonl_path, old)
+            else:
+                self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         self._show(step, values)
@@ -175,7 +188,8 @@ class MetricsWriter:
         """Drops the JSONL records of steps > `step`, for a run resuming at `step`.
 
         Call before writing new records. The file is rewritten through a temporary file and
-        `os.replace`, so a crash leaves either the old or the new file. A last line that does
+        `os.replace` (a remote file: in one write, which object stores make atomic), so a
+        crash leaves either the old or the new file. A last line that does
         not parse (a crash while writing it) is dropped too; any other bad line raises
         ValueError naming the file and line.
 
@@ -208,7 +222,9 @@ class MetricsWriter:
                 kept.append(line if line.endswith("\n") else line + "\n")
         dropped = sum(1 for line in lines if line.strip()) - len(kept)
         # Also rewrites when only a final newline is missing, so the next line starts afresh.
-        if "".join(kept) != text:
+        if "".join(kept) != text and self._remote:
+            self.jsonl_path.write_text("".join(kept), encoding="utf-8")
+        elif "".join(kept) != text:
             fd, tmp = tempfile.mkstemp(dir=self.logdir, prefix=".metrics.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -250,7 +266,10 @@ class MetricsWriter:
         now = time.time()
         name = f"{EVENT_FILE_MARKER}{int(now)}.{socket.gethostname()}.{time.time_ns()}"
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._events = open(self.logdir / name, "xb")  # noqa: SIM115 - closed by close().
+        if self._remote:
+            self._events = _RewrittenFile(self.logdir / name, b"")
+        else:
+            self._events = open(self.logdir / name, "xb")  # noqa: SIM115 - closed by close().
         self._write_event(events_lib.Event(now, file_version=events_lib.FILE_VERSION))
         if purge_step is not None:
             start = events_lib.Event(now, purge_step, session_status=events_lib.SESSION_START)
@@ -329,6 +348,24 @@ class MetricsWriter:
         self._logged = True
 
 
+class _RewrittenFile:
+    """A file on a filesystem without append: `flush` rewrites the whole object with
+    everything written so far (kept in memory), so no earlier record is lost."""
+
+    def __init__(self, path: epath.Path, data: bytes):
+        self.path = path
+        self._data = bytearray(data)
+
+    def write(self, data: bytes | str) -> None:
+        self._data += data.encode("utf-8") if isinstance(data, str) else data
+
+    def flush(self) -> None:
+        self.path.write_bytes(bytes(self._data))
+
+    def close(self) -> None:
+        pass  # Every write was flushed.
+
+
 # Seconds this process has spent tracing, lowering and compiling jitted programs: the sum of
 # JAX's "/jax/core/compile/..." duration events, counted from the first `compile_seconds` call.
 _compile_seconds = 0.0
@@ -359,7 +396,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     naming the file and line number.
     """
     out = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -393,9 +430,10 @@ def read_event_scalars(logdir: str | os.PathLike[str]) -> dict[str, list[tuple[i
     Raises:
       ValueError: a corrupt or truncated record, naming the file and the byte offset.
     """
-    paths = sorted(p for p in pathlib.Path(logdir).iterdir() if EVENT_FILE_MARKER in p.name)
+    path_type = epath.Path if paths.is_remote(logdir) else pathlib.Path
+    files = sorted(p for p in path_type(logdir).iterdir() if EVENT_FILE_MARKER in p.name)
     scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in paths:
+    for path in files:
         for event in _read_events(path):
             if event.session_status == events_lib.SESSION_START:
                 for tag, points in scalars.items():
@@ -403,6 +441,12 @@ def read_event_scalars(logdir: str | os.PathLike[str]) -> dict[str, list[tuple[i
             for tag, value in event.scalars:
                 scalars.setdefault(tag, []).append((event.step, value))
     return {tag: points for tag, points in scalars.items() if points}
+
+
+def _open_text(path: str | os.PathLike[str]):
+    if paths.is_remote(path):
+        return epath.Path(path).open("r", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def _read_events(path: pathlib.Path) -> list[events_lib.Event]:

@@ -17,9 +17,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from medjax import partitioning
+from medjax import partitioning, paths
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.transformer import DecoderLM
@@ -54,12 +55,15 @@ def fields(stage) -> dict[str, Any]:
 
 
 def check_run_dir(run_dir: str, stages: Sequence[Any]) -> bool:
-    """Whether `run_dir` holds a run to resume; raises if it holds anything else."""
-    if not os.path.exists(run_dir):
+    """Whether `run_dir` (local or remote) holds a run to resume; raises if it holds anything
+    else."""
+    folder = epath.Path(run_dir)
+    if not folder.exists():
         return False
-    if not os.path.isdir(run_dir):
+    if not folder.is_dir():
         raise TrainError(f"run_dir {run_dir} is a file, not a directory.")
-    entries = [e for e in os.listdir(run_dir) if not e.startswith(".") and e != COMPILE_REPORT]
+    entries = [e.name for e in folder.iterdir()]
+    entries = [e for e in entries if not e.startswith(".") and e != COMPILE_REPORT]
     if not entries:
         return False
     if RUN_FILE not in entries:
@@ -122,10 +126,23 @@ def make_tokenizer(run_dir, init_from, chats, vocab_size: int, fresh: bool, chat
             # the exact sampled ids of a multi-turn episode; ChatML renders turns verbatim.
             tok.chat_template = tokenizer_lib.CHAT_TEMPLATE
         return tok, False
-    if not fresh and os.path.exists(os.path.join(path, "tokenizer.json")):
-        return loaded("run_dir", path, lambda: tokenizer_lib.load_tokenizer(path)), False
+    if not fresh and paths.exists(os.path.join(path, "tokenizer.json")):
+        return loaded("run_dir", path, lambda: _load_tokenizer(path)), False
     texts = (m["content"] for c in chats for m in c["messages"])
     return tokenizer_lib.train_bpe(texts, vocab_size), True
+
+
+def _load_tokenizer(path: str):
+    """`tokenizer_lib.load_tokenizer` of a local or remote folder (read from a local copy)."""
+    with paths.local_copy(path) as local:
+        return tokenizer_lib.load_tokenizer(local)
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+    """`tokenizer.save_pretrained(path)` for a local or remote folder (Hugging Face writes
+    local files only: a remote folder is written through a local staging folder)."""
+    with paths.staged(path) as local:
+        tokenizer.save_pretrained(local)
 
 
 def init_model(config, init_from, tokenizer, seed, mesh, dtype, options) -> DecoderLM:
@@ -150,31 +167,44 @@ LORA_ADAPTER = "lora_adapter"  # A LoRA stage's export holds its adapters here (
 def save_policy(graphdef, params, tokenizer, path: str, base: str | None = None) -> None:
     """A Hugging Face folder of the policy (LoRA adapters merged in), written whole or not
     at all; a LoRA policy's adapters also as a PEFT folder, `path/lora_adapter`, whose base
-    is `base` (where the stage started)."""
+    is `base` (where the stage started).
+
+    A local folder is written beside and renamed. A remote one (no rename there) is written
+    in place after removing what a killed run left, its config.json last: `stage_done` keys
+    on config.json, so it only ever sees a whole export."""
     if jax.process_index() != 0:
+        return
+    model = nnx.merge(graphdef, params)
+    if paths.is_remote(path):
+        paths.rmtree(path)
+        _write_policy(model, tokenizer, path, base)
         return
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = nnx.merge(graphdef, params)
-    checkpoint_lib.save_pretrained(model, tmp)
-    if model.config.lora is not None:
-        checkpoint_lib.save_peft_adapter(
-            model, os.path.join(tmp, LORA_ADAPTER), base_model_name_or_path=base
-        )
-    tokenizer.save_pretrained(tmp)
+    _write_policy(model, tokenizer, tmp, base)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
 
+def _write_policy(model, tokenizer, path: str, base: str | None) -> None:
+    """The export's files, the model's config.json last."""
+    save_tokenizer(tokenizer, path)
+    if model.config.lora is not None:
+        checkpoint_lib.save_peft_adapter(
+            model, os.path.join(path, LORA_ADAPTER), base_model_name_or_path=base
+        )
+    checkpoint_lib.save_pretrained(model, path)
+
+
 def stage_done(run_dir: str, stage) -> bool:
     """Whether the stage finished (its policy is exported)."""
-    return os.path.exists(os.path.join(run_dir, stage.name, "export", "config.json"))
+    return paths.exists(os.path.join(run_dir, stage.name, "export", "config.json"))
 
 
 def run_id(run_dir: str) -> str:
     """The run's identity: its directory and when it was created (`run.json`)."""
-    with open(os.path.join(run_dir, RUN_FILE), encoding="utf-8") as f:
-        return f"{run_dir} (created {json.load(f)['created']:.3f})"
+    record = json.loads(paths.read_text(os.path.join(run_dir, RUN_FILE)))
+    return f"{run_dir} (created {record['created']:.3f})"
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,9 +246,8 @@ class Run:
             return
         self.config_written = True
         path = os.path.join(self.run_dir, "config.gin")
-        if self.operative_config is not None and not os.path.exists(path):
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(self.operative_config())
+        if self.operative_config is not None and not paths.exists(path):
+            paths.write_text(path, self.operative_config())
 
 
 def mean_metrics(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
