@@ -18,7 +18,7 @@ import sys
 import gin
 import pytest
 
-from medjax import train_lib
+from medjax import paths
 from medjax.knowledge import hpo
 from medjax.training import disk, validate
 
@@ -286,26 +286,15 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(data, tmp_path
 
 def test_no_space_left_while_writing_is_one_line_naming_the_run(data, tmp_path, monkeypatch):
     """The first write of a run (run.json) fails as on a full disk: write() raises ENOSPC."""
-    real_open = open
+    real_write_text = paths.write_text
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
+    def full_write_text(path, text):
+        if os.fspath(path).endswith("run.json"):
+            # As write() raises it: an OSError that names no file.
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_text(path, text)
 
-    def full_open(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        return Full(f) if "w" in mode or "a" in mode else f
-
-    monkeypatch.setattr(train_lib, "open", full_open, raising=False)
+    monkeypatch.setattr(paths, "write_text", full_write_text)
     run_dir = tmp_path / "run"
     args = argv("sft", run_dir, "train_lib.train.mesh_shape=(8, 1, 1)", data_dir=data["data_dir"])
     message = fails(args)
