@@ -80,7 +80,13 @@ setuptools.setup(
             # The [tpu] extra: the Pallas kernels' TPU lowering is compiled ahead of time
             # (tests/kernels/test_tpu_lowering.py).
             "libtpu==0.0.42.1",
+            # A gs:// run directory against a local GCS emulator
+            # (tests/integration/test_remote_run_dir.py).
+            "gcsfs>=2026.10.1",
+            "gcp-storage-emulator>=2026.7.19",
         ],
+        # gs:// run directories (Cloud TPU pod slices): etils.epath reaches GCS through gcsfs.
+        "gcs": ["gcsfs>=2026.10.1"],
         # The TPU compiler, also for compiling ahead of time on a machine without a TPU: the
         # libtpu that jax 0.10.2's own `tpu` extra pins.
         "tpu": ["libtpu==0.0.42.1"],

@@ -33,10 +33,17 @@ def _check_directory(directory: str) -> None:
             " point the run somewhere else or remove them. Nothing was written."
         )
     for e in entries:
-        if e.isdigit() and not (folder / e / "meta").is_dir():
+        if e.isdigit() and not _unfinished(folder / e) and not (folder / e / "meta").is_dir():
             raise CheckpointDirError(
                 f"{directory}/{e} is not a medjax checkpoint (no meta/); nothing was written."
             )
+
+
+def _unfinished(step_dir: epath.Path) -> bool:
+    """Whether `step_dir` is a save a killed process left half-written on GCS, where orbax
+    writes in place and marks a finished save with commit_success.txt (it removes such a
+    save when the folder is opened again). Local saves are renamed when finished."""
+    return paths.is_remote(step_dir) and not (step_dir / "commit_success.txt").exists()
 
 
 class Checkpointer:
@@ -55,8 +62,13 @@ class Checkpointer:
         _check_directory(self.directory)
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
-        )
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            # On GCS a save is written in place and marked finished by commit_success.txt
+            # (no rename): a save that a killed process left half-written is removed, else
+            # saving that step again would write into its leftover database. Local saves are
+            # renamed into place, and their leftovers never look like a step.
+            cleanup_tmp_directories=paths.is_remote(self.directory),
+        )  # fmt: skip
         self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
         self._prune(keep)
 

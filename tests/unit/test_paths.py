@@ -19,7 +19,7 @@ from flax import nnx
 from fsspec.implementations.memory import MemoryFileSystem
 
 from medjax import models, paths
-from medjax.training import metrics
+from medjax.training import checkpoints, metrics
 
 
 class NoAppendFileSystem(MemoryFileSystem):
@@ -117,3 +117,18 @@ def test_export_to_a_remote_folder_writes_config_last_and_loads_back(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The local copy it loaded from is gone, and nothing else was written locally.
     assert os.listdir(watched) == [] and os.listdir(fake_gcs) == []
+
+
+def test_a_half_written_remote_save_is_not_a_stray_but_a_finished_one_needs_meta(fake_gcs):
+    # Catches the run_dir check refusing a gs:// run killed mid-save (orbax writes a GCS step
+    # in place: no meta/ yet, no commit_success.txt), and accepting a finished step
+    # without meta/.
+    fs = NoAppendFileSystem()
+    fs.pipe("gs://bkt/ck/1/meta/metadata", b"{}")
+    fs.pipe("gs://bkt/ck/1/commit_success.txt", b"ok")
+    fs.pipe("gs://bkt/ck/2/state/manifest.ocdbt", b"half")
+    checkpoints._check_directory("gs://bkt/ck")
+    fs.pipe("gs://bkt/ck/3/state/manifest.ocdbt", b"whole")
+    fs.pipe("gs://bkt/ck/3/commit_success.txt", b"ok")
+    with pytest.raises(checkpoints.CheckpointDirError, match="ck/3 is not a medjax checkpoint"):
+        checkpoints._check_directory("gs://bkt/ck")
