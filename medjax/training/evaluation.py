@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from medjax import multihost
 from medjax.llm import JaxPolicyBackend
 from medjax.training import data, metrics, steps
 from medjax.training.runtime import Run
@@ -53,7 +54,7 @@ def evaluate_point(
     if not evaluate:
         return None
     path = os.path.join(run.run_dir, "eval", f"{point}.json")
-    if os.path.exists(path):
+    if multihost.agree(os.path.exists(path)):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     count = len(run.data.eval_records)
@@ -90,7 +91,7 @@ def expert_nll(run: Run, model) -> float:
     width = data.bucket(max(len(ids) for ids, _ in rows))
     batch = data.pad_rows(rows, width, pad_id=run.tokenizer.pad_token_id)
     graphdef, params = nnx.split(model, nnx.Param)
-    logps = np.asarray(
+    logps = multihost.host_array(
         steps.make_score_fn(graphdef, mesh=run.mesh)(
             params, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         )

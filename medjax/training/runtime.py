@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medjax import partitioning
+from medjax import multihost, partitioning
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.transformer import DecoderLM
@@ -150,9 +150,15 @@ LORA_ADAPTER = "lora_adapter"  # A LoRA stage's export holds its adapters here (
 def save_policy(graphdef, params, tokenizer, path: str, base: str | None = None) -> None:
     """A Hugging Face folder of the policy (LoRA adapters merged in), written whole or not
     at all; a LoRA policy's adapters also as a PEFT folder, `path/lora_adapter`, whose base
-    is `base` (where the stage started)."""
+    is `base` (where the stage started).
+
+    Every process calls it: parameters that span hosts are gathered leaf by leaf (a
+    collective), and process 0 alone writes."""
     if jax.process_index() != 0:
+        for leaf in jax.tree.leaves(params):  # Process 0's gathers, in its order.
+            multihost.host_array(leaf)
         return
+    params = jax.tree.map(multihost.host_array, params)
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model = nnx.merge(graphdef, params)
@@ -201,8 +207,9 @@ class Run:
     heldout_rows: list | None = None  # The expert's held-out chats, tokenised (expert_nll).
 
     def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        # Each process places its own devices' rows of the batch every process holds.
         return {
-            k: jax.device_put(v, partitioning.batch_sharding(self.mesh, v.ndim))
+            k: multihost.put_global(v, partitioning.batch_sharding(self.mesh, v.ndim))
             for k, v in batch.items()
         }
 
@@ -337,7 +344,7 @@ def score_and_update(run: Run, stage, jobs, reference, bad, step: int, last_good
     for job_policy, job_batch in jobs:
         if "old_logps" in job_batch:
             if stage.num_iterations > 1:
-                job_batch["old_logps"] = np.asarray(
+                job_batch["old_logps"] = multihost.host_array(
                     job_policy.score(
                         job_policy.state.weights(), job_batch["input_ids"],
                         job_batch["attention_mask"], job_batch["loss_mask"],
@@ -346,7 +353,7 @@ def score_and_update(run: Run, stage, jobs, reference, bad, step: int, last_good
             else:
                 del job_batch["old_logps"]  # Exactly on-policy: ratio 1.
         if reference is not None:
-            job_batch["ref_logps"] = np.asarray(
+            job_batch["ref_logps"] = multihost.host_array(
                 job_policy.score(
                     reference, job_batch["input_ids"], job_batch["attention_mask"],
                     job_batch["loss_mask"],
