@@ -6,6 +6,7 @@ training command as a child process, reads its stderr and turns such an end into
 naming the lost process. Nothing here imports jax: the supervising parent stays small.
 """
 
+import contextlib
 import ctypes
 import os
 import re
@@ -45,14 +46,14 @@ def wait_for_coordinator(address: str, timeout: float, poll: float = 0.5) -> boo
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout
     while True:
-        left = deadline - time.monotonic()
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), max(0.1, min(left, 2))):
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
                 return True
         except (OSError, ValueError):
-            if time.monotonic() + poll >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            time.sleep(poll)
+            time.sleep(min(poll, left))
 
 
 # What the coordination service logs before it aborts a process over a lost peer.
@@ -96,7 +97,8 @@ def lost_process_line(
             return f"not every process{of} joined within {init_timeout:g} s; {me} stops."
         return f"could not reach the coordinator{where} within {init_timeout:g} s."
     if "PollForError" in log or "Socket closed" in log:
-        return f"lost the coordinator (process 0{where}); {me} stops."
+        at = f" at {coordinator}" if coordinator else ""
+        return f"lost the coordinator (process 0{at}); {me} stops."
     if "Gloo" in log and ("closed by peer" in log or "reset by peer" in log):
         return f"a peer process{of} closed its connection; {me} stops."
     return None
@@ -110,10 +112,8 @@ _HELD = re.compile(r"^([EF]\d{4} |\s+@ |\*\*\* |PC: @|Traceback \(most recent ca
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the supervising parent dies (Linux), so a
     killed worker never leaves a process the others still see as alive."""
-    try:
+    with contextlib.suppress(OSError):  # Not Linux: the launcher kills the group instead.
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def supervise(command: list[str], *, heartbeat_timeout: float, init_timeout: float, **where) -> int:
@@ -127,14 +127,15 @@ def supervise(command: list[str], *, heartbeat_timeout: float, init_timeout: flo
       **where: `settings`' coordinator_address, num_processes and process_id.
     """
     process_id, address = where.get("process_id"), where.get("coordinator_address")
-    if process_id not in (None, 0) and address:
-        if not wait_for_coordinator(address, init_timeout):
-            print(
-                f"run_train: error: process {process_id}: could not reach the coordinator"
-                f" {address} within {init_timeout:g} s.",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
-            return 1
+    # Process 0 starts the coordinator itself; the others look for it first.
+    probe = process_id not in (None, 0) and address
+    if probe and not wait_for_coordinator(address, init_timeout):
+        print(
+            f"run_train: error: process {process_id}: could not reach the coordinator"
+            f" {address} within {init_timeout:g} s.",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        return 1
     child = subprocess.Popen(
         command, env=dict(os.environ, **{CHILD: "1"}), stderr=subprocess.PIPE,
         preexec_fn=_die_with_parent,

@@ -8,7 +8,6 @@ import os
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from medjax import multihost
