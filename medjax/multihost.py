@@ -7,6 +7,14 @@ it (a collective). Every decision that chooses which programs run next (resume, 
 stage, an evaluation point already written) is process 0's, broadcast: two processes that
 decided differently would each wait forever in a collective the other never runs.
 
+How a run is spread (rollouts in lockstep): every process runs every episode of a step, the
+host-side agent loop and tools included, and makes the same sampler calls in the same order;
+each call is one program over all chips, whose sampled rows every process then reads whole
+(`host_array`). So every process holds every group of G episodes whole, computes the same
+rewards and the same group advantages from the whole group, builds the same rows and feeds
+its own devices' shards of them (`put_global`). Metrics equal one process's with as many
+devices; only the host-side work is repeated on every host, not the accelerator work.
+
 On one process every function here is the plain single-process operation.
 """
 
@@ -61,3 +69,10 @@ def agree(decision: bool) -> bool:
     if jax.process_count() == 1:
         return bool(decision)
     return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(decision))))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches `barrier(name)` (nothing on one process): what
+    process 0 wrote before it is there for the others to read after it."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

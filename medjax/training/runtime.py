@@ -153,10 +153,12 @@ def save_policy(graphdef, params, tokenizer, path: str, base: str | None = None)
     is `base` (where the stage started).
 
     Every process calls it: parameters that span hosts are gathered leaf by leaf (a
-    collective), and process 0 alone writes."""
+    collective), process 0 alone writes, and every process returns once the folder is
+    written (a LoRA stage's next one loads it)."""
     if jax.process_index() != 0:
         for leaf in jax.tree.leaves(params):  # Process 0's gathers, in its order.
             multihost.host_array(leaf)
+        multihost.barrier(f"save_policy {path}")
         return
     params = jax.tree.map(multihost.host_array, params)
     tmp = path + ".tmp"
@@ -170,6 +172,7 @@ def save_policy(graphdef, params, tokenizer, path: str, base: str | None = None)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+    multihost.barrier(f"save_policy {path}")
 
 
 def stage_done(run_dir: str, stage) -> bool:

@@ -25,6 +25,7 @@ from medjax.training import metrics
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STAGES = ("sft", "grpo", "grao", "mgrpo")
 UNTIMED = ("time", "tokens_per_s", "compile")
+pytestmark = pytest.mark.slow
 
 
 def train_command(run_dir, data_dir, *extra):
@@ -68,18 +69,23 @@ def learning_metrics(path):
     ]
 
 
-def test_two_processes_equal_one(runs):
-    """Catches: a process feeding the wrong rows of a batch (rows are not one block per
-    process), scores or sampled tokens read from one process's shards, groups split across
-    processes (advantages from part of a group), a decision taken differently per process."""
+def assert_same_metrics(expected_dir, run_dir):
+    """Every stage's metrics.jsonl, times and compile counts aside, within 1e-5."""
     for stage in STAGES:
-        one = learning_metrics(runs["one"] / stage / "metrics.jsonl")
-        two = learning_metrics(runs["two"] / stage / "metrics.jsonl")
+        one = learning_metrics(expected_dir / stage / "metrics.jsonl")
+        two = learning_metrics(run_dir / stage / "metrics.jsonl")
         assert len(one) == len(two) > 0, stage
         for a, b in zip(one, two, strict=True):
             assert a.keys() == b.keys(), stage
             for k in a:
                 assert b[k] == pytest.approx(a[k], abs=1e-5, rel=0), (stage, a["step"], k)
+
+
+def test_two_processes_equal_one(runs):
+    """Catches: a process feeding the wrong rows of a batch (rows are not one block per
+    process), scores or sampled tokens read from one process's shards, groups split across
+    processes (advantages from part of a group), a decision taken differently per process."""
+    assert_same_metrics(runs["one"], runs["two"])
 
 
 def test_the_export_of_parameters_that_span_processes_is_the_same(runs):
@@ -116,40 +122,79 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_a_killed_process_stops_the_other_with_one_line(env, tmp_path):
-    """Catches: a survivor that hangs in a collective (jax's default heartbeat is 100 s), or
-    that ends in jax's abort and stack trace instead of one line naming the lost process."""
-    port = free_port()
+def start_pair(env, run_dir, port, heartbeat, outputs=None, **popen):
+    """The two documented commands of a two-process run, each in its own session (its
+    supervising parent and training child are killed together); `outputs`: each one's
+    Popen stream arguments (files: a pipe left unread would stall it)."""
     procs = []
     for i in (0, 1):
         cmd = train_command(
-            tmp_path / "run", env["data_dir"], "--multihost", f"--process_id={i}",
-            "--num_processes=2", f"--coordinator_address=127.0.0.1:{port}",
-            "--heartbeat_timeout=10",
+            run_dir, env["data_dir"], "--multihost", f"--process_id={i}", "--num_processes=2",
+            f"--coordinator_address=127.0.0.1:{port}", f"--heartbeat_timeout={heartbeat}",
         )  # fmt: skip
         proc = subprocess.Popen(
-            [sys.executable, *cmd], cwd=ROOT, env=env["env"], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            [sys.executable, *cmd], cwd=ROOT, env=env["env"], text=True,
+            start_new_session=True, **popen, **(outputs[i] if outputs else {}),
         )  # fmt: skip
         procs.append(proc)
-    first = tmp_path / "run" / "sft" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not first.exists() and procs[0].poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert first.exists(), "no step was logged"
-    os.killpg(procs[1].pid, signal.SIGKILL)
-    killed = time.monotonic()
-    try:
-        _, err = procs[0].communicate(timeout=60)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    waited = time.monotonic() - killed
+    return procs
+
+
+def test_both_killed_after_a_checkpoint_resume_to_the_same_metrics(env, runs, tmp_path):
+    """Catches: processes that disagree on resuming (one restores, the other starts over: a
+    hang or other metrics), a finished stage or evaluation redone, a checkpoint restored onto
+    the wrong shards, metric records lost or written twice across the restart."""
+    run_dir = tmp_path / "run"
+    marker = run_dir / "grpo" / "checkpoints" / "1" / "commit_success.txt"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = start_pair(env, run_dir, free_port(), 20, **quiet)
+    deadline = time.time() + 600
+    while not marker.exists() and procs[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert marker.exists(), "the run ended before grpo's step 1 was saved"
+    assert not (run_dir / "grpo" / "export").exists()
+    logs = [tmp_path / f"process_{i}.out" for i in (0, 1)]
+    with open(logs[0], "w") as out0, open(logs[1], "w") as out1:
+        outputs = [{"stdout": out0}, {"stdout": out1}]
+        procs = start_pair(env, run_dir, free_port(), 20, outputs, stderr=subprocess.DEVNULL)
+        codes = [p.wait(timeout=900) for p in procs]
+    assert codes == [0, 0]
+    outs = [log.read_text() for log in logs]
+    assert "grpo: resumed from step 1" in outs[0] and "sft: finished earlier" in outs[1]
+    assert_same_metrics(runs["two"], run_dir)
+
+
+def test_a_killed_process_stops_the_other_with_one_line(env, tmp_path):
+    """Catches: a survivor that hangs in a collective (jax's default heartbeat is 100 s), or
+    that ends in jax's abort and stack trace instead of one line naming the lost process."""
+    errors = [tmp_path / f"process_{i}.err" for i in (0, 1)]
+    with open(errors[0], "w") as err0, open(errors[1], "w") as err1:
+        outputs = [{"stderr": err0}, {"stderr": err1}]
+        procs = start_pair(
+            env, tmp_path / "run", free_port(), 10, outputs, stdout=subprocess.DEVNULL
+        )
+        first = tmp_path / "run" / "sft" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not first.exists() and procs[0].poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        try:
+            assert first.exists(), "no step was logged"
+            os.killpg(procs[1].pid, signal.SIGKILL)
+            killed = time.monotonic()
+            procs[0].wait(timeout=60)
+            waited = time.monotonic() - killed
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+    err = errors[0].read_text()
     assert procs[0].returncode != 0
     assert waited < 60, waited
-    last = err.strip().splitlines()[-1]
-    assert last == (
+    assert err.strip().splitlines()[-1] == (
         "run_train: error: process 1 of 2 stopped answering (no heartbeat for 10 s);"
         " process 0 stops."
     ), err[-3000:]
