@@ -8,7 +8,9 @@
 `--gin_file` and `--gin_bindings` repeat; later ones override earlier ones. Includes inside
 gin files resolve against `--gin_search_paths` (default: this folder and the installed
 package, so `include 'gin/models/tiny.gin'` works from a clone and from an installed wheel).
-On a multi-host TPU/GPU slice pass `--multihost` (every host runs the same command).
+On a multi-host TPU/GPU slice pass `--multihost` (every host runs the same command; elsewhere
+--coordinator_address, --num_processes and --process_id or jax's environment variables).
+Two local processes: `python -m medjax.launch_local --num_processes 2 -- run_train.py ...`.
 
 Before renting a slice, compile every program of the run for it here, on a CPU, with the
 TPU compiler (`pip install -e ".[tpu]"`; no weights are read, no data is built):

@@ -40,22 +40,10 @@ def host_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def process_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list[int]:
-    """The rows (indices along axis 0) of a global array of `shape` that this process's
-    devices hold, in increasing order.
-
-    They are not one contiguous block in general (a v5e-16 host holds rows 0-7 and 16-23
-    of 64), so never `process_index * rows_per_process`.
-    """
-    rows = set()
-    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
-        rows.update(range(shape[0])[index[0]] if index else range(shape[0]))
-    return sorted(rows)
-
-
 def put_global(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global array laid out by `sharding` from `value`, the whole array, which every
-    process holds identically: each process places only its own devices' shards.
+    process holds identically: each process places only its own devices' shards, whichever
+    rows they are (a v5e-16 host holds rows 0-7 and 16-23 of 64, not one block).
 
     Unlike `jax.device_put` of a host array onto a sharding spanning processes, this runs
     no cross-process equality check (an all-gather of the whole batch on every call).
