@@ -105,8 +105,12 @@ def lost_process_line(
 
 
 # stderr lines held back until the child's end says what they were: glog errors, C++ stack
-# frames and everything from a Python traceback on. A lost peer replaces them with one line.
-_HELD = re.compile(r"^([EF]\d{4} |\s+@ |\*\*\* |PC: @|Traceback \(most recent call last\))")
+# frames, the coordination service's gRPC detail lines (continuations of a glog error) and
+# everything from a Python traceback on. A lost peer replaces them with one line.
+_HELD = re.compile(
+    r"^([EF]\d{4} |\s+@ |\*\*\* |PC: @|Traceback \(most recent call last\)|:UNKNOWN:)"
+    r"|Additional GRPC error information|/xla\.coordination\."
+)
 
 
 def _die_with_parent() -> None:
@@ -171,7 +175,7 @@ def _read(stream, held: list[str], text: list[str]) -> None:
         if len(text) > 4000:  # The tail tells why it ended.
             del text[:1000]
         holding = holding or line.startswith("Traceback (most recent call last)")
-        if holding or _HELD.match(line):
+        if holding or _HELD.search(line):
             held.append(line)
         else:
             sys.stderr.write(line)

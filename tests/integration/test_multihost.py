@@ -7,6 +7,7 @@ fsdp axis across the two processes, so parameters, sampled rows and scores span 
 process runs every episode (rollouts in lockstep), so its metrics must equal one process's.
 """
 
+import io
 import os
 import pathlib
 import signal
@@ -256,3 +257,21 @@ def test_the_line_names_the_lost_process(log, expected):
         init_timeout=7,
     )  # fmt: skip
     assert line == expected
+
+
+def test_the_coordination_service_lines_are_held_back(capsys):
+    """Catches: jax's gRPC detail lines (measured when the coordinator was SIGKILLed) leaking
+    around the one line, or ordinary output held back with them."""
+    child = (
+        "sft step 1/2 loss=6.94\n"
+        "E1207 23:54:35.1 coordination_service_agent.cc:289] Polled an error\n"
+        "Additional GRPC error information from remote target coordination_service while"
+        " calling /xla.coordination.CoordinationService/PollForError:\n"
+        ':UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"recvmsg"}\n'
+        "*** Check failure stack trace: ***\n"
+        "    @     0x7f3f8c2e5b2a  (unknown)\n"
+    )
+    held, text = [], []
+    distributed._read(io.BytesIO(child.encode()), held, text)
+    assert capsys.readouterr().err == "sft step 1/2 loss=6.94\n"
+    assert len(held) == 5 and "".join(text) == child
