@@ -168,14 +168,16 @@ def supervise(command: list[str], *, heartbeat_timeout: float, init_timeout: flo
 def _read(stream, held: list[str], text: list[str]) -> None:
     """Forwards the child's stderr line by line, holding back what `_HELD` matches (and,
     after a traceback starts, everything)."""
-    holding = False
+    holding = previous_held = False
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", "replace")
         text.append(line)
         if len(text) > 4000:  # The tail tells why it ended.
             del text[:1000]
         holding = holding or line.startswith("Traceback (most recent call last)")
-        if holding or _HELD.search(line):
+        # A blank line right after a held one belongs to its (multi-line) glog message.
+        previous_held = bool(holding or _HELD.search(line) or (previous_held and not line.strip()))
+        if previous_held:
             held.append(line)
         else:
             sys.stderr.write(line)

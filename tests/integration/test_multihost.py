@@ -265,6 +265,7 @@ def test_the_coordination_service_lines_are_held_back(capsys):
     child = (
         "sft step 1/2 loss=6.94\n"
         "E1207 23:54:35.1 coordination_service_agent.cc:289] Polled an error\n"
+        "\n"
         "Additional GRPC error information from remote target coordination_service while"
         " calling /xla.coordination.CoordinationService/PollForError:\n"
         ':UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"recvmsg"}\n'
@@ -274,4 +275,4 @@ def test_the_coordination_service_lines_are_held_back(capsys):
     held, text = [], []
     distributed._read(io.BytesIO(child.encode()), held, text)
     assert capsys.readouterr().err == "sft step 1/2 loss=6.94\n"
-    assert len(held) == 5 and "".join(text) == child
+    assert len(held) == 6 and "".join(text) == child
