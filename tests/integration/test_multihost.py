@@ -224,6 +224,28 @@ def test_an_unreachable_coordinator_is_one_line_after_the_timeout(env, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_a_peer_that_never_joins_is_one_line_after_the_timeout(env, tmp_path):
+    """Catches: process 0 waiting without bound for a worker that never starts, or ending in
+    jax's abort (RegisterTask DEADLINE_EXCEEDED, a stack trace and a blank line) instead of
+    one line; anything written before the cluster formed."""
+    cmd = train_command(
+        tmp_path / "run", env["data_dir"], "--multihost", "--process_id=0", "--num_processes=2",
+        f"--coordinator_address=127.0.0.1:{free_port()}", "--init_timeout=5",
+    )  # fmt: skip
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, *cmd], cwd=ROOT, env=env["env"], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    waited = time.monotonic() - t0
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "run_train: error: not every process of 2 joined within 5 s; process 0 stops."
+    ], out.stderr[-3000:]
+    assert 5 <= waited < 30, waited
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "log,expected",
     [
