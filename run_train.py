@@ -8,7 +8,9 @@
 `--gin_file` and `--gin_bindings` repeat; later ones override earlier ones. Includes inside
 gin files resolve against `--gin_search_paths` (default: this folder and the installed
 package, so `include 'gin/models/tiny.gin'` works from a clone and from an installed wheel).
-On a multi-host TPU/GPU slice pass `--multihost` (every host runs the same command).
+On a multi-host TPU/GPU slice pass `--multihost` (every host runs the same command; elsewhere
+--coordinator_address, --num_processes and --process_id or jax's environment variables).
+Two local processes: `python -m medjax.launch_local --num_processes 2 -- run_train.py ...`.
 
 Before renting a slice, compile every program of the run for it here, on a CPU, with the
 TPU compiler (`pip install -e ".[tpu]"`; no weights are read, no data is built):
@@ -148,6 +150,7 @@ def show_progress() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = gin_flags(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--multihost", action="store_true", help="jax.distributed.initialize()")
+    multihost_flags(parser)
     parser.add_argument(
         "--compile_only", action="store_true",
         help="compile every program for --topology ahead of time instead of training",
@@ -166,14 +169,19 @@ def main(argv: list[str] | None = None) -> None:
             )
     elif args.topology or args.model_shape:
         parser.error("--topology and --model_shape go with --compile_only.")
+    if args.multihost and not args.compile_only and os.environ.get(_CHILD) != "1":
+        raise SystemExit(supervise_multihost(args, sys.argv[1:] if argv is None else argv))
     configure(args, "run_train")
     if args.compile_only:
         overrides.update(compile_only_model(args))
     if args.multihost:
-        from medjax import partitioning
+        from medjax import distributed, partitioning
 
         os.environ.setdefault("MEDJAX_DISTRIBUTED", "1")
-        partitioning.maybe_initialize_distributed()
+        partitioning.maybe_initialize_distributed(
+            **distributed.settings(args), heartbeat_timeout=args.heartbeat_timeout,
+            init_timeout=args.init_timeout,
+        )  # fmt: skip
 
     from medjax import train_lib
 
@@ -197,6 +205,38 @@ def main(argv: list[str] | None = None) -> None:
             where = e.filename or "the run directory"
             raise SystemExit(f"run_train: error: {where}: no space left ({e.strerror})") from None
         raise
+
+
+_CHILD = "MEDJAX_MULTIHOST_CHILD"  # medjax.distributed.CHILD, without importing it early.
+
+
+def multihost_flags(parser: argparse.ArgumentParser) -> None:
+    """--multihost's settings; each falls back to the environment variable jax reads."""
+    parser.add_argument("--coordinator_address", help="host:port of process 0 (or env "
+                        "JAX_COORDINATOR_ADDRESS; a Cloud TPU slice finds it itself)")  # fmt: skip
+    parser.add_argument("--num_processes", type=int, help="or env JAX_NUM_PROCESSES")
+    parser.add_argument("--process_id", type=int, help="or env JAX_PROCESS_ID")
+    parser.add_argument(
+        "--heartbeat_timeout", type=int, default=30,
+        help="seconds without a heartbeat before a process counts as lost (default 30)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init_timeout", type=int, default=300,
+        help="seconds to wait for the coordinator and every process to join (default 300)",
+    )  # fmt: skip
+
+
+def supervise_multihost(args: argparse.Namespace, argv: list[str]) -> int:
+    """--multihost: runs this command again as a child process that trains and watches it,
+    so that a lost process or an unreachable coordinator ends in one line, not jax's abort
+    and stack traces (`medjax.distributed.supervise`)."""
+    from medjax import distributed
+
+    return distributed.supervise(
+        [sys.executable, str(ROOT / "run_train.py"), *argv],
+        heartbeat_timeout=args.heartbeat_timeout, init_timeout=args.init_timeout,
+        **distributed.settings(args),
+    )  # fmt: skip
 
 
 # A compiling child process's progress file and the programs to skip (supervise_compile).

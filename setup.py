@@ -80,10 +80,6 @@ setuptools.setup(
             # The [tpu] extra: the Pallas kernels' TPU lowering is compiled ahead of time
             # (tests/kernels/test_tpu_lowering.py).
             "libtpu==0.0.42.1",
-            # A gs:// run directory against a local GCS emulator
-            # (tests/integration/test_remote_run_dir.py).
-            "gcsfs>=2026.10.1",
-            "gcp-storage-emulator>=2026.7.19",
         ],
         # gs:// run directories (Cloud TPU pod slices): etils.epath reaches GCS through gcsfs.
         "gcs": ["gcsfs>=2026.10.1"],

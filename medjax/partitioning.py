@@ -210,12 +210,21 @@ def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    heartbeat_timeout: int | None = None,
+    init_timeout: int | None = None,
 ) -> bool:
     """Calls `jax.distributed.initialize` for a multi-host run; does nothing on one host.
 
     Arguments come from the caller (flags) or else from the environment: JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES, JAX_PROCESS_ID. On Cloud TPU pods jax finds them itself, so
     MEDJAX_DISTRIBUTED=1 alone asks for the call.
+
+    Args:
+      coordinator_address, num_processes, process_id: as `jax.distributed.initialize`.
+      heartbeat_timeout: seconds without a heartbeat after which a process counts as lost
+        and the others abort (None: jax's default, 100 s).
+      init_timeout: seconds to wait for every process to join (None: jax's, 300 s).
 
     Returns:
       Whether jax.distributed was initialised.
@@ -230,7 +239,16 @@ def maybe_initialize_distributed(
         return False
     if num_processes == 1:
         return False
+    timeouts = {}
+    if heartbeat_timeout is not None:
+        timeouts["heartbeat_timeout_seconds"] = int(heartbeat_timeout)
+    if init_timeout is not None:
+        timeouts["initialization_timeout"] = int(init_timeout)
+    # Collectives between processes on CPU (the local two-process run) go over gloo: jax
+    # 0.10's default, named so that a changed default cannot leave them without one.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
+        coordinator_address=coordinator_address, num_processes=num_processes,
+        process_id=process_id, **timeouts,
+    )  # fmt: skip
     return True

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from medjax import partitioning, paths, topologies
+from medjax import multihost, partitioning, paths, topologies
 from medjax.kernels import attention as attention_lib
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models.config import LoraConfig, ModelConfig
@@ -173,6 +173,13 @@ def train(
                 f" not {type(task).__name__}."
             )
     runtime.validated(validate_lib.train_arguments, values, checkpoint_lib.is_checkpoint)
+    decoupled = [s.name for s in stages if getattr(s, "decoupled", None) is not None]
+    if decoupled and jax.process_count() > 1:
+        raise TrainError(
+            f"RLStage {decoupled[0]!r}: decoupled M-GRPO runs in one process per trainer, not"
+            f" over {jax.process_count()} processes (jax.distributed); unbind"
+            " RLStage.decoupled or run without --multihost."
+        )
     for stage in stages:
         if isinstance(stage, RLStage):
             for field in ("reference", "sub_init_from"):
@@ -194,7 +201,8 @@ def train(
     run_dir = paths.absolute(run_dir)
     if init_from is not None:
         values["init_from"] = paths.absolute(init_from)
-    resuming = runtime.check_run_dir(run_dir, stages)
+    # Process 0 decides (and may write run.json before another process has looked).
+    resuming = multihost.agree(runtime.check_run_dir(run_dir, stages))
     bindings = validate_lib.gin_bindings(config_text()) if config_text is not None else None
     settings = validate_lib.settings(values, stages, bindings)
     recorded = _recorded_settings(run_dir) if resuming else None
@@ -291,13 +299,13 @@ def _run_stages(run: runtime.Run, stages, policy, evaluate: bool, init_from=None
     modes = [modes[0], *modes]
     for i, stage in enumerate(stages):
         export = os.path.join(run_dir, stage.name, "export")
-        if runtime.stage_done(run_dir, stage):
+        if multihost.agree(runtime.stage_done(run_dir, stage)):
             policy = run.load_policy(f"stage {stage.name!r}", export)
             if isinstance(stage, RLStage):
                 sub_export = export + "_sub"
                 sub_policy = (
                     run.load_policy(f"stage {stage.name!r}", sub_export)
-                    if paths.exists(os.path.join(sub_export, "config.json"))
+                    if multihost.agree(paths.exists(os.path.join(sub_export, "config.json")))
                     else None
                 )
             print(f"{stage.name}: finished earlier; loaded {export}", flush=True)

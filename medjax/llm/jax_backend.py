@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medjax import sampling
+from medjax import multihost, sampling
 from medjax.llm import stops
 from medjax.llm.base import Generation, Message
 from medjax.models import tokenizer as tokenizer_lib
@@ -331,7 +331,9 @@ class JaxPolicyBackend:
                 out, cache = out
             self.stats["prefilled_tokens"] += shared + sum(len(c) for c in chunks)
         self.calls += 1
-        tokens, logps, lengths = (np.asarray(x) for x in (out.tokens, out.logps, out.lengths))
+        # Rows may span hosts: every process reads them all (the same calls on every one).
+        outputs = (out.tokens, out.logps, out.lengths)
+        tokens, logps, lengths = (multihost.host_array(x) for x in outputs)
         if self.keep_cache:
             rows = _CachedRows.of(cache, prompts, tokens, lengths, samples, self.model)
             self._kept_calls = [rows, *self._kept_calls][:_KEPT_CALLS]

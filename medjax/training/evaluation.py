@@ -8,11 +8,10 @@ import os
 import time
 
 import jax
-import numpy as np
 from etils import epath
 from flax import nnx
 
-from medjax import paths
+from medjax import multihost, paths
 from medjax.llm import JaxPolicyBackend
 from medjax.training import data, metrics, steps
 from medjax.training.runtime import Run
@@ -55,7 +54,7 @@ def evaluate_point(
     if not evaluate:
         return None
     path = os.path.join(run.run_dir, "eval", f"{point}.json")
-    if paths.exists(path):
+    if multihost.agree(paths.exists(path)):
         return json.loads(paths.read_text(path))
     count = len(run.data.eval_records)
     print(f"eval {point}: {count} held-out records, greedy (a line per turn)", flush=True)
@@ -89,7 +88,7 @@ def expert_nll(run: Run, model) -> float:
     width = data.bucket(max(len(ids) for ids, _ in rows))
     batch = data.pad_rows(rows, width, pad_id=run.tokenizer.pad_token_id)
     graphdef, params = nnx.split(model, nnx.Param)
-    logps = np.asarray(
+    logps = multihost.host_array(
         steps.make_score_fn(graphdef, mesh=run.mesh)(
             params, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         )

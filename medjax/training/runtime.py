@@ -20,7 +20,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from medjax import partitioning, paths
+from medjax import multihost, partitioning, paths
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.transformer import DecoderLM
@@ -171,19 +171,27 @@ def save_policy(graphdef, params, tokenizer, path: str, base: str | None = None)
 
     A local folder is written beside and renamed. A remote one (no rename there) is written
     in place after removing what a killed run left, its config.json last: `stage_done` keys
-    on config.json, so it only ever sees a whole export."""
+    on config.json, so it only ever sees a whole export. Every process calls it: parameters
+    that span hosts are gathered leaf by leaf (a collective), process 0 alone writes, and
+    every process returns once the folder is written (a LoRA stage's next one loads it)."""
     if jax.process_index() != 0:
+        for leaf in jax.tree.leaves(params):  # Process 0's gathers, in its order.
+            multihost.host_array(leaf)
+        multihost.barrier(f"save_policy {path}")
         return
+    params = jax.tree.map(multihost.host_array, params)
     model = nnx.merge(graphdef, params)
     if paths.is_remote(path):
         paths.rmtree(path)
         _write_policy(model, tokenizer, path, base)
+        multihost.barrier(f"save_policy {path}")
         return
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     _write_policy(model, tokenizer, tmp, base)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+    multihost.barrier(f"save_policy {path}")
 
 
 def _write_policy(model, tokenizer, path: str, base: str | None) -> None:
@@ -231,8 +239,9 @@ class Run:
     heldout_rows: list | None = None  # The expert's held-out chats, tokenised (expert_nll).
 
     def put(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        # Each process places its own devices' rows of the batch every process holds.
         return {
-            k: jax.device_put(v, partitioning.batch_sharding(self.mesh, v.ndim))
+            k: multihost.put_global(v, partitioning.batch_sharding(self.mesh, v.ndim))
             for k, v in batch.items()
         }
 
@@ -366,7 +375,7 @@ def score_and_update(run: Run, stage, jobs, reference, bad, step: int, last_good
     for job_policy, job_batch in jobs:
         if "old_logps" in job_batch:
             if stage.num_iterations > 1:
-                job_batch["old_logps"] = np.asarray(
+                job_batch["old_logps"] = multihost.host_array(
                     job_policy.score(
                         job_policy.state.weights(), job_batch["input_ids"],
                         job_batch["attention_mask"], job_batch["loss_mask"],
@@ -375,7 +384,7 @@ def score_and_update(run: Run, stage, jobs, reference, bad, step: int, last_good
             else:
                 del job_batch["old_logps"]  # Exactly on-policy: ratio 1.
         if reference is not None:
-            job_batch["ref_logps"] = np.asarray(
+            job_batch["ref_logps"] = multihost.host_array(
                 job_policy.score(
                     reference, job_batch["input_ids"], job_batch["attention_mask"],
                     job_batch["loss_mask"],

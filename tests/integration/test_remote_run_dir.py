@@ -4,7 +4,8 @@ same metrics, export and results as an uninterrupted local run of the same confi
 writes nothing locally (not in its cwd, not in a `gs:` folder, not in its TMPDIR).
 
 The emulator (gcp-storage-emulator) serves the GCS JSON API that gcsfs (etils.epath's
-backend for gs://) and tensorstore (orbax's arrays) speak; both packages are test extras.
+backend for gs://) and tensorstore (orbax's arrays) speak; neither is a test extra (the
+test is opt-in, below).
 """
 
 import json
@@ -38,7 +39,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         os.environ.get("MEDJAX_TEST_GCS_EMULATOR") != "1",
-        reason="set MEDJAX_TEST_GCS_EMULATOR=1 (the GCS emulator is flaky under orbax, see above)",
+        reason="opt-in: pip install -e '.[gcs]' gcp-storage-emulator; MEDJAX_TEST_GCS_EMULATOR=1",
     ),
 ]
 
