@@ -48,7 +48,7 @@ setuptools.setup(
         "bm25s>=0.3.16",
         "scipy>=1.13",  # Sparse phenotype profiles (medjax.knowledge.similarity).
         "tqdm>=4.67",
-        "etils[epath]>=1.15.0",  # TFDS builders (medjax.datasets).
+        "etils[epath]>=1.15.0",  # TFDS builders (medjax.datasets); run directories (medjax.paths).
         "matplotlib>=3.9",  # run_eval.py's report plots.
     ],
     extras_require={
