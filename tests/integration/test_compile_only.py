@@ -107,6 +107,40 @@ def test_mgrpo_trainers_compile_on_a_two_host_v5p_slice(tmp_path):
     assert report["programs"][0]["hbm_bytes"] > 90 * 2**30  # A v5p chip: 95.74 GiB.
 
 
+def test_the_multihost_run_compiles_for_a_four_host_v5e_16(tmp_path):
+    """gin/testing/multihost.gin (the run tests/integration/test_multihost.py spreads over two
+    processes: SFT, GRPO, GRAO, M-GRPO with a shared model, evaluation) for v5e-16, 16 chips
+    on 4 hosts, its data axis across hosts (mesh 4 x 4 x 1). Its batches are bound to multiples
+    of 16 rows, as a run on that slice must have them. Rows by hand: SFT 16; RL 16 prompts x
+    G=2 = 32 (GRAO's update also takes one reference row a prompt: 16);
+    M-GRPO 32 main + 32 x 2 sub-agent targets = 96; evaluation 16 questions. Catches a program
+    of the run missing on a multi-host slice, rows or widths other than the run's, the hosts
+    miscounted."""
+    code, report = compile_only(
+        ["--gin_file=gin/testing/multihost.gin", "--topology=v5e-16",
+         "--gin_bindings=DATA_DIR='/nonexistent'",
+         "--gin_bindings=train_lib.train.mesh_shape=(4, 4, 1)",
+         "--gin_bindings=train_lib.SFTStage.batch_size=16",
+         "--gin_bindings=train_lib.RLStage.prompts_per_step=16",
+         "--gin_bindings=rl.ResearchTask.num_eval_questions=16"], tmp_path,
+    )  # fmt: skip
+    assert code == 0 and report["fits"]
+    assert report["topology"]["hosts"] == 4 and report["topology"]["chips"] == 16
+    assert report["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1}
+    sampler = "32 rows, prompt 1536 + 8 new tokens"
+    assert [(p["program"], p["shape"]) for p in report["programs"]] == [
+        ("sft: train step", "16 rows x 1024 tokens"),
+        ("grpo: update step", "32 rows x 1536 tokens"),
+        ("grpo: sampler (longest turn)", sampler),
+        ("grao: update step (+ references)", "32 rows x 1536 tokens"),
+        ("grao: sampler (longest turn)", sampler),
+        ("mgrpo: update step (main + sub rows)", "96 rows x 1536 tokens"),
+        ("mgrpo: sampler (longest turn)", sampler),
+        ("eval: sampler (greedy, longest turn)", "16 rows, prompt 1536 + 8 new tokens"),
+        ("eval: expert NLL scoring", "16 rows x 1536 tokens"),
+    ]
+
+
 def test_a_run_that_does_not_fit_exits_1_naming_its_largest_buffer(tmp_path, capsys):
     """512 chats of 8,192 tokens on one v5e chip: the f32 logits of 512 x 8,192 tokens over
     the 1,024-token vocabulary (16 GiB) lead the largest buffers. (64 chats fitted once
