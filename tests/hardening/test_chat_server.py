@@ -15,7 +15,6 @@ import time
 import pytest
 import tokenizers
 import transformers
-from flax import nnx
 from tokenizers import decoders, pre_tokenizers
 
 from medjax import llm, models, sampling
@@ -23,6 +22,8 @@ from medjax.llm import serve
 from medjax.llm.base import Generation
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
+from tests import servers
+from tests.servers import serving
 
 CORPUS = [
     "The patient reports a headache and fever for three days.",
@@ -48,12 +49,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny(tok):
-    config = models.ModelConfig(
-        family="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-        num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True,
-    )  # fmt: skip
     base = SamplingParams(max_new_tokens=4, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
-    return models.DecoderLM(config, rngs=nnx.Rngs(0)), base
+    return servers.tiny_model(tok), base
 
 
 class Recorder:
@@ -69,22 +66,6 @@ class Recorder:
             for chat in conversations
             for g in range(num_samples)
         ]
-
-
-@contextlib.contextmanager
-def running(server):
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-def serving(backend, **kwargs):
-    return running(serve.make_server(backend, **kwargs))
 
 
 def call(server, method, path, body=None, headers=None, timeout=30.0):

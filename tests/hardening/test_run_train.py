@@ -220,7 +220,10 @@ def test_a_gin_syntax_error_names_the_file_and_line(tmp_path):
 # A truncated checkpoint to start from.
 
 
-def test_a_truncated_init_from_checkpoint_names_the_file(data, tmp_path):
+def tiny_policy(folder, *, missing_rows=0):
+    """Writes a 1-layer policy with its tokenizer to `folder` (a run's `init_from`); its
+    embedding has `missing_rows` fewer rows than the tokenizer has tokens. Returns the
+    tokenizer."""
     from flax import nnx
 
     from medjax.models import checkpoint, tokenizer
@@ -229,12 +232,18 @@ def test_a_truncated_init_from_checkpoint_names_the_file(data, tmp_path):
 
     tok = tokenizer.train_bpe(["the patient has a fever"] * 20, validate.MIN_VOCAB_SIZE + 8)
     config = ModelConfig(
-        family="qwen2", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-        num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=256,
+        family="llama", vocab_size=len(tok) - missing_rows, hidden_size=16,
+        intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+        max_position_embeddings=256,
     )  # fmt: skip
-    folder = tmp_path / "policy"
     checkpoint.save_pretrained(DecoderLM(config, rngs=nnx.Rngs(0)), str(folder))
     tok.save_pretrained(str(folder))
+    return tok
+
+
+def test_a_truncated_init_from_checkpoint_names_the_file(data, tmp_path):
+    folder = tmp_path / "policy"
+    tiny_policy(folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
@@ -253,20 +262,8 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(data, tmp_path
     """A checkpoint whose tokenizer has more tokens than its embedding has rows: the ids past
     the rows would be clamped by the embedding lookup (no error on CPU or TPU) and train the
     wrong rows. Catches the pairing going unchecked."""
-    from flax import nnx
-
-    from medjax.models import checkpoint, tokenizer
-    from medjax.models.config import ModelConfig
-    from medjax.models.transformer import DecoderLM
-
-    tok = tokenizer.train_bpe(["the patient has a fever"] * 20, validate.MIN_VOCAB_SIZE + 8)
-    config = ModelConfig(
-        family="llama", vocab_size=len(tok) - 3, hidden_size=16, intermediate_size=32,
-        num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=256,
-    )  # fmt: skip
     folder = tmp_path / "policy"
-    checkpoint.save_pretrained(DecoderLM(config, rngs=nnx.Rngs(0)), str(folder))
-    tok.save_pretrained(str(folder))
+    tok = tiny_policy(folder, missing_rows=3)
 
     run_dir = tmp_path / "run"
     budgets = ("train_lib.SFTStage.max_length=4096", "rl.ResearchTask.max_context_tokens=4096")

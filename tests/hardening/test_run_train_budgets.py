@@ -20,7 +20,7 @@ from medjax.models import tokenizer as tokenizer_lib
 from medjax.training import data as data_lib
 from medjax.training import rl, validate
 from medjax.training.stages import RLStage, SFTStage
-from tests.hardening.test_run_train import argv, fails, fresh_gin  # noqa: F401
+from tests.hardening.test_run_train import argv, fails, fresh_gin, tiny_policy  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -134,20 +134,8 @@ def test_the_template_source_names_the_file_that_holds_it(tmp_path):
 
 
 def test_run_train_names_a_broken_template_before_writing(run_train_env, tmp_path):
-    from flax import nnx
-
-    from medjax.models import checkpoint
-    from medjax.models.config import ModelConfig
-    from medjax.models.transformer import DecoderLM
-
-    tok = tokenizer_lib.train_bpe(["the patient has a fever"] * 20, validate.MIN_VOCAB_SIZE + 8)
-    config = ModelConfig(
-        family="qwen2", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-        num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=256,
-    )  # fmt: skip
     folder = tmp_path / "policy"
-    checkpoint.save_pretrained(DecoderLM(config, rngs=nnx.Rngs(0)), str(folder))
-    tok.save_pretrained(str(folder))
+    tiny_policy(folder)
     (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")
     run_dir = tmp_path / "run"
     message = fails(

@@ -4,23 +4,22 @@ a log-softmax of a separate forward pass, a matched stop string left out of `con
 given back in `stop_reason`), UTF-8 `bytes` of the tokens of multi-byte characters, and the
 CLI's one-line errors in a subprocess."""
 
-import contextlib
 import os
 import pathlib
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import openai
 import pytest
-from flax import nnx
 
-from medjax import llm, models
+from medjax import llm
 from medjax.llm import serve
 from medjax.llm.base import Generation
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
+from tests import servers
+from tests.servers import running
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CORPUS = [
@@ -42,23 +41,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    config = models.ModelConfig(
-        family="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-        num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True,
-    )  # fmt: skip
-    return models.DecoderLM(config, rngs=nnx.Rngs(0))
-
-
-@contextlib.contextmanager
-def running(server):
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    return servers.tiny_model(tok)
 
 
 def client_of(server):

@@ -210,20 +210,26 @@ def test_a_killed_process_stops_the_other_with_one_line(env, tmp_path):
     assert "Traceback" not in err and "Check failure" not in err, err[-3000:]
 
 
-def test_an_unreachable_coordinator_is_one_line_after_the_timeout(env, tmp_path):
-    """Catches: a process that waits without bound for a coordinator nobody started, or that
-    ends in jax's abort (RegisterTask DEADLINE_EXCEEDED and a stack trace)."""
-    port = free_port()  # Nothing listens there.
+def alone(env, run_dir, *, process_id, port):
+    """(the finished process, seconds it took) of one process of a two-process run started
+    alone, with a 5 s --init_timeout: the other never comes."""
     cmd = train_command(
-        tmp_path / "run", env["data_dir"], "--multihost", "--process_id=1", "--num_processes=2",
-        f"--coordinator_address=127.0.0.1:{port}", "--init_timeout=5",
+        run_dir, env["data_dir"], "--multihost", f"--process_id={process_id}",
+        "--num_processes=2", f"--coordinator_address=127.0.0.1:{port}", "--init_timeout=5",
     )  # fmt: skip
     t0 = time.monotonic()
     out = subprocess.run(
         [sys.executable, *cmd], cwd=ROOT, env=env["env"], capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
-    waited = time.monotonic() - t0
+    return out, time.monotonic() - t0
+
+
+def test_an_unreachable_coordinator_is_one_line_after_the_timeout(env, tmp_path):
+    """Catches: a process that waits without bound for a coordinator nobody started, or that
+    ends in jax's abort (RegisterTask DEADLINE_EXCEEDED and a stack trace)."""
+    port = free_port()  # Nothing listens there.
+    out, waited = alone(env, tmp_path / "run", process_id=1, port=port)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         f"run_train: error: process 1: could not reach the coordinator 127.0.0.1:{port} within 5 s."
@@ -236,16 +242,7 @@ def test_a_peer_that_never_joins_is_one_line_after_the_timeout(env, tmp_path):
     """Catches: process 0 waiting without bound for a worker that never starts, or ending in
     jax's abort (RegisterTask DEADLINE_EXCEEDED, a stack trace and a blank line) instead of
     one line; anything written before the cluster formed."""
-    cmd = train_command(
-        tmp_path / "run", env["data_dir"], "--multihost", "--process_id=0", "--num_processes=2",
-        f"--coordinator_address=127.0.0.1:{free_port()}", "--init_timeout=5",
-    )  # fmt: skip
-    t0 = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, *cmd], cwd=ROOT, env=env["env"], capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    waited = time.monotonic() - t0
+    out, waited = alone(env, tmp_path / "run", process_id=0, port=free_port())
     assert out.returncode == 1
     assert out.stderr.splitlines() == [
         "run_train: error: not every process of 2 joined within 5 s; process 0 stops."

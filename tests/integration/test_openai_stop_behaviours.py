@@ -18,8 +18,8 @@ import threading
 import pytest
 
 from medjax import agents, llm
-from medjax.llm import serve
 from medjax.models import tokenizer as tokenizer_lib
+from tests.servers import running, serving
 
 LOOKUP_SCHEMA = {
     "type": "object",
@@ -135,14 +135,8 @@ def server_of(kind: str):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.kind, server.lock, server.requests, server.sent = kind, threading.Lock(), [], []
     server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def lookup(term: str) -> str:
@@ -221,13 +215,8 @@ def test_every_server_gives_the_same_episodes(kind, options, kept):
     assert [(t.query_id, t.rollout_index) for t in trajs] == [
         (q.id, g) for q in QUERIES for g in range(2)
     ]
-    for traj in trajs:
-        replies, calls, observations, answer = EXPECTED[traj.query_id]
-        assert [t.reply for t in traj.turns] == replies
-        assert [(t.tool, t.arguments) for t in traj.turns] == calls
-        assert [t.observation for t in traj.turns] == observations
-        assert (traj.answer, traj.finish_reason, traj.format_errors) == (answer, "answer", 0)
-        assert all(t.error is None and t.finish_reason == "stop" for t in traj.turns)
+    assert_expected_episodes(trajs)
+    assert all(t.error is None and t.finish_reason == "stop" for tr in trajs for t in tr.turns)
     # What the server was sent back: the assistant turns whole, closing tags included.
     second = [
         r["messages"] for r in server.requests if r["messages"][1] == QUERY_MESSAGE and r["n"] == 1
@@ -307,6 +296,17 @@ def test_a_server_that_names_no_stop_warns_once_about_end_phrases(caplog):
     assert traj.turns[1].reply == "<think>enough</think>\n"  # The end phrase is lost.
 
 
+def assert_expected_episodes(trajs):
+    """Each trajectory's replies, tool calls, observations and answer are EXPECTED's, ended
+    by its answer without a format error."""
+    for traj in trajs:
+        replies, calls, observations, answer = EXPECTED[traj.query_id]
+        assert [t.reply for t in traj.turns] == replies
+        assert [(t.tool, t.arguments) for t in traj.turns] == calls
+        assert [t.observation for t in traj.turns] == observations
+        assert (traj.answer, traj.finish_reason, traj.format_errors) == (answer, "answer", 0)
+
+
 def test_medjax_serve_gives_the_same_episodes():
     """`medjax.llm.serve` in front of a scripted token-level policy: whatever it does with a
     matched stop string (kept before issue 39; left out and named in `stop_reason` since),
@@ -319,20 +319,7 @@ def test_medjax_serve_gives_the_same_episodes():
         (first,) = [q for q in questions if q in prompt]
         return continuation(first, prompt.split(first, 1)[1])
 
-    server = serve.make_server(
-        llm.ScriptedBackend(policy, tok), tokenizer=tok, model_name="scripted"
-    )
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    backend = llm.ScriptedBackend(policy, tok)
+    with serving(backend, tokenizer=tok, model_name="scripted") as server:
         trajs = agents.run_episodes(research_agent(backend_for(server)), QUERIES, num_rollouts=2)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-    for traj in trajs:
-        replies, calls, observations, answer = EXPECTED[traj.query_id]
-        assert [t.reply for t in traj.turns] == replies
-        assert [(t.tool, t.arguments) for t in traj.turns] == calls
-        assert [t.observation for t in traj.turns] == observations
-        assert (traj.answer, traj.finish_reason, traj.format_errors) == (answer, "answer", 0)
+    assert_expected_episodes(trajs)

@@ -5,7 +5,6 @@ limits, the concurrency bound, 400s naming the field, an API key that never leak
 and the stop string a server left out put back (the rule on hand-made replies; the agent loop
 against each kind of server is tests/integration/test_openai_stop_behaviours.py)."""
 
-import contextlib
 import dataclasses
 import http.server
 import json
@@ -25,13 +24,14 @@ import urllib.request
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from medjax import llm, models
 from medjax.llm import serve
 from medjax.llm.base import Generation
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
+from tests import servers
+from tests.servers import running, serving
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CORPUS = [
@@ -62,11 +62,7 @@ def tiny():
     """A tiny model, its tokenizer, the server's base params and the local greedy replies
     (which also compile the program the served model runs)."""
     tok = tokenizer_lib.train_bpe(CORPUS, vocab_size=320)
-    config = models.ModelConfig(
-        family="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-        num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True,
-    )  # fmt: skip
-    model = models.DecoderLM(config, rngs=nnx.Rngs(0))
+    model = servers.tiny_model(tok)
     base = SamplingParams(max_new_tokens=6, eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
     greedy = dataclasses.replace(base, greedy=True)
     local = llm.JaxPolicyBackend(model, tok, seed=0)
@@ -111,22 +107,6 @@ class Recorder:
         finally:
             with self._lock:
                 self.in_flight -= 1
-
-
-@contextlib.contextmanager
-def running(server):
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-def serving(backend, **kwargs):
-    return running(serve.make_server(backend, **kwargs))
 
 
 class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
