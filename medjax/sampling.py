@@ -109,7 +109,8 @@ def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) 
 
 
 def draw(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:
-    """One token per row from softmax(logits) by inverting the CDF with one uniform per row.
+    """One token per row from softmax(logits) by inverting the CDF with one uniform per row
+    (`key`: one key, or [B] keys, one per row).
 
     The same distribution as `jax.random.categorical` (Gumbel-max), which draws V uniforms
     per row: on a CPU those random bits cost more than the model's whole decode step for a
@@ -117,7 +118,10 @@ def draw(key: jax.Array, logits_BxV: jax.Array) -> jax.Array:
     """
     probs = jax.nn.softmax(logits_BxV, axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf[:, -1:]
+    if key.ndim:
+        u = jax.vmap(jax.random.uniform)(key)[:, None] * cdf[:, -1:]
+    else:
+        u = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf[:, -1:]
     token = jnp.sum(cdf <= u, axis=-1)  # The first index whose CDF exceeds u.
     # Rounding can put u at the total mass: fall back to the last token with mass.
     last = logits_BxV.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
@@ -246,10 +250,21 @@ def _decode(model, hidden, cache, key, row_budget, params, num_samples):
     last = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], num_samples, axis=0)
     last = partitioning.constrain_batch(last)
     stops = [jnp.asarray(s, jnp.int32) for s in params.stop_sequences]
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # A raw uint32 key: the same bits, typed.
+    if key.ndim:
+        # One key per prompt: sample g of prompt p draws step i from fold_in(key[p], g) and
+        # i, whatever other rows share the call.
+        per_sample = jax.vmap(jax.random.fold_in, (None, 0))
+        key = jax.vmap(per_sample, (0, None))(key, jnp.arange(num_samples)).reshape(b)
+        key = partitioning.constrain_batch(key)
 
     def step(carry):
         i, key, last, cache, done, lengths, tokens, logps = carry
-        key, sub = jax.random.split(key)
+        if key.ndim:
+            sub = jax.vmap(jax.random.fold_in, (0, None))(key, i)
+        else:
+            key, sub = jax.random.split(key)
         tempered = last / params.temperature
         logp_all = jax.nn.log_softmax(tempered, axis=-1)
         if params.greedy:
@@ -348,7 +363,10 @@ def sample(
       model: the policy.
       prompt_ids: [P, Tp] int, left-padded (every prompt ends in the last column).
       prompt_mask: [P, Tp] 1 on real prompt tokens.
-      key: a jax.random key; the same key gives the same samples.
+      key: a jax.random key; the same key gives the same samples. Or [P] keys, one per
+        prompt: each row's draws then depend only on its prompt's key and sample index, not
+        on which other prompts share the call (episodes split over processes or batched
+        differently sample the same tokens).
       params: SamplingParams (static: each distinct value compiles once).
       num_samples: G.
       buckets: prompt lengths are left-padded up to a bucket so that a long run compiles a

@@ -25,6 +25,7 @@ Usage:
 """
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -68,11 +69,15 @@ class Query:
       id: a unique id (links rollouts, sub-agent episodes and rewards).
       prompt: the first user message, or a whole list of messages after the system prompt.
       metadata: carried into every trajectory (ground truth, case id, ...).
+      stream: names the query's random draws (default: `id`): a backend that takes streams
+        (`JaxPolicyBackend`) samples rollout g's turn t from a key of (stream, g, t) alone,
+        so an episode's tokens do not depend on which episodes share its batch.
     """
 
     id: str
     prompt: str | Sequence[Message]
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stream: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +137,13 @@ class _Episode:
     done: bool = False
     observation: str | None = None  # The user turn to append after this turn.
     end_requested: bool = False  # An end phrase was said: the final answer comes next.
+    stream: str = ""  # Its query's `stream`.
+
+
+def _stream(*parts) -> int:
+    """A 32-bit stream id of `parts`, the same in every process (unlike `hash`)."""
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def system_prompt(agent: AgentSpec) -> str:
@@ -174,7 +186,7 @@ class _Runner:
                     query_id=q.id, rollout_index=g, agent=agent.name,
                     messages=[dict(m) for m in head], metadata=dict(q.metadata),
                 )  # fmt: skip
-                ep = _Episode(traj)
+                ep = _Episode(traj, stream=q.stream or q.id)
                 if self.token_mode:
                     chat = tokenizer_lib.tokenize_chat(self.tokenizer, head)
                     ep.text, ids = chat.text, chat.ids
@@ -204,14 +216,24 @@ class _Runner:
         share = first and self.num_rollouts > 1  # All G rollouts of a query share turn 0.
         group = self.num_rollouts if share else 1
         heads = live[::group]
+        seeded = {}
+        if getattr(backend, "takes_streams", False):
+            # Turn 0 of a group: sample g of the head's stream is rollout g.
+            seeded["streams"] = [
+                _stream(e.stream) if share else
+                _stream(e.stream, e.traj.rollout_index, len(e.traj.turns))
+                for e in heads
+            ]  # fmt: skip
         start = time.perf_counter()
         if self.token_mode:
             gens = backend.generate_ids(
                 [e.traj.token_ids for e in heads], params, num_samples=group,
-                max_new_tokens=budgets[::group],
+                max_new_tokens=budgets[::group], **seeded,
             )  # fmt: skip
         else:
-            gens = backend.generate([e.traj.messages for e in heads], params, num_samples=group)
+            gens = backend.generate(
+                [e.traj.messages for e in heads], params, num_samples=group, **seeded
+            )
         if len(gens) != len(live):
             raise RuntimeError(
                 f"agent {self.agent.name!r}: the backend returned {len(gens)} replies for"
@@ -389,9 +411,12 @@ class _Runner:
             self._delegate_remote(tool, calls, requests)
             return
         queries = [
-            Query(ep.traj.query_id, r.prompt, dict(ep.traj.metadata))
+            Query(
+                ep.traj.query_id, r.prompt, dict(ep.traj.metadata),
+                stream=f"{ep.stream}/{r.rollout_index}/{r.invocation_index}",
+            )
             for (ep, _), r in zip(calls, requests, strict=True)
-        ]
+        ]  # fmt: skip
         start = time.perf_counter()
         subs = run_episodes(tool.delegate, queries)
         summaries = [s.answer if s.answer is not None else NO_ANSWER_SUMMARY for s in subs]

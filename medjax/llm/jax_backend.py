@@ -157,7 +157,11 @@ class JaxPolicyBackend:
     Args:
       model: the policy.
       tokenizer: a Hugging Face tokenizer with a chat template (`medjax.models.tokenizer`).
-      seed: seeds the PRNG; each call advances it, so calls differ and a run replays.
+      seed: seeds the PRNG; each call advances it, so calls differ and a run replays. With
+        `streams` (one int per prompt, `generate_ids`) a row draws instead from the key
+        fold_in(fold_in(key(seed), stream), sample): its tokens depend on its stream, not
+        on the other rows of the call (the agent loop names each episode's turn), so
+        episodes split over processes sample what one process would.
       row_buckets: pad each call's rows to a bucket (powers of two up to 8, then 12, 16, 24,
         32, ...: bounded compiles; the padding rows cost compute). False samples exactly the
         rows given. Prompt lengths are always bucketed (powers of two up to 512, then 768,
@@ -194,7 +198,7 @@ class JaxPolicyBackend:
         self.serving = serving
         self.keep_cache = not serving if keep_cache is None else keep_cache
         self.tokenizer = tokenizer
-        self._key = jax.random.key(seed)
+        self._key = self._seed_key = jax.random.key(seed)
         self.calls = 0
         # Tokens prefilled and reused over all calls (progress lines, benchmarks).
         self.stats = dict(prefilled_tokens=0, reused_tokens=0)
@@ -228,17 +232,23 @@ class JaxPolicyBackend:
         messages' content encoded as text (`tokenizer_lib.encode_chat`)."""
         return [tokenizer_lib.encode_chat(self.tokenizer, m) for m in conversations]
 
+    # The agent loop passes `streams=` (`generate_ids`) to backends that say so.
+    takes_streams = True
+
     def generate(
         self,
         conversations: Sequence[Sequence[Message]],
         params: sampling.SamplingParams,
         *,
         num_samples: int = 1,
+        streams: Sequence[int] | None = None,
     ) -> list[Generation]:
         """Replies to chats; a reply ends at the tokenizer's end-of-turn (EOS) token, as a chat
         server's would, besides `params.eos_ids` (`generate_ids` stops only where told)."""
         params = params.ending_at(self.tokenizer.eos_token_id)
-        return self.generate_ids(self.encode(conversations), params, num_samples=num_samples)
+        return self.generate_ids(
+            self.encode(conversations), params, num_samples=num_samples, streams=streams
+        )
 
     def generate_ids(
         self,
@@ -247,7 +257,10 @@ class JaxPolicyBackend:
         *,
         num_samples: int = 1,
         max_new_tokens: Sequence[int] | None = None,
+        streams: Sequence[int] | None = None,
     ) -> list[Generation]:
+        """`TokenBackend.generate_ids`; `streams`: one int (0 .. 2**32 - 1) per prompt whose
+        rows then draw from keys of their own (see the class)."""
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -256,6 +269,10 @@ class JaxPolicyBackend:
             raise ValueError(
                 f"JaxPolicyBackend.generate_ids: {len(max_new_tokens)} budgets for"
                 f" {len(prompts)} prompts."
+            )
+        if streams is not None and len(streams) != len(prompts):
+            raise ValueError(
+                f"JaxPolicyBackend.generate_ids: {len(streams)} streams for {len(prompts)} prompts."
             )
         rows = padded_rows(len(prompts)) if self.row_buckets else len(prompts)
         model, samples, static = self.model, num_samples, params
@@ -288,6 +305,10 @@ class JaxPolicyBackend:
             + stops.stop_sequences(self.tokenizer, params.stop_strings),
         )
         self._key, key = jax.random.split(self._key)
+        if streams is not None:
+            padded = np.zeros(rows, np.uint32)
+            padded[: len(prompts)] = streams
+            key = jax.vmap(jax.random.fold_in, (None, 0))(self._seed_key, jnp.asarray(padded))
         pad = params.pad_id if params.pad_id >= 0 else 0
         kept = self._kept(prompts) if self.keep_cache else None
         if kept is not None:

@@ -16,7 +16,10 @@ largest size the run can give it:
   old/reference log-prob scoring where the run scores (`num_iterations` > 1, a KL term);
   the sampler's longest turn: every episode's row with a prompt of `max_context_tokens`,
   a KV cache of prompt + `max_new_tokens` (rows and lengths bucketed as
-  `JaxPolicyBackend` buckets them).
+  `JaxPolicyBackend` buckets them). On a slice of several hosts rollouts run on each host's
+  own chips (`multihost.local_copy`): the sampler is compiled on process 0's block of the
+  mesh, with a whole copy of the parameters, for the episodes of its share of the questions
+  (evaluation: all of them).
 - Evaluation: the greedy sampler over `num_eval_questions` rows and the expert-NLL
   scoring of as many chats.
 
@@ -47,7 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from medjax import partitioning, paths, sampling, topologies
+from medjax import multihost, partitioning, paths, sampling, topologies
 from medjax.llm import jax_backend
 from medjax.models.config import ModelConfig
 from medjax.models.transformer import DecoderLM
@@ -83,8 +86,10 @@ class Program:
       name: e.g. "sft: train step".
       shape: its sizes in words.
       build: () -> (jitted function, positional arguments); built when compiled.
-      flops: the model FLOPs of one run of it on the whole slice (`model_flops`).
-      recompute_flops: what remat recomputes on top, on the whole slice (`remat_flops`).
+      flops: the model FLOPs of one run of it on its chips (`model_flops`).
+      recompute_flops: what remat recomputes on top, on its chips (`remat_flops`).
+      chips: the chips it runs on; None: the whole slice (a rollout program runs on one
+        host's chips).
     """
 
     name: str
@@ -92,9 +97,12 @@ class Program:
     build: Callable[[], tuple[Any, tuple]]
     flops: float
     recompute_flops: float = 0.0
+    chips: int | None = None
 
     def per_chip(self, chips: int, peak: float) -> dict:
-        """Model and remat FLOPs a chip, and the time their sum takes at `peak`."""
+        """Model and remat FLOPs a chip (of the slice's `chips`, unless the program runs on
+        fewer), and the time their sum takes at `peak`."""
+        chips = self.chips or chips
         model, remat = self.flops / chips, self.recompute_flops / chips
         return {"model_flops": model, "remat_flops": remat,
                 "seconds_at_peak": (model + remat) / peak}  # fmt: skip
@@ -263,6 +271,15 @@ class Plan:
     mesh: Any
     graphdef: nnx.GraphDef
     params: Any  # Abstract, sharded.
+    # Where rollouts run: over several hosts, process 0's block of the mesh and its copy of
+    # the parameters (`multihost.local_copy`); else the mesh and parameters above.
+    rollout_mesh: Any = None
+    rollout_params: Any = None
+    hosts: int = 1
+
+    def __post_init__(self):
+        if self.rollout_mesh is None:
+            self.rollout_mesh, self.rollout_params = self.mesh, self.params
 
     def train_step(self, name, tx, loss_fn, rows: int, width: int, microbatches: int,
                    fields: dict, scored_rows: int | None = None) -> Program:  # fmt: skip
@@ -313,14 +330,17 @@ class Plan:
         def build():
             key = jax.eval_shape(lambda: jax.random.key(0))
             args = (
-                self.graphdef, self.params, _abstract((rows, width), jnp.int32),
+                self.graphdef, self.rollout_params, _abstract((rows, width), jnp.int32),
                 _abstract((rows, width), jnp.int32), key, _abstract((rows,), jnp.int32),
-                params, 1, None, self.mesh,
+                params, 1, None, self.rollout_mesh,
             )  # fmt: skip
             return sampling._generate, args
 
         flops = model_flops(self.config, "sample", rows, width, new)
-        return Program(name, f"{rows} rows, prompt {width} + {new} new tokens", build, flops)
+        shape = f"{rows} rows, prompt {width} + {new} new tokens"
+        if self.hosts > 1:
+            shape += f", on one host's {self.rollout_mesh.size} chips"
+        return Program(name, shape, build, flops, chips=self.rollout_mesh.size)
 
     def longest_turn(self, name, episodes: int, context: int,
                      params: sampling.SamplingParams) -> Program:  # fmt: skip
@@ -410,9 +430,15 @@ def _rl_programs(plan: Plan, stage: RLStage, task, notes: list[str]) -> list[Pro
         out.append(plan.score(
             f"{stage.name}: {why} log-probs", p * g, width, task.temperature, micro
         ))  # fmt: skip
+    # Over several hosts each runs the episodes of its block of the questions
+    # (`multihost.share`): the largest block.
+    mine = -(-p // plan.hosts)
     out.append(
         plan.longest_turn(
-            f"{stage.name}: sampler (longest turn)", p * g, context, _sampling_params(task, False)
+            f"{stage.name}: sampler (longest turn)",
+            mine * g,
+            context,
+            _sampling_params(task, False),
         )
     )
     return out
@@ -709,6 +735,26 @@ class Progress:
         return max((s for s in starts if s is not None), default=-1) + 1
 
 
+def _host_mesh(topology: topologies.Topology, mesh) -> Any:
+    """Process 0's block of `mesh` (`multihost.process_meshes`: where its rollouts run) on the
+    devices of a one-host slice of the same chips: the compiler takes a program for part of
+    a slice's devices only as a program for a slice of that many chips, and a host's chips
+    are the same chips, linked the same way."""
+    owner = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    block = multihost.process_meshes(mesh, owner, 0)[0]
+    per_host = topology.chips_per_host
+    host = topologies.Topology(
+        f"one host of {topology.name}", topology.generation,
+        per_host[: len(topology.shape)], per_host,
+    )  # fmt: skip
+    return jax.make_mesh(
+        block.devices.shape,
+        block.axis_names,
+        axis_types=block.axis_types,
+        devices=topologies.devices(host),
+    )
+
+
 def compile_run(
     topology: str | topologies.Topology,
     *,
@@ -739,6 +785,10 @@ def compile_run(
     graphdef, params = abstract_model(config, mesh)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     plan = Plan(config, mesh, graphdef, params)
+    if topology.hosts > 1:
+        local = _host_mesh(topology, mesh)
+        plan = Plan(config, mesh, graphdef, params, local, abstract_model(config, local)[1],
+                    topology.hosts)  # fmt: skip
     notes: list[str] = []
     todo = programs(plan, stages, task, evaluate, notes)
     model = {

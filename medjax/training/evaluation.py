@@ -22,10 +22,16 @@ def evaluate_policy(
     hierarchical: bool = False,
 ) -> dict:  # fmt: skip
     """Greedy episodes of the task's agent on `records` (`task.evaluate`); `hierarchical`:
-    M-GRPO's main agent over its sub-agent (`sub_model`, default `model`)."""
-    backend = JaxPolicyBackend(model, tokenizer, seed=seed)
+    M-GRPO's main agent over its sub-agent (`sub_model`, default `model`).
+
+    Over several processes each runs every episode on its own copy of the policy
+    (`multihost.local_copy`): greedy episodes of the same weights are the same on every
+    process, so the results need no gathering."""
+    backend = JaxPolicyBackend(multihost.local_copy(model), tokenizer, seed=seed)
     if not hierarchical:
         return task.evaluate(env, backend, records)
+    if sub_model is not None:
+        sub_model = multihost.local_copy(sub_model)
     sub = backend if sub_model is None else JaxPolicyBackend(sub_model, tokenizer, seed=seed)
     return task.evaluate(env, backend, records, sub_backend=sub, hierarchical=True)
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from medjax import sampling
+from medjax import agents, multihost, sampling
 from medjax.llm import JaxPolicyBackend
 from medjax.models.transformer import DecoderLM
 from medjax.training import algorithms, data, decoupled_loop, evaluation, runtime
@@ -108,17 +108,32 @@ def run_rl(
         hops = [r["hops"] for r in records if isinstance(r, Mapping) and "hops" in r]
         seed = runtime.step_seed(base_key, step)
         t_wait = 0.0 if main_side is None else main_side.before_step(step, seed + 1)
-        backend = JaxPolicyBackend(policy.model(), tok, seed=seed)
+        # Each process runs the episodes of its block of the questions on its own copy of
+        # the policy; the trajectories are then gathered (`medjax.multihost`).
+        backend = JaxPolicyBackend(multihost.local_copy(policy.model()), tok, seed=seed)
         hierarchy = {}
         if method.hierarchical:
-            sub_backend = None if sub is None else JaxPolicyBackend(sub.model(), tok, seed=seed + 1)
+            sub_backend = None
+            if sub is not None:
+                sub_model = multihost.local_copy(sub.model())
+                sub_backend = JaxPolicyBackend(sub_model, tok, seed=seed + 1)
             hierarchy = dict(
                 sub_backend=sub_backend, hierarchical=True,
                 remote_sub_agent=None if main_side is None else main_side.client,
             )  # fmt: skip
+        mine = records[multihost.share(len(records))]
         trajs = task.rollout(
-            run.env, backend, records, num_generations=stage.num_generations, **hierarchy
+            run.env, backend, mine, num_generations=stage.num_generations, **hierarchy
         )
+        if jax.process_count() > 1:
+            print(
+                f"{stage.name} step {step + 1}: process {jax.process_index()} ran"
+                f" {len(trajs)} episodes ({len(mine)} of {len(records)} questions)", flush=True,
+            )  # fmt: skip
+            trajs = [
+                agents.Trajectory.from_dict(t)
+                for t in multihost.gather_json([t.to_dict() for t in trajs])
+            ]
         t_rollout = time.perf_counter() - t0 - t_wait
         # The rollouts' KV caches are done with: free them before the update.
         for used in (backend, hierarchy.get("sub_backend")):

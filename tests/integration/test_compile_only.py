@@ -89,7 +89,8 @@ def test_every_quickstart_program_compiles_for_a_v5e_2x2(tmp_path, capsys):
 def test_mgrpo_trainers_compile_on_a_two_host_v5p_slice(tmp_path):
     """gin/testing/mgrpo_distinct.gin (main and sub-agent as two models, 4 questions x K=4,
     d=2, episodes of up to 512 tokens) with FSDP over the 8 chips of v5p:2x2x2, whose
-    devices belong to 2 hosts. Catches a plan that only works on one host's devices, the
+    devices belong to 2 hosts. Rollouts run on each host's chips: 2 of the 4 questions x 4 =
+    8 rows on 4 chips. Catches a plan that only works on one host's devices, the
     sub-agent's trainer left out."""
     code, report = compile_only(
         ["--gin_file=gin/testing/mgrpo_distinct.gin", "--topology=v5p:2x2x2",
@@ -102,7 +103,7 @@ def test_mgrpo_trainers_compile_on_a_two_host_v5p_slice(tmp_path):
     assert [(p["program"], p["shape"]) for p in report["programs"]] == [
         ("rl: update step (main agent)", "16 rows x 512 tokens"),
         ("rl: update step (sub-agent)", "32 rows x 512 tokens"),
-        ("rl: sampler (longest turn)", "16 rows, prompt 512 + 32 new tokens"),
+        ("rl: sampler (longest turn)", "8 rows, prompt 512 + 32 new tokens, on one host's 4 chips"),
     ]
     assert report["programs"][0]["hbm_bytes"] > 90 * 2**30  # A v5p chip: 95.74 GiB.
 
@@ -113,7 +114,9 @@ def test_the_multihost_run_compiles_for_a_four_host_v5e_16(tmp_path):
     on 4 hosts, its data axis across hosts (mesh 4 x 4 x 1). Its batches are bound to multiples
     of 16 rows, as a run on that slice must have them. Rows by hand: SFT 16; RL 16 prompts x
     G=2 = 32 (GRAO's update also takes one reference row a prompt: 16);
-    M-GRPO 32 main + 32 x 2 sub-agent targets = 96; evaluation 16 questions. Catches a program
+    M-GRPO 32 main + 32 x 2 sub-agent targets = 96; evaluation 16 questions. Rollouts run on
+    each host's 4 chips: a host's sampler 4 of the 16 prompts x G=2 = 8 rows; evaluation runs
+    all 16 questions on every host. Catches a program
     of the run missing on a multi-host slice, rows or widths other than the run's, the hosts
     miscounted."""
     code, report = compile_only(
@@ -127,7 +130,7 @@ def test_the_multihost_run_compiles_for_a_four_host_v5e_16(tmp_path):
     assert code == 0 and report["fits"]
     assert report["topology"]["hosts"] == 4 and report["topology"]["chips"] == 16
     assert report["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1}
-    sampler = "32 rows, prompt 1536 + 8 new tokens"
+    sampler = "8 rows, prompt 1536 + 8 new tokens, on one host's 4 chips"
     assert [(p["program"], p["shape"]) for p in report["programs"]] == [
         ("sft: train step", "16 rows x 1024 tokens"),
         ("grpo: update step", "32 rows x 1536 tokens"),
@@ -136,7 +139,10 @@ def test_the_multihost_run_compiles_for_a_four_host_v5e_16(tmp_path):
         ("grao: sampler (longest turn)", sampler),
         ("mgrpo: update step (main + sub rows)", "96 rows x 1536 tokens"),
         ("mgrpo: sampler (longest turn)", sampler),
-        ("eval: sampler (greedy, longest turn)", "16 rows, prompt 1536 + 8 new tokens"),
+        (
+            "eval: sampler (greedy, longest turn)",
+            "16 rows, prompt 1536 + 8 new tokens, on one host's 4 chips",
+        ),
         ("eval: expert NLL scoring", "16 rows x 1536 tokens"),
     ]
 

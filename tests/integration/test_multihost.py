@@ -3,13 +3,15 @@ CPU) against one process with as many devices; a lost process and an unreachable
 as one line.
 
 The run (gin/testing/multihost.gin: SFT, GRPO, GRAO and M-GRPO with a shared model) puts its
-fsdp axis across the two processes, so parameters, sampled rows and scores span both. Every
-process runs every episode (rollouts in lockstep), so its metrics must equal one process's.
+fsdp axis across the two processes, so parameters and scores span both. Each process runs the
+episodes of its own questions on its own copy of the policy and the trajectories are gathered
+(`medjax.multihost`), so its metrics must equal one process's.
 """
 
 import io
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -92,6 +94,19 @@ def test_two_processes_equal_one(runs):
     process), scores or sampled tokens read from one process's shards, groups split across
     processes (advantages from part of a group), a decision taken differently per process."""
     assert_same_metrics(runs["one"], runs["two"])
+
+
+@whole_runs
+def test_each_process_runs_the_episodes_of_its_own_questions(runs):
+    """Each RL step's 2 questions (G = 2 episodes each) split one a process: every process
+    says it ran 2 episodes of 1 question at every step of every RL stage. Catches: every
+    process running every episode (4 episodes), or a split that loses or repeats a question
+    (the metrics test above then also fails)."""
+    steps = [("grpo", 1), ("grpo", 2), ("grao", 1), ("mgrpo", 1)]
+    for i in (0, 1):
+        log = (runs["logs"] / f"process_{i}.log").read_text()
+        ran = re.findall(r"(\w+) step (\d+): process (\d) ran (\d+) episodes \((\d+) of (\d+)", log)
+        assert ran == [(s, str(n), str(i), "2", "1", "2") for s, n in steps], (i, ran)
 
 
 @whole_runs
