@@ -80,6 +80,9 @@ setuptools.setup(
             # The [tpu] extra: the Pallas kernels' TPU lowering is compiled ahead of time
             # (tests/kernels/test_tpu_lowering.py).
             "libtpu==0.0.42.1",
+            # gs:// run directories against tests/fake_gcs.py
+            # (tests/integration/test_remote_run_dir.py).
+            "gcsfs>=2026.10.1",
         ],
         # gs:// run directories (Cloud TPU pod slices): etils.epath reaches GCS through gcsfs.
         "gcs": ["gcsfs>=2026.10.1"],

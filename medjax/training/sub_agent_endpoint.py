@@ -253,7 +253,14 @@ class SubAgentServer:
             self._agent_key = (self._agent_key[0], version)
             self._agent = self.make_agent(model, seed + 7919 * renewals)
         calls = [c for _, item_calls, _ in accepted for c in item_calls]
-        queries = [agents.Query(c.query_id, c.prompt) for c in calls]
+        # The random stream the in-process delegation names (`agents.loop`): the same
+        # episode whichever process runs it.
+        queries = [
+            agents.Query(
+                c.query_id, c.prompt, stream=f"{c.query_id}/{c.rollout_index}/{c.invocation_index}"
+            )
+            for c in calls
+        ]
         subs = agents.run_episodes(self._agent, queries)
         self.batches += 1
         position = 0

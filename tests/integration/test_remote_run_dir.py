@@ -1,18 +1,17 @@
-"""A run whose RUN_DIR is `gs://`: run_train.py against a local GCS emulator (started here on
-127.0.0.1), SIGKILLed after its first checkpoint and run again, resumes there and ends with the
-same metrics, export and results as an uninterrupted local run of the same config, and
-writes nothing locally (not in its cwd, not in a `gs:` folder, not in its TMPDIR).
+"""A run whose RUN_DIR is `gs://`: run_train.py against an in-memory GCS server (started here
+on 127.0.0.1, tests/fake_gcs.py), SIGKILLed after its first checkpoint and run again, resumes
+there and ends with the same metrics, export and results as an uninterrupted local run of the
+same config, and writes nothing locally (not in its cwd, not in a `gs:` folder, not in its
+TMPDIR).
 
-The emulator (gcp-storage-emulator) serves the GCS JSON API that gcsfs (etils.epath's
-backend for gs://) and tensorstore (orbax's arrays) speak; neither is a test extra (the
-test is opt-in, below).
+The server speaks the GCS JSON API that gcsfs (etils.epath's backend for gs://, a test extra)
+and tensorstore's gcs driver (orbax's arrays) use, with GCS's generations and preconditions.
 """
 
 import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,26 +21,16 @@ import pytest
 
 from medjax.models import checkpoint as checkpoint_lib
 from medjax.training import metrics
+from tests.fake_gcs import FakeGCS
 
 # gcsfs's default filesystem first asks the storage-control gRPC API for the bucket's layout,
-# which the emulator does not serve: 60 s of retries per bucket. The plain one needs none.
+# which no local server serves: 60 s of retries per bucket. The plain one needs none.
 GCSFS_ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 os.environ.update(GCSFS_ENV)
-emulator_server = pytest.importorskip("gcp_storage_emulator.server")
 gcsfs = pytest.importorskip("gcsfs")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# Against gcp-storage-emulator, tensorstore's gcs driver now and then fails an orbax save with
-# "Malformed StorageGeneration" on an OCDBT manifest (2 of 5 runs here; the emulator sends no
-# x-goog-generation header on reads, and adding it made every save fail): a defect of the
-# fake, not of the run, but a flaky test all the same. Opt in until a faithful fake is found.
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("MEDJAX_TEST_GCS_EMULATOR") != "1",
-        reason="opt-in: pip install -e '.[gcs]' gcp-storage-emulator; MEDJAX_TEST_GCS_EMULATOR=1",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 BUCKET = "medjax-test"
 CONFIG = "gin/testing/sft.gin"
@@ -49,12 +38,6 @@ CONFIG = "gin/testing/sft.gin"
 BINDINGS = ("train_lib.SFTStage.steps=3",)
 # Metrics that measure time or compilation, not learning: they differ between runs.
 UNTIMED = ("time", "tokens_per_s", "compile")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _files(root: pathlib.Path) -> set[str]:
@@ -65,11 +48,9 @@ def _files(root: pathlib.Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-    """The emulator: {"env": variables that point gcsfs and tensorstore at it, "fs"}."""
-    port = _free_port()
-    server = emulator_server.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
+    """The server: {"env": variables that point gcsfs and tensorstore at it, "fs"}."""
+    server = FakeGCS(buckets=[BUCKET]).__enter__()
+    url = server.url
     env = {
         "STORAGE_EMULATOR_HOST": url,  # gcsfs
         "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore's gcs driver (orbax)
@@ -82,7 +63,7 @@ def gcs(tmp_path_factory):
     try:
         yield {"env": env, "fs": gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True)}
     finally:
-        server.stop()
+        server.__exit__(None, None, None)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
