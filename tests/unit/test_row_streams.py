@@ -6,27 +6,15 @@ would."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from flax import nnx
 
-from medjax import agents, models, sampling
+from medjax import agents, sampling
 from medjax.llm import JaxPolicyBackend
-from medjax.models import tokenizer as tokenizer_lib
 from medjax.sampling import SamplingParams
+from tests.unit import test_kept_cache
 from tests.unit.test_agents import lookup_tool
-from tests.unit.test_llm_backends import CORPUS
 
 PARAMS = SamplingParams(max_new_tokens=12, temperature=1.0)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tok = tokenizer_lib.train_bpe(CORPUS, vocab_size=320)
-    config = models.ModelConfig(
-        family="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-        num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True,
-    )  # fmt: skip
-    return models.DecoderLM(config, rngs=nnx.Rngs(0)), tok
+tiny = test_kept_cache.tiny  # The fixture: a tiny random qwen2 model and its BPE tokenizer.
 
 
 def test_draw_takes_each_rows_uniform_from_its_own_key():
