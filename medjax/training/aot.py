@@ -16,7 +16,9 @@ largest size the run can give it:
   old/reference log-prob scoring where the run scores (`num_iterations` > 1, a KL term);
   the sampler's longest turn: every episode's row with a prompt of `max_context_tokens`,
   a KV cache of prompt + `max_new_tokens` (rows and lengths bucketed as
-  `JaxPolicyBackend` buckets them). On a slice of several hosts rollouts run on each host's
+  `JaxPolicyBackend` buckets them), and a later turn continuing the kept KV cache (the cache
+  and a new one of prompt + `max_new_tokens` slots, with a tool's output prefilled, at most
+  `max_observation_chars` + 128 tokens). On a slice of several hosts rollouts run on each host's
   own chips (`multihost.local_copy`): the sampler is compiled on process 0's block of the
   mesh, with a whole copy of the parameters, for the episodes of its share of the questions
   (evaluation: all of them).
@@ -53,7 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from medjax import multihost, partitioning, paths, sampling, topologies
 from medjax.llm import jax_backend
 from medjax.models.config import ModelConfig
-from medjax.models.transformer import DecoderLM
+from medjax.models.transformer import DecoderLM, KVCache
 from medjax.training import algorithms, data, runtime, steps
 from medjax.training.stages import RLStage, SFTStage
 
@@ -328,7 +330,8 @@ class Plan:
         new = params.max_new_tokens
 
         def build():
-            key = jax.eval_shape(lambda: jax.random.key(0))
+            # One key a prompt: the agent loop names each episode's random stream.
+            key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
             args = (
                 self.graphdef, self.rollout_params, _abstract((rows, width), jnp.int32),
                 _abstract((rows, width), jnp.int32), key, _abstract((rows,), jnp.int32),
@@ -338,6 +341,45 @@ class Plan:
 
         flops = model_flops(self.config, "sample", rows, width, new)
         shape = f"{rows} rows, prompt {width} + {new} new tokens"
+        if self.hosts > 1:
+            shape += f", on one host's {self.rollout_mesh.size} chips"
+        return Program(name, shape, build, flops, chips=self.rollout_mesh.size)
+
+    def continuing(self, name, episodes: int, context: int, chunk: int,
+                   params: sampling.SamplingParams) -> Program:  # fmt: skip
+        """`sampling._continue`: a later turn of `episodes` live episodes, each continuing
+        its row of the kept KV cache with up to `chunk` new tokens (a tool's output and the
+        template's framing), at the context's end: the kept cache and the new one of
+        padded_length(context - 1 + max_new_tokens) slots each, as `JaxPolicyBackend`
+        sizes them."""
+        c, new = self.config, params.max_new_tokens
+        rows = jax_backend.padded_rows(episodes)
+        width = jax_backend.padded_length(min(chunk, context - 1))
+        slots = jax_backend.padded_length(context - 1 + new)
+        mesh = self.rollout_mesh
+        rows_spec = partitioning.batch_sharding(mesh, 1).spec[0]
+
+        def build():
+            kv = NamedSharding(mesh, PartitionSpec(None, rows_spec))
+            by_row = NamedSharding(mesh, PartitionSpec(rows_spec))
+            shape = (c.num_layers, rows, c.num_kv_heads, slots, c.head_dim)
+            cache = KVCache(
+                k=_abstract(shape, c.dtype, kv), v=_abstract(shape, c.dtype, kv),
+                positions=_abstract((rows, slots), jnp.int32, by_row),
+                index=_abstract((), jnp.int32, NamedSharding(mesh, PartitionSpec())),
+                lengths=_abstract((rows,), jnp.int32, by_row),
+            )  # fmt: skip
+            key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+            args = (
+                self.graphdef, self.rollout_params, cache, _abstract((rows,), jnp.int32),
+                _abstract((rows,), jnp.int32), _abstract((rows, width), jnp.int32),
+                _abstract((rows, width), jnp.int32), key, _abstract((rows,), jnp.int32),
+                params, 1, slots, mesh,
+            )  # fmt: skip
+            return sampling._continue, args
+
+        flops = model_flops(self.config, "sample", rows, width, new)
+        shape = f"{rows} rows, {slots} cached slots, {width} new prompt + {new} new tokens"
         if self.hosts > 1:
             shape += f", on one host's {self.rollout_mesh.size} chips"
         return Program(name, shape, build, flops, chips=self.rollout_mesh.size)
@@ -355,6 +397,14 @@ def _sampling_params(task, greedy: bool) -> sampling.SamplingParams:
         max_new_tokens=task.max_new_tokens, temperature=task.temperature,
         top_p=getattr(task, "top_p", 1.0), greedy=greedy,
     )  # fmt: skip
+
+
+def _chunk(task, context: int) -> int:
+    """The most tokens a later turn appends (a tool's output, cut at the task's
+    `max_observation_chars`, a token at least a character, and the template's framing and
+    early-stop prompt, within 128 tokens); the whole context where outputs are not cut."""
+    limit = getattr(task, "max_observation_chars", None)
+    return context - 1 if limit is None else min(context - 1, limit + 128)
 
 
 def _context(task, where: str) -> int:
@@ -433,14 +483,14 @@ def _rl_programs(plan: Plan, stage: RLStage, task, notes: list[str]) -> list[Pro
     # Over several hosts each runs the episodes of its block of the questions
     # (`multihost.share`): the largest block.
     mine = -(-p // plan.hosts)
+    sampled = _sampling_params(task, False)
     out.append(
-        plan.longest_turn(
-            f"{stage.name}: sampler (longest turn)",
-            mine * g,
-            context,
-            _sampling_params(task, False),
-        )
+        plan.longest_turn(f"{stage.name}: sampler (longest turn)", mine * g, context, sampled)
     )
+    out.append(plan.continuing(
+        f"{stage.name}: sampler (a later turn, kept cache)", mine * g, context,
+        _chunk(task, context), sampled,
+    ))  # fmt: skip
     return out
 
 
@@ -456,6 +506,13 @@ def _eval_programs(plan: Plan, task, notes: list[str]) -> list[Program]:
     greedy = _sampling_params(task, True)
     return [
         plan.longest_turn("eval: sampler (greedy, longest turn)", count, context, greedy),
+        plan.continuing(
+            "eval: sampler (greedy, a later turn, kept cache)",
+            count,
+            context,
+            _chunk(task, context),
+            greedy,
+        ),
         plan.score("eval: expert NLL scoring", count, data.bucket(context), 1.0),
     ]
 

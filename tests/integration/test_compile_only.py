@@ -50,10 +50,17 @@ def compile_only(args, run_dir) -> tuple[int, dict]:
         return code, json.load(f)
 
 
+# A later turn of the quickstart's 16 episodes: a tool output of at most 400 characters + 128
+# tokens of framing = 528 tokens, padded to 768; the kept cache and the new one hold
+# 1,023 + 64 = 1,087 tokens, padded to 1,536 slots.
+LATER_TURN = "16 rows, 1536 cached slots, 768 new prompt + 64 new tokens"
+
+
 def test_every_quickstart_program_compiles_for_a_v5e_2x2(tmp_path, capsys):
-    """Catches: a program of the run missing from the plan, a program the TPU compiler
-    refuses, sizes other than the quickstart's, the chip's HBM misread, the model's
-    parameters counted from the wrong config, bytes that do not add up."""
+    """Catches: a program of the run missing from the plan (the kept-cache turn among them),
+    a program the TPU compiler refuses, sizes other than the quickstart's, the chip's HBM
+    misread, the model's parameters counted from the wrong config, bytes that do not add
+    up."""
     code, report = compile_only(
         ["--gin_file=gin/experiments/quickstart_cpu.gin", "--topology=v5e:2x2",
          "--model_shape=tiny"], tmp_path,
@@ -63,7 +70,9 @@ def test_every_quickstart_program_compiles_for_a_v5e_2x2(tmp_path, capsys):
         ("sft: train step", "4 rows x 512 tokens"),
         ("rl: update step", "16 rows x 1024 tokens, 4 microbatches"),
         ("rl: sampler (longest turn)", "16 rows, prompt 1024 + 64 new tokens"),
+        ("rl: sampler (a later turn, kept cache)", LATER_TURN),
         ("eval: sampler (greedy, longest turn)", "16 rows, prompt 1024 + 64 new tokens"),
+        ("eval: sampler (greedy, a later turn, kept cache)", LATER_TURN),
         ("eval: expert NLL scoring", "16 rows x 1024 tokens"),
     ]
     assert report["topology"]["chips"] == 4 and report["topology"]["hosts"] == 1
@@ -83,7 +92,7 @@ def test_every_quickstart_program_compiles_for_a_v5e_2x2(tmp_path, capsys):
     assert sft["alias_bytes"] >= 3 * 4 * 107_072
     out = capsys.readouterr().out
     assert "v5e:2x2 (v5e:2x2, 4 chips, 1 host), 15.75 GiB HBM a chip" in out
-    assert out.count(" yes ") == 5
+    assert out.count(" yes ") == 7  # Every program of the table fits.
 
 
 def test_mgrpo_trainers_compile_on_a_two_host_v5p_slice(tmp_path):
@@ -104,6 +113,11 @@ def test_mgrpo_trainers_compile_on_a_two_host_v5p_slice(tmp_path):
         ("rl: update step (main agent)", "16 rows x 512 tokens"),
         ("rl: update step (sub-agent)", "32 rows x 512 tokens"),
         ("rl: sampler (longest turn)", "8 rows, prompt 512 + 32 new tokens, on one host's 4 chips"),
+        # 100 characters + 128 -> 256 new tokens; 511 + 32 -> 768 slots.
+        (
+            "rl: sampler (a later turn, kept cache)",
+            "8 rows, 768 cached slots, 256 new prompt + 32 new tokens, on one host's 4 chips",
+        ),
     ]
     assert report["programs"][0]["hbm_bytes"] > 90 * 2**30  # A v5p chip: 95.74 GiB.
 
@@ -131,17 +145,26 @@ def test_the_multihost_run_compiles_for_a_four_host_v5e_16(tmp_path):
     assert report["topology"]["hosts"] == 4 and report["topology"]["chips"] == 16
     assert report["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1}
     sampler = "8 rows, prompt 1536 + 8 new tokens, on one host's 4 chips"
+    # 100 characters + 128 -> 256 new tokens; 1,535 + 8 -> 2,048 slots.
+    later = "256 new prompt + 8 new tokens, on one host's 4 chips"
     assert [(p["program"], p["shape"]) for p in report["programs"]] == [
         ("sft: train step", "16 rows x 1024 tokens"),
         ("grpo: update step", "32 rows x 1536 tokens"),
         ("grpo: sampler (longest turn)", sampler),
+        ("grpo: sampler (a later turn, kept cache)", f"8 rows, 2048 cached slots, {later}"),
         ("grao: update step (+ references)", "32 rows x 1536 tokens"),
         ("grao: sampler (longest turn)", sampler),
+        ("grao: sampler (a later turn, kept cache)", f"8 rows, 2048 cached slots, {later}"),
         ("mgrpo: update step (main + sub rows)", "96 rows x 1536 tokens"),
         ("mgrpo: sampler (longest turn)", sampler),
+        ("mgrpo: sampler (a later turn, kept cache)", f"8 rows, 2048 cached slots, {later}"),
         (
             "eval: sampler (greedy, longest turn)",
             "16 rows, prompt 1536 + 8 new tokens, on one host's 4 chips",
+        ),
+        (
+            "eval: sampler (greedy, a later turn, kept cache)",
+            f"16 rows, 2048 cached slots, {later}",
         ),
         ("eval: expert NLL scoring", "16 rows x 1536 tokens"),
     ]
@@ -237,7 +260,9 @@ def test_a_program_that_crashes_the_compiler_is_reported_and_the_rest_goes_on(
     assert [(p["program"], p["fits"]) for p in report["programs"]] == [
         ("rl: update step", True),
         ("rl: sampler (longest turn)", False),
+        ("rl: sampler (a later turn, kept cache)", True),
         ("eval: sampler (greedy, longest turn)", True),
+        ("eval: sampler (greedy, a later turn, kept cache)", True),
         ("eval: expert NLL scoring", True),
     ]
     sampler = report["programs"][1]

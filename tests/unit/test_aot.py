@@ -141,6 +141,31 @@ def _listing(stages, evaluate=True, task=TASK):
     return [(p.name, p.shape) for p in aot.programs(_plan(), stages, task, evaluate, notes)]
 
 
+# A later turn with tool outputs not cut (max_observation_chars None): up to the whole context
+# (1,535 tokens, padded to 1,536) appended to a kept cache of 1,535 + 8 = 1,543 tokens (2,048
+# slots).
+LATER = "{rows} rows, 2048 cached slots, 1536 new prompt + 8 new tokens"
+
+
+def test_the_kept_cache_turn_continues_a_cache_of_the_run_sizes():
+    """Outputs cut at 300 characters: 300 + 128 = 428 new tokens, padded to 512; the kept
+    cache [layers, rows, kv heads, 2048 slots, head dim] sharded by rows, one key a row (the
+    episodes' streams). Catches a cache laid out slots before heads, a scalar key (the
+    program a run without streams compiles), the chunk sized by the whole context."""
+    task = rl.ResearchTask(max_context_tokens=1536, max_new_tokens=8, max_observation_chars=300)
+    stage = RLStage(prompts_per_step=4, num_generations=4)
+    later = aot.programs(_plan(), [stage], task, False, [])[2]
+    assert (later.name, later.shape) == (
+        "rl: sampler (a later turn, kept cache)",
+        "16 rows, 2048 cached slots, 512 new prompt + 8 new tokens",
+    )
+    _, args = later.build()
+    cache, key, chunk = args[2], args[7], args[5]
+    assert cache.k.shape == (TINY.num_layers, 16, TINY.num_kv_heads, 2048, TINY.head_dim)
+    assert cache.positions.shape == (16, 2048) and chunk.shape == (16, 512)
+    assert key.shape == (16,)
+
+
 def test_grpo_programs_at_the_run_sizes():
     """16 episodes in 2 minibatches of 2 microbatches, old and reference log-probs scored on
     all 16 in the stage's 2 microbatches; the sampler's longest turn: 16 rows (ladder), a
@@ -154,7 +179,9 @@ def test_grpo_programs_at_the_run_sizes():
         ("rl: update step", "8 rows x 1536 tokens, 2 microbatches"),
         ("rl: old and reference log-probs", "16 rows x 1536 tokens, 2 microbatches"),
         ("rl: sampler (longest turn)", "16 rows, prompt 1536 + 8 new tokens"),
+        ("rl: sampler (a later turn, kept cache)", LATER.format(rows=16)),
         ("eval: sampler (greedy, longest turn)", "4 rows, prompt 1536 + 8 new tokens"),
+        ("eval: sampler (greedy, a later turn, kept cache)", LATER.format(rows=4)),
         ("eval: expert NLL scoring", "3 rows x 1536 tokens"),
     ]
     update = aot.programs(_plan(), [stage], TASK, False, [])[0]
@@ -170,7 +197,10 @@ def test_grpo_programs_at_the_run_sizes():
 def test_on_policy_grpo_scores_nothing():
     stage = RLStage(prompts_per_step=2, num_generations=4)
     names = [n for n, _ in _listing([SFTStage(batch_size=2, max_length=700), stage], False)]
-    assert names == ["sft: train step", "rl: update step", "rl: sampler (longest turn)"]
+    assert names == [
+        "sft: train step", "rl: update step", "rl: sampler (longest turn)",
+        "rl: sampler (a later turn, kept cache)",
+    ]  # fmt: skip
     # SFT rows are cut at max_length: 700, not the 768 bucket.
     assert _listing([SFTStage(batch_size=2, max_length=700)], False)[0][1] == "2 rows x 700 tokens"
 
