@@ -185,15 +185,25 @@ def smollm():
     return models.from_pretrained(path, dtype=jnp.float32), tokenizer_lib.load_tokenizer(path)
 
 
-def _scored(model, token_ids, temperature):
-    """log p(token | history) of every token but the first."""
+@pytest.fixture(scope="module")
+def smollm_f64():
+    """SmolLM2 in float64 (loaded with float64 on: without it jnp.float64 is float32)."""
+    with jax.enable_x64(True):
+        model = models.from_pretrained(smollm2.gguf_path(), dtype=jnp.float64)
+    assert model.embed_tokens[...].dtype == jnp.float64
+    return model
+
+
+def _log_softmax_rows(model, token_ids, temperature):
+    """[T - 1, V]: row t is log p(. | token_ids[: t + 1])."""
     logits = model(jnp.asarray([token_ids]))[0, :-1] / temperature
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return np.asarray(jnp.take_along_axis(logp, jnp.asarray(token_ids[1:])[:, None], -1)[:, 0])
+    return jax.nn.log_softmax(logits, axis=-1)
 
 
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
-def test_smollm2_tool_episodes_equal_with_and_without_the_kept_cache(smollm, greedy, x64):
+def test_smollm2_tool_episodes_equal_with_and_without_the_kept_cache(
+    smollm, smollm_f64, greedy, x64
+):
     """SmolLM2-135M-Instruct as a tool-using agent, 2 questions x G=2, 3 turns, float32.
 
     Tokens: equal to the re-prefill path's (same seed). A sampled draw can still differ
@@ -226,15 +236,19 @@ def test_smollm2_tool_episodes_equal_with_and_without_the_kept_cache(smollm, gre
     kept, stats_k = run(True)
     plain, stats_p = run(False)
     assert sum(len(t.turns) for t in kept) > len(kept)  # Several turns an episode.
-    f64 = models.from_pretrained(smollm2.gguf_path(), dtype=jnp.float64)
     errors = {True: [], False: []}
     for a, b in zip(kept, plain, strict=True):
         same = [x == y for x, y in zip(a.token_ids, b.token_ids, strict=False)]
         n = same.index(False) if False in same else len(same)
         if n < len(a.token_ids) or n < len(b.token_ids):
             assert not greedy and a.logps[n] < -12 and b.logps[n] < -12, (n, a.logps[n])
+        # One float64 forward for both: their first n tokens are the same, so row t < n
+        # (the distribution of token t + 1) is the same for both.
+        longer = a if len(a.token_ids) > n else b
+        rows = _log_softmax_rows(smollm_f64, longer.token_ids[: n + 1], 0.8)
         for keep, traj in ((True, a), (False, b)):
-            truth = _scored(f64, traj.token_ids[: n + 1], 0.8)
+            ids = jnp.asarray(traj.token_ids[1 : n + 1])
+            truth = np.asarray(jnp.take_along_axis(rows[: len(ids)], ids[:, None], -1)[:, 0])
             mine = np.asarray(traj.logps[1 : n + 1])
             own = np.asarray(traj.loss_mask[1 : n + 1], bool)
             errors[keep].append(np.abs(mine - truth)[own])
