@@ -330,20 +330,15 @@ class Plan:
         new = params.max_new_tokens
 
         def build():
-            # One key a prompt: the agent loop names each episode's random stream.
-            key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
             args = (
                 self.graphdef, self.rollout_params, _abstract((rows, width), jnp.int32),
-                _abstract((rows, width), jnp.int32), key, _abstract((rows,), jnp.int32),
-                params, 1, None, self.rollout_mesh,
+                _abstract((rows, width), jnp.int32), _row_keys(rows),
+                _abstract((rows,), jnp.int32), params, 1, None, self.rollout_mesh,
             )  # fmt: skip
             return sampling._generate, args
 
         flops = model_flops(self.config, "sample", rows, width, new)
-        shape = f"{rows} rows, prompt {width} + {new} new tokens"
-        if self.hosts > 1:
-            shape += f", on one host's {self.rollout_mesh.size} chips"
-        return Program(name, shape, build, flops, chips=self.rollout_mesh.size)
+        return self._rollout(name, f"{rows} rows, prompt {width} + {new} new tokens", build, flops)
 
     def continuing(self, name, episodes: int, context: int, chunk: int,
                    params: sampling.SamplingParams) -> Program:  # fmt: skip
@@ -369,17 +364,20 @@ class Plan:
                 index=_abstract((), jnp.int32, NamedSharding(mesh, PartitionSpec())),
                 lengths=_abstract((rows,), jnp.int32, by_row),
             )  # fmt: skip
-            key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
             args = (
                 self.graphdef, self.rollout_params, cache, _abstract((rows,), jnp.int32),
                 _abstract((rows,), jnp.int32), _abstract((rows, width), jnp.int32),
-                _abstract((rows, width), jnp.int32), key, _abstract((rows,), jnp.int32),
-                params, 1, slots, mesh,
+                _abstract((rows, width), jnp.int32), _row_keys(rows),
+                _abstract((rows,), jnp.int32), params, 1, slots, mesh,
             )  # fmt: skip
             return sampling._continue, args
 
         flops = model_flops(self.config, "sample", rows, width, new)
         shape = f"{rows} rows, {slots} cached slots, {width} new prompt + {new} new tokens"
+        return self._rollout(name, shape, build, flops)
+
+    def _rollout(self, name, shape: str, build, flops: float) -> Program:
+        """A sampler program, on the chips rollouts run on (one host's, over several)."""
         if self.hosts > 1:
             shape += f", on one host's {self.rollout_mesh.size} chips"
         return Program(name, shape, build, flops, chips=self.rollout_mesh.size)
@@ -390,6 +388,11 @@ class Plan:
         a prompt of `context` - 1 tokens, padded as `JaxPolicyBackend.generate_ids` pads it."""
         rows = jax_backend.padded_rows(episodes)
         return self.sampler(name, rows, jax_backend.padded_length(context - 1), params)
+
+
+def _row_keys(rows: int) -> jax.ShapeDtypeStruct:
+    """One key a prompt: the agent loop names each episode's random stream."""
+    return jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
 
 
 def _sampling_params(task, greedy: bool) -> sampling.SamplingParams:

@@ -1,10 +1,9 @@
 """What tests/integration/test_multihost_rollouts.py and its worker processes share: the tiny
 model and tokenizer, the prompts, their streams and the sampling settings."""
 
-from flax import nnx
-
-from medjax import models, sampling
+from medjax import sampling
 from medjax.models import tokenizer as tokenizer_lib
+from tests.servers import tiny_model
 from tests.unit.test_llm_backends import CORPUS
 
 SEED = 5
@@ -17,8 +16,4 @@ PARAMS = sampling.SamplingParams(max_new_tokens=12, temperature=1.0)
 def tiny():
     """(a random 2-layer qwen2 model, a BPE tokenizer of 320 ids), the same in every process."""
     tok = tokenizer_lib.train_bpe(CORPUS, vocab_size=320)
-    config = models.ModelConfig(
-        family="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-        num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True,
-    )  # fmt: skip
-    return models.DecoderLM(config, rngs=nnx.Rngs(0)), tok
+    return tiny_model(tok), tok

@@ -12,6 +12,7 @@ from medjax import agents, llm, models, sampling
 from medjax.models import smollm2
 from medjax.models import tokenizer as tokenizer_lib
 from medjax.models.transformer import KVCache
+from tests.servers import tiny_model
 from tests.unit.test_agents import lookup_tool
 from tests.unit.test_llm_backends import CORPUS
 
@@ -19,11 +20,7 @@ from tests.unit.test_llm_backends import CORPUS
 @pytest.fixture(scope="module")
 def tiny():
     tok = tokenizer_lib.train_bpe(CORPUS, vocab_size=320)
-    config = models.ModelConfig(
-        family="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=48,
-        num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True,
-    )  # fmt: skip
-    return models.DecoderLM(config, rngs=nnx.Rngs(0)), tok
+    return tiny_model(tok), tok
 
 
 def test_kept_rows_packs_each_rows_kept_tokens_to_the_front_by_hand():
