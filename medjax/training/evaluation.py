@@ -30,9 +30,9 @@ def evaluate_policy(
     backend = JaxPolicyBackend(multihost.local_copy(model), tokenizer, seed=seed)
     if not hierarchical:
         return task.evaluate(env, backend, records)
+    sub = backend
     if sub_model is not None:
-        sub_model = multihost.local_copy(sub_model)
-    sub = backend if sub_model is None else JaxPolicyBackend(sub_model, tokenizer, seed=seed)
+        sub = JaxPolicyBackend(multihost.local_copy(sub_model), tokenizer, seed=seed)
     return task.evaluate(env, backend, records, sub_backend=sub, hierarchical=True)
 
 

@@ -115,8 +115,8 @@ def run_rl(
         if method.hierarchical:
             sub_backend = None
             if sub is not None:
-                sub_model = multihost.local_copy(sub.model())
-                sub_backend = JaxPolicyBackend(sub_model, tok, seed=seed + 1)
+                sub_copy = multihost.local_copy(sub.model())
+                sub_backend = JaxPolicyBackend(sub_copy, tok, seed=seed + 1)
             hierarchy = dict(
                 sub_backend=sub_backend, hierarchical=True,
                 remote_sub_agent=None if main_side is None else main_side.client,

@@ -98,3 +98,14 @@ def test_process_meshes_take_indices_a_ring_order_interleaves():
     assert local.devices.shape == (1, 4, 1)
     assert [d.id for d in local.devices.flat] == [flat[i].id for i in (0, 1, 4, 5)]
     assert [d.id for d in stacked.devices[1].flat] == [flat[i].id for i in (2, 3, 6, 7)]
+
+
+def test_process_meshes_refuse_blocks_of_different_shapes():
+    """Three processes whose blocks are (1, 2, 2), (1, 2, 1) and (1, 2, 1): each a block,
+    but no stacked view holds them. Catches: np.stack's own shape error instead of one
+    naming the mesh and the blocks."""
+    mesh = partitioning.make_mesh(2, 2, 2)
+    owner = np.zeros((2, 2, 2), int)
+    owner[1, :, 0], owner[1, :, 1] = 1, 2
+    with pytest.raises(ValueError, match=r"blocks of different shapes .*\(1, 2, 2\), \(1, 2, 1\)"):
+        multihost.process_meshes(mesh, owner, 0)

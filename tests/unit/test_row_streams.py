@@ -6,6 +6,7 @@ would."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from medjax import agents, sampling
 from medjax.llm import JaxPolicyBackend
@@ -77,3 +78,12 @@ def test_an_episode_samples_the_same_whichever_queries_share_its_run(tiny):
     for x, y in zip(together[2:4], alone, strict=True):
         np.testing.assert_allclose(x.logps, y.logps, atol=1e-5)
     assert together[2].token_ids != together[3].token_ids
+
+
+def test_streams_of_another_count_than_the_prompts_are_refused(tiny):
+    """Catches: a short list of streams silently padded with stream 0 (two episodes drawing
+    the same tokens) instead of an error naming both counts."""
+    model, tok = tiny
+    backend = JaxPolicyBackend(model, tok, seed=7)
+    with pytest.raises(ValueError, match="1 streams for 2 prompts"):
+        backend.generate_ids([[5, 6], [7, 8]], PARAMS, streams=[1])
